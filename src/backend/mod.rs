@@ -1,0 +1,281 @@
+//! The backend rules: who holds a lock, when a write may land, what a commit
+//! says. Works over any [`Storage`]; every decision that must hold across
+//! processes is settled by the storage's compare-and-swap, never by a local mutex.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::protocol::{LockInfo, Operation, Outcome};
+use crate::storage::{ObjectId, RefUpdate, Storage, StorageError, UpdateOutcome};
+
+/// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The lock is held by someone else; carries the holder's LockInfo JSON.
+    #[error("the state is locked by another client")]
+    Locked { holder: Bytes },
+    /// UNLOCK with an ID that is not the holder's; carries the holder's LockInfo JSON.
+    #[error("the lock is held under another ID")]
+    WrongLockId { holder: Bytes },
+    /// A write under a lock ID that holds no lock.
+    #[error("no lock is held with ID {0}")]
+    NotLocked(String),
+    /// GET of a lock that nobody holds.
+    #[error("no lock is held on this state")]
+    NoLock,
+    /// The write cannot be stored at this path (a directory or file of another state is in the way).
+    #[error("{0}")]
+    PathConflict(String),
+    /// Lost the race for the branch too often; the client should retry.
+    #[error("the branch kept moving under {attempts} attempts; retry later")]
+    Contended { attempts: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Tuning of the backend.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Branch that holds the states when the request names none.
+    pub branch: String,
+    /// Rebuilds of a write that lost the race for the branch.
+    pub write_retries: u32,
+}
+
+/// The backend over one repository.
+pub struct Backend {
+    storage: Arc<dyn Storage>,
+    rules: Rules,
+    /// LockInfo by lock-commit id: a lock commit never changes, so this never goes stale.
+    lock_infos: Mutex<HashMap<ObjectId, Bytes>>,
+}
+
+/// What a lock branch currently says.
+struct Holder {
+    commit: ObjectId,
+    info: Bytes,
+    id: String,
+}
+
+impl Backend {
+    pub fn new(storage: Arc<dyn Storage>, rules: Rules) -> Self {
+        Backend { storage, rules, lock_infos: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Run one operation on the state at `path` of `branch` (default branch when `None`). Blocking.
+    pub fn handle(&self, branch: Option<&str>, path: &str, op: Operation) -> Result<Outcome, BackendError> {
+        let branch = branch.unwrap_or(&self.rules.branch);
+        match op {
+            Operation::GetState => self.get(branch, path),
+            Operation::PutState { lock_id, body } => self.write(branch, path, Some(body), lock_id.as_deref()),
+            Operation::DeleteState { lock_id } => self.write(branch, path, None, lock_id.as_deref()),
+            Operation::Lock(info) => self.lock(path, info),
+            Operation::Unlock { id } => self.unlock(path, id.as_deref()),
+            Operation::GetLock => match self.holder(path)? {
+                Some(h) => Ok(Outcome::LockInfo(h.info)),
+                None => Err(BackendError::NoLock),
+            },
+        }
+    }
+
+    fn get(&self, branch: &str, path: &str) -> Result<Outcome, BackendError> {
+        let branch_ref = branch_ref(branch);
+        let tips = self.storage.sync(std::slice::from_ref(&branch_ref))?;
+        let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
+        Ok(match self.storage.read_file(*tip, path)? {
+            Some(content) if !content.is_empty() => Outcome::State(content.into()),
+            _ => Outcome::NoState,
+        })
+    }
+
+    fn lock(&self, path: &str, info: LockInfo) -> Result<Outcome, BackendError> {
+        let lock_ref = lock_ref(path);
+        let message = format!(
+            "Lock {path}\n\nLock-ID: {}\nWho: {}\nOperation: {}\n",
+            one_line(&info.id),
+            one_line(&info.who),
+            one_line(&info.operation)
+        );
+        let commit = self.storage.commit(None, &lock_file(path), Some(&info.raw), &message)?;
+        let create = [RefUpdate { name: lock_ref.clone(), old: None, new: Some(commit) }];
+        // A rejected create means a lock exists, unless it vanished between our push and our look.
+        for _ in 0..self.rules.write_retries.max(1) {
+            match self.storage.update(&create)? {
+                UpdateOutcome::Applied => {
+                    self.remember(commit, info.raw.clone());
+                    tracing::info!(lock_id = %info.id, "lock taken");
+                    return Ok(Outcome::Done);
+                }
+                UpdateOutcome::Rejected(_) => match self.holder(path)? {
+                    Some(h) if h.id == info.id => return Ok(Outcome::Done),
+                    Some(h) => return Err(BackendError::Locked { holder: h.info }),
+                    None => jitter(1),
+                },
+            }
+        }
+        Err(BackendError::Contended { attempts: self.rules.write_retries.max(1) })
+    }
+
+    fn unlock(&self, path: &str, id: Option<&str>) -> Result<Outcome, BackendError> {
+        let lock_ref = lock_ref(path);
+        for attempt in 0..self.rules.write_retries.max(1) {
+            let Some(h) = self.holder(path)? else { return Ok(Outcome::Done) };
+            if let Some(id) = id {
+                if h.id != id {
+                    return Err(BackendError::WrongLockId { holder: h.info });
+                }
+            }
+            let delete = [RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: None }];
+            match self.storage.update(&delete)? {
+                UpdateOutcome::Applied => {
+                    tracing::info!(lock_id = %h.id, forced = id.is_none(), "lock released");
+                    return Ok(Outcome::Done);
+                }
+                UpdateOutcome::Rejected(_) => jitter(attempt + 1),
+            }
+        }
+        Err(BackendError::Contended { attempts: self.rules.write_retries.max(1) })
+    }
+
+    fn write(&self, branch: &str, path: &str, content: Option<Bytes>, lock_id: Option<&str>) -> Result<Outcome, BackendError> {
+        let branch_ref = branch_ref(branch);
+        let lock_ref = lock_ref(path);
+        let started = Instant::now();
+        let attempts = self.rules.write_retries.max(1);
+        for attempt in 1..=attempts {
+            let tips = self.storage.sync(&[branch_ref.clone(), lock_ref.clone()])?;
+            let holder = match tips.get(&lock_ref) {
+                Some(commit) => Some(self.holder_at_path(*commit, path)?),
+                None => None,
+            };
+            let guard = match (lock_id, holder) {
+                (Some(id), Some(h)) if h.id == id => Some(h),
+                (Some(_), Some(h)) | (None, Some(h)) => return Err(BackendError::Locked { holder: h.info }),
+                (Some(id), None) => return Err(BackendError::NotLocked(id.to_string())),
+                (None, None) => None,
+            };
+            let base = tips.get(&branch_ref).copied();
+            let current = match base {
+                Some(tip) => self.storage.read_file(tip, path)?,
+                None => None,
+            };
+            if current.as_deref() == content.as_deref() {
+                // A retried write (or deleting what is not there): already in place, nothing to commit.
+                return Ok(Outcome::Done);
+            }
+            let message = commit_message(path, content.as_deref(), guard.as_ref());
+            let commit = match self.storage.commit(base, path, content.as_deref(), &message) {
+                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => return Err(BackendError::PathConflict(e)),
+                other => other?,
+            };
+            let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];
+            if let Some(h) = &guard {
+                updates.push(RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: Some(h.commit) });
+            }
+            match self.storage.update(&updates)? {
+                UpdateOutcome::Applied => {
+                    tracing::info!(attempts = attempt, elapsed_ms = started.elapsed().as_millis() as u64, "state written");
+                    return Ok(Outcome::Done);
+                }
+                UpdateOutcome::Rejected(why) => {
+                    tracing::info!(attempt, rejected = ?why, "lost the race for the branch; rebuilding on the new tip");
+                    jitter(attempt);
+                }
+            }
+        }
+        tracing::warn!(attempts, elapsed_ms = started.elapsed().as_millis() as u64, "write gave up");
+        Err(BackendError::Contended { attempts })
+    }
+
+    fn holder(&self, path: &str) -> Result<Option<Holder>, BackendError> {
+        let lock_ref = lock_ref(path);
+        let tips = self.storage.sync(std::slice::from_ref(&lock_ref))?;
+        match tips.get(&lock_ref) {
+            Some(commit) => Ok(Some(self.holder_at_path(*commit, path)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn holder_at_path(&self, commit: ObjectId, path: &str) -> Result<Holder, BackendError> {
+        let known = self.lock_infos.lock().expect("lock_infos poisoned").get(&commit).cloned();
+        let info = match known {
+            Some(info) => info,
+            None => {
+                // A lock branch without a readable LockInfo (made by hand?) still blocks: show what is there.
+                let info: Bytes = self.storage.read_file(commit, &lock_file(path))?.unwrap_or_default().into();
+                self.remember(commit, info.clone());
+                info
+            }
+        };
+        Ok(Holder { commit, id: lock_id_of(&info), info })
+    }
+
+    fn remember(&self, commit: ObjectId, info: Bytes) {
+        let mut known = self.lock_infos.lock().expect("lock_infos poisoned");
+        if known.len() > 10_000 {
+            known.clear();
+        }
+        known.insert(commit, info);
+    }
+}
+
+/// Prefix of the storage error text for a path that collides with another state's file or directory.
+pub const PATH_CONFLICT: &str = "path conflict";
+
+fn branch_ref(branch: &str) -> String {
+    format!("refs/heads/{branch}")
+}
+
+fn lock_ref(path: &str) -> String {
+    format!("refs/heads/locks/{path}")
+}
+
+fn lock_file(path: &str) -> String {
+    format!("{path}.lock")
+}
+
+fn lock_id_of(info: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(info)
+        .ok()
+        .and_then(|v| v.get("ID").and_then(|id| id.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Trailers must stay on one line and short, whatever the client sent.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
+}
+
+fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> String {
+    let mut m = match content {
+        Some(_) => format!("Update {path}\n\n"),
+        None => format!("Delete {path}\n\n"),
+    };
+    if let Some(h) = lock {
+        let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(one_line).unwrap_or_default();
+        m.push_str(&format!("Lock-ID: {}\nWho: {}\nOperation: {}\n", one_line(&h.id), field("Who"), field("Operation")));
+    }
+    if let Some(state) = content.and_then(|c| serde_json::from_slice::<serde_json::Value>(c).ok()) {
+        if let Some(serial) = state.get("serial").and_then(|s| s.as_u64()) {
+            m.push_str(&format!("Serial: {serial}\n"));
+        }
+        if let Some(lineage) = state.get("lineage").and_then(|s| s.as_str()) {
+            m.push_str(&format!("Lineage: {}\n", one_line(lineage)));
+        }
+    }
+    m
+}
+
+/// Back off before retrying a lost race: grows with the attempt, randomised so racers spread out.
+fn jitter(attempt: u32) {
+    let ceiling = 10u64 * (1 << attempt.min(6));
+    std::thread::sleep(Duration::from_millis(fastrand::u64(1..=ceiling)));
+}

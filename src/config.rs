@@ -1,0 +1,134 @@
+//! Every setting of gitstate, read once from the environment (and, for
+//! `gitstate serve`, from command-line flags that override it). README.md and
+//! template.yaml list the same names.
+
+use std::path::PathBuf;
+
+/// Settings shared by the Lambda entry and `gitstate serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `GITSTATE_REPOSITORY`: URL of the default git repository. `None` means the
+    /// embedded bare repository under `data_dir` (only for `gitstate serve`).
+    pub repository: Option<String>,
+    /// `GITSTATE_REF`: branch that holds the states (default `main`).
+    pub branch: String,
+    /// `GITSTATE_CACHE_DIR`: where bare cache repositories of remotes live (default `/tmp/gitstate`).
+    pub cache_dir: PathBuf,
+    /// `GITSTATE_DATA_DIR`: home of the embedded repository for `serve` (default `./.gitstate`).
+    pub data_dir: PathBuf,
+    /// `GITSTATE_COMMIT_AUTHOR`: `Name <email>` of every commit gitstate writes.
+    pub commit_author: (String, String),
+    /// `GITSTATE_MAX_BODY_BYTES`: largest request body accepted (default 64 MiB).
+    pub max_body_bytes: usize,
+    /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 8).
+    pub write_retries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            repository: None,
+            branch: "main".into(),
+            cache_dir: PathBuf::from("/tmp/gitstate"),
+            data_dir: PathBuf::from("./.gitstate"),
+            commit_author: ("gitstate".into(), "gitstate@localhost".into()),
+            max_body_bytes: 64 << 20,
+            write_retries: 8,
+        }
+    }
+}
+
+/// A setting that could not be understood.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    /// Read every `GITSTATE_*` variable, falling back to the defaults.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Like [`Config::from_env`] over any lookup (tests use a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Config::default();
+        c.repository = get("GITSTATE_REPOSITORY");
+        if let Some(b) = get("GITSTATE_REF") {
+            c.branch = b;
+        }
+        if let Some(d) = get("GITSTATE_CACHE_DIR") {
+            c.cache_dir = d.into();
+        }
+        if let Some(d) = get("GITSTATE_DATA_DIR") {
+            c.data_dir = d.into();
+        }
+        if let Some(a) = get("GITSTATE_COMMIT_AUTHOR") {
+            c.commit_author = parse_author(&a).ok_or_else(|| ConfigError {
+                name: "GITSTATE_COMMIT_AUTHOR",
+                reason: "expected `Name <email>`".into(),
+            })?;
+        }
+        if let Some(n) = get("GITSTATE_MAX_BODY_BYTES") {
+            c.max_body_bytes = n.parse().map_err(|_| ConfigError {
+                name: "GITSTATE_MAX_BODY_BYTES",
+                reason: "expected a number of bytes".into(),
+            })?;
+        }
+        if let Some(n) = get("GITSTATE_WRITE_RETRIES") {
+            c.write_retries = n.parse().map_err(|_| ConfigError {
+                name: "GITSTATE_WRITE_RETRIES",
+                reason: "expected a number".into(),
+            })?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks that hold whatever the source of the settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !crate::protocol::path::is_valid_ref_component_path(&self.branch) {
+            return Err(ConfigError { name: "GITSTATE_REF", reason: "not a valid branch name".into() });
+        }
+        if let Some(url) = &self.repository {
+            if crate::storage::git::url_has_credentials(url) {
+                return Err(ConfigError {
+                    name: "GITSTATE_REPOSITORY",
+                    reason: "must not embed credentials in the URL".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_author(s: &str) -> Option<(String, String)> {
+    let (name, rest) = s.split_once('<')?;
+    let email = rest.strip_suffix('>')?;
+    let name = name.trim();
+    (!name.is_empty() && !email.is_empty() && !email.contains(['<', '>', '\n']) && !name.contains('\n'))
+        .then(|| (name.to_string(), email.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_overrides_and_rejects_bad_author() {
+        let env = |k: &str| match k {
+            "GITSTATE_REF" => Some("states".to_string()),
+            "GITSTATE_COMMIT_AUTHOR" => Some("Robot <robot@example.com>".to_string()),
+            _ => None,
+        };
+        let c = Config::from_lookup(env).unwrap();
+        assert_eq!(c.branch, "states");
+        assert_eq!(c.commit_author, ("Robot".to_string(), "robot@example.com".to_string()));
+        let bad = |k: &str| (k == "GITSTATE_COMMIT_AUTHOR").then(|| "nobody".to_string());
+        assert!(Config::from_lookup(bad).is_err());
+        let bad_ref = |k: &str| (k == "GITSTATE_REF").then(|| "a..b".to_string());
+        assert!(Config::from_lookup(bad_ref).is_err());
+    }
+}

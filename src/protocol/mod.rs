@@ -1,0 +1,330 @@
+//! The HTTP face of the backend: decodes a request (method, path, query,
+//! headers, body) into a [`BackendRequest`] and encodes outcomes into responses.
+//! It checks the form of what arrives; the rules about states and locks live in `backend`.
+
+pub mod path;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use md5::{Digest, Md5};
+use percent_encoding::percent_decode_str;
+
+/// Which state (or lock) a request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `repository` query parameter, if given.
+    pub repository: Option<String>,
+    /// `ref` query parameter, if given (already validated as a branch name).
+    pub branch: Option<String>,
+    /// The validated state path.
+    pub path: String,
+}
+
+/// A decoded backend request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRequest {
+    pub target: Target,
+    pub op: Operation,
+}
+
+/// The five backend operations, plus reading a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    GetState,
+    /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
+    PutState { lock_id: Option<String>, body: Bytes },
+    DeleteState { lock_id: Option<String> },
+    Lock(LockInfo),
+    /// `id: None` is a force-unlock (Terraform's `force-unlock` sends no body).
+    Unlock { id: Option<String> },
+    GetLock,
+}
+
+impl Operation {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::GetState => "get",
+            Operation::PutState { .. } => "update",
+            Operation::DeleteState { .. } => "delete",
+            Operation::Lock(_) => "lock",
+            Operation::Unlock { .. } => "unlock",
+            Operation::GetLock => "get-lock",
+        }
+    }
+}
+
+/// Terraform's LockInfo, with the bytes it arrived as (stored and shown to competitors as they are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    pub id: String,
+    pub who: String,
+    pub operation: String,
+    pub raw: Bytes,
+}
+
+#[derive(serde::Deserialize)]
+struct LockInfoJson {
+    #[serde(rename = "ID")]
+    id: String,
+    #[serde(rename = "Who", default)]
+    who: String,
+    #[serde(rename = "Operation", default)]
+    operation: String,
+}
+
+impl LockInfo {
+    /// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
+    pub fn parse(raw: Bytes) -> Result<Self, ProtocolError> {
+        let j: LockInfoJson = serde_json::from_slice(&raw)
+            .map_err(|e| ProtocolError::BadRequest(format!("the body is not a Terraform LockInfo JSON object: {e}")))?;
+        if j.id.trim().is_empty() {
+            return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
+        }
+        if j.id.chars().any(|c| c.is_control()) {
+            return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
+        }
+        Ok(LockInfo { id: j.id, who: j.who, operation: j.operation, raw })
+    }
+}
+
+/// Requests whose form is wrong. Statuses are assigned in `crate::error`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such address: {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+}
+
+const STATE_METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
+const LOCK_METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
+
+enum Kind {
+    State,
+    Lock,
+}
+
+/// Decode one HTTP request. `path` is the request path as received (a stage prefix is ignored).
+pub fn decode(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<BackendRequest, ProtocolError> {
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+
+    let (kind, raw_path) = route(path, &param)?;
+    let state_path = decode_path(&raw_path)?;
+    path::check_state_path(&state_path).map_err(ProtocolError::BadRequest)?;
+
+    let branch = param("ref").filter(|b| !b.is_empty());
+    if let Some(b) = &branch {
+        if !path::is_valid_ref_component_path(b) {
+            return Err(ProtocolError::BadRequest("the `ref` parameter is not a valid branch name".into()));
+        }
+    }
+    let repository = param("repository").filter(|r| !r.is_empty());
+    let lock_id = param("ID").filter(|id| !id.is_empty());
+    let target = Target { repository, branch, path: state_path };
+
+    let op = match (kind, method.as_str()) {
+        (Kind::State, "GET") => Operation::GetState,
+        (Kind::State, "POST" | "PUT") => {
+            check_md5(headers, &body)?;
+            check_state_json(&body)?;
+            Operation::PutState { lock_id, body }
+        }
+        (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
+        (Kind::Lock, "GET") => Operation::GetLock,
+        (_, "LOCK") | (Kind::Lock, "POST" | "PUT") => Operation::Lock(LockInfo::parse(body)?),
+        (_, "UNLOCK") | (Kind::Lock, "DELETE") => {
+            if body.iter().all(u8::is_ascii_whitespace) {
+                Operation::Unlock { id: None }
+            } else {
+                Operation::Unlock { id: Some(LockInfo::parse(body)?.id) }
+            }
+        }
+        (Kind::State, m) => {
+            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: STATE_METHODS })
+        }
+        (Kind::Lock, m) => {
+            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: LOCK_METHODS })
+        }
+    };
+    Ok(BackendRequest { target, op })
+}
+
+/// Find `/state/` or `/lock/` (after an optional stage segment), or the terraform-backend-git query form.
+fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, String), ProtocolError> {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    let segments: Vec<&str> = trimmed.splitn(3, '/').collect();
+    for skip in 0..2 {
+        let Some(head) = segments.get(skip) else { break };
+        let kind = match *head {
+            "state" => Kind::State,
+            "lock" => Kind::Lock,
+            _ => continue,
+        };
+        let rest = segments[skip + 1..].join("/");
+        return Ok((kind, rest));
+    }
+    // terraform-backend-git: `/?type=git&repository=..&ref=..&state=<path>`, perhaps under a stage.
+    let only_stage = segments.iter().filter(|s| !s.is_empty()).count() <= 1;
+    if only_stage && param("type").as_deref() == Some("git") {
+        if let Some(state) = param("state") {
+            return Ok((Kind::State, state));
+        }
+        return Err(ProtocolError::BadRequest("`type=git` needs a `state` parameter".into()));
+    }
+    Err(ProtocolError::NotFound("use /state/<path> or /lock/<path>".into()))
+}
+
+fn decode_path(raw: &str) -> Result<String, ProtocolError> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| ProtocolError::BadRequest("the state path is not valid UTF-8".into()))
+}
+
+fn check_md5(headers: &HeaderMap, body: &[u8]) -> Result<(), ProtocolError> {
+    let Some(value) = headers.get("content-md5") else { return Ok(()) };
+    let sent = value
+        .to_str()
+        .ok()
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+        .ok_or_else(|| ProtocolError::BadRequest("the Content-MD5 header is not base64".into()))?;
+    if sent.as_slice() != Md5::digest(body).as_slice() {
+        return Err(ProtocolError::BadRequest("the Content-MD5 header does not match the body".into()));
+    }
+    Ok(())
+}
+
+fn check_state_json(body: &[u8]) -> Result<(), ProtocolError> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(ProtocolError::BadRequest("the state must be a JSON object".into())),
+        Err(e) => Err(ProtocolError::BadRequest(format!("the body is not JSON: {e}"))),
+    }
+}
+
+/// Base64 MD5 of `body`, as Terraform sends and checks it.
+pub fn content_md5(body: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
+}
+
+/// A successful outcome, as the backend reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The stored state.
+    State(Bytes),
+    /// No state stored at this path yet.
+    NoState,
+    /// The current LockInfo of a lock.
+    LockInfo(Bytes),
+    /// Done (written, deleted, locked, unlocked).
+    Done,
+}
+
+/// Encode a successful outcome.
+pub fn encode(outcome: Outcome) -> http::Response<Bytes> {
+    let mut b = http::Response::builder();
+    let body = match outcome {
+        Outcome::State(body) => {
+            b = b
+                .status(StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header("content-md5", content_md5(&body));
+            body
+        }
+        Outcome::NoState => {
+            b = b.status(StatusCode::NO_CONTENT);
+            Bytes::new()
+        }
+        Outcome::LockInfo(body) => {
+            b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
+            body
+        }
+        Outcome::Done => {
+            b = b.status(StatusCode::OK);
+            Bytes::new()
+        }
+    };
+    b.body(body).expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, query: Option<&str>, body: &str) -> Result<BackendRequest, ProtocolError> {
+        decode(&Method::from_bytes(method.as_bytes()).unwrap(), path, query, &HeaderMap::new(), Bytes::from(body.to_string()))
+    }
+
+    #[test]
+    fn routes_state_lock_stage_and_compat_addresses() {
+        let r = req("GET", "/state/envs/prod/terraform.tfstate", None, "").unwrap();
+        assert_eq!(r.target.path, "envs/prod/terraform.tfstate");
+        assert_eq!(r.op, Operation::GetState);
+        let r = req("GET", "/prod/state/a.tfstate", Some("ref=states"), "").unwrap();
+        assert_eq!(r.target.path, "a.tfstate");
+        assert_eq!(r.target.branch.as_deref(), Some("states"));
+        let r = req("GET", "/lock/a", None, "").unwrap();
+        assert_eq!(r.op, Operation::GetLock);
+        let r = req("GET", "/", Some("type=git&repository=git%3A%2F%2Fh%2Fr&ref=main&state=x%2Fy.tfstate"), "").unwrap();
+        assert_eq!(r.target.path, "x/y.tfstate");
+        assert_eq!(r.target.repository.as_deref(), Some("git://h/r"));
+        assert!(matches!(req("GET", "/other/x", None, ""), Err(ProtocolError::NotFound(_))));
+    }
+
+    #[test]
+    fn lock_and_unlock_forms() {
+        let info = r#"{"ID":"abc","Operation":"OperationTypeApply","Who":"me@host","Version":"1.0.3","Created":"","Path":"","Info":""}"#;
+        for (m, p) in [("LOCK", "/state/a"), ("POST", "/lock/a"), ("LOCK", "/lock/a")] {
+            match req(m, p, None, info).unwrap().op {
+                Operation::Lock(l) => assert_eq!((l.id.as_str(), l.who.as_str()), ("abc", "me@host")),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(req("UNLOCK", "/state/a", None, info).unwrap().op, Operation::Unlock { id: Some("abc".into()) });
+        assert_eq!(req("DELETE", "/lock/a", None, "").unwrap().op, Operation::Unlock { id: None });
+        assert_eq!(req("UNLOCK", "/state/a", None, r#"{"ID":"only"}"#).unwrap().op, Operation::Unlock { id: Some("only".into()) });
+        assert!(matches!(req("LOCK", "/state/a", None, "not json"), Err(ProtocolError::BadRequest(_))));
+        assert!(matches!(req("LOCK", "/state/a", None, r#"{"ID":""}"#), Err(ProtocolError::BadRequest(_))));
+    }
+
+    #[test]
+    fn writes_check_json_and_md5() {
+        let body = "{\"version\":4,\"serial\":1}\n";
+        let r = req("POST", "/state/a", Some("ID=lock-1"), body).unwrap();
+        assert_eq!(r.op, Operation::PutState { lock_id: Some("lock-1".into()), body: Bytes::from(body) });
+        assert!(matches!(req("POST", "/state/a", None, "nope"), Err(ProtocolError::BadRequest(_))));
+        assert!(matches!(req("POST", "/state/a", None, "[1]"), Err(ProtocolError::BadRequest(_))));
+        let mut h = HeaderMap::new();
+        h.insert("Content-Md5", content_md5(body.as_bytes()).parse().unwrap());
+        assert!(decode(&Method::POST, "/state/a", None, &h, Bytes::from(body)).is_ok());
+        h.insert("Content-Md5", content_md5(b"other").parse().unwrap());
+        let e = decode(&Method::POST, "/state/a", None, &h, Bytes::from(body)).unwrap_err();
+        assert!(e.to_string().contains("Content-MD5"));
+    }
+
+    #[test]
+    fn refuses_bad_paths_and_methods() {
+        for p in ["/state/../x", "/state/%2e%2e/x", "/state/a/.git/config", "/state/x.lock", "/state/", "/state/a%00b", "/state/a%20b"] {
+            assert!(matches!(req("GET", p, None, ""), Err(ProtocolError::BadRequest(_))), "{p}");
+        }
+        match req("PATCH", "/state/a", None, "") {
+            Err(ProtocolError::MethodNotAllowed { allow, .. }) => assert!(allow.contains("LOCK")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(req("GET", "/state/a", Some("ref=..bad"), ""), Err(ProtocolError::BadRequest(_))));
+    }
+}

@@ -1,0 +1,7 @@
+//! Helpers shared by the integration tests: real components only
+//! (DESIGN.md §7). Each test starts what it needs and stops it on drop.
+#![allow(dead_code)]
+
+pub mod gitd;
+pub mod serve;
+pub mod terraform;

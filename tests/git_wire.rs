@@ -1,0 +1,405 @@
+//! The git network layer against a real `git daemon`: fetching tips at depth 1
+//! into a bare cache, and our receive-pack push with its compare-and-swap
+//! semantics (stale old ids, creations, deletions, atomic guards, races).
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+use common::gitd::{git_out, rev_parse, GitDaemon};
+use gitstate::storage::git::{pack, push, remote};
+use gitstate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
+
+const MAIN: &str = "refs/heads/main";
+const LOCK: &str = "refs/heads/locks/envs/prod/terraform.tfstate";
+
+fn url(s: &str) -> gix::Url {
+    gix::url::parse(s.into()).expect("valid URL")
+}
+
+fn cache(dir: &Path) -> gix::Repository {
+    gix::init_bare(dir).expect("init cache repository")
+}
+
+/// A commit on `parent` (or a root commit) with `path` set to `content`.
+fn commit(repo: &gix::Repository, parent: Option<ObjectId>, path: &str, content: &str) -> ObjectId {
+    let base = match parent {
+        Some(p) => repo.find_commit(p).unwrap().tree_id().unwrap().detach(),
+        None => ObjectId::empty_tree(repo.object_hash()),
+    };
+    let blob = repo.write_blob(content.as_bytes()).unwrap().detach();
+    let mut editor = repo.edit_tree(base).unwrap();
+    editor
+        .upsert(path, gix::object::tree::EntryKind::Blob, blob)
+        .unwrap();
+    let tree = editor.write().unwrap().detach();
+    let sig = gix::actor::Signature {
+        name: "gitstate test".into(),
+        email: "test@example.com".into(),
+        time: gix::date::Time::new(1_700_000_000, 0),
+    };
+    let commit = gix::objs::Commit {
+        tree,
+        parents: parent.into_iter().collect(),
+        author: sig.clone(),
+        committer: sig,
+        encoding: None,
+        message: format!("Update {path}\n").into(),
+        extra_headers: Vec::new(),
+    };
+    repo.write_object(&commit).unwrap().detach()
+}
+
+fn update(name: &str, old: Option<ObjectId>, new: Option<ObjectId>) -> RefUpdate {
+    RefUpdate { name: name.into(), old, new }
+}
+
+fn server_ref(daemon: &GitDaemon, repo: &str, name: &str) -> Option<ObjectId> {
+    rev_parse(&daemon.repo_dir(repo), name).map(|hex| ObjectId::from_hex(hex.as_bytes()).unwrap())
+}
+
+fn fsck(daemon: &GitDaemon, repo: &str) {
+    git_out(&daemon.repo_dir(repo), &["fsck", "--strict", "--no-dangling"]);
+}
+
+fn assert_rejected(outcome: UpdateOutcome, name: &str) -> String {
+    match outcome {
+        UpdateOutcome::Rejected(refs) => {
+            let (_, reason) = refs
+                .iter()
+                .find(|(r, _)| r == name)
+                .unwrap_or_else(|| panic!("{name} not among the rejected refs {refs:?}"));
+            reason.clone()
+        }
+        UpdateOutcome::Applied => panic!("expected {name} to be rejected, the push was applied"),
+    }
+}
+
+#[test]
+fn fetch_tips_of_an_empty_remote_is_empty() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("empty.git"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let tips = remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned(), LOCK.to_owned()]).unwrap();
+    assert!(tips.is_empty(), "{tips:?}");
+}
+
+#[test]
+fn unreachable_host_is_unavailable() {
+    // A port nobody listens on: bind, note, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let u = url(&format!("git://127.0.0.1:{port}/x.git"));
+    let err = remote::fetch_tips(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
+    assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
+    let err = push::push(&repo, &u, &[update(MAIN, None, None)]).unwrap_err();
+    assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
+}
+
+#[test]
+fn file_urls_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let u = url(&format!("file://{}", dir.path().display()));
+    assert!(remote::fetch_tips(&repo, &u, &[MAIN.to_owned()]).is_err());
+    assert!(remote::connect(&u, gix::protocol::transport::Protocol::V1).is_err());
+}
+
+#[test]
+fn empty_pack_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let bytes = pack::build_pack(&repo, &[], &[]).unwrap();
+    assert_eq!(bytes.len(), 12 + 20, "header and checksum only");
+    assert_eq!(&bytes[..4], b"PACK");
+    assert_eq!(&bytes[8..12], &[0, 0, 0, 0]);
+}
+
+#[test]
+fn push_create_update_delete_with_compare_and_swap() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("states.git"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+
+    // Create.
+    let c1 = commit(&repo, None, "envs/prod/terraform.tfstate", "{\"serial\": 1}\n");
+    let out = push::push(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
+    fsck(&daemon, "states.git");
+
+    // Creating again (old = must not exist) loses.
+    let other = commit(&repo, None, "envs/prod/terraform.tfstate", "{\"serial\": 99}\n");
+    let out = push::push(&repo, &remote_url, &[update(MAIN, None, Some(other))]).unwrap();
+    assert_rejected(out, MAIN);
+    assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
+
+    // Update from the right tip: only the new objects travel (the parent is on the remote).
+    let c2 = commit(&repo, Some(c1), "envs/dev/terraform.tfstate", "{\"serial\": 1}\n");
+    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c2))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
+    fsck(&daemon, "states.git");
+    assert_eq!(
+        git_out(&daemon.repo_dir("states.git"), &["show", "main:envs/prod/terraform.tfstate"]),
+        "{\"serial\": 1}"
+    );
+
+    // Update from a stale tip loses and leaves the server alone.
+    let c3 = commit(&repo, Some(c1), "envs/prod/terraform.tfstate", "{\"serial\": 2}\n");
+    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c3))]).unwrap();
+    assert_rejected(out, MAIN);
+    assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
+
+    // Deleting with a wrong old id loses (receive-pack would not check it: we do).
+    let lock = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push::push(&repo, &remote_url, &[update(LOCK, None, Some(lock))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(c1), None)]).unwrap();
+    assert_rejected(out, LOCK);
+    assert_eq!(server_ref(&daemon, "states.git", LOCK), Some(lock));
+
+    // Deleting with the right old id (a delete-only push sends no pack).
+    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    assert_eq!(server_ref(&daemon, "states.git", LOCK), None);
+    fsck(&daemon, "states.git");
+
+    // Deleting what does not exist loses.
+    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
+    assert_rejected(out, LOCK);
+}
+
+#[test]
+fn atomic_guard_on_a_moved_ref_rejects_everything() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("atomic.git"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let state = "envs/prod/terraform.tfstate";
+
+    let base = commit(&repo, None, state, "{\"serial\": 1}\n");
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))],
+    )
+    .unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+
+    // A write under lock A with the guard, when the lock is still A: applied together.
+    let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))],
+    )
+    .unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    assert_eq!(server_ref(&daemon, "atomic.git", MAIN), Some(w1));
+    assert_eq!(server_ref(&daemon, "atomic.git", LOCK), Some(lock_a));
+
+    // Someone force-unlocks and relocks (as B) behind our back.
+    let clone = tempfile::tempdir().unwrap();
+    let clone_dir = clone.path().join("w");
+    git_out(
+        clone.path(),
+        &["clone", "-q", daemon.repo_dir("atomic.git").to_str().unwrap(), clone_dir.to_str().unwrap()],
+    );
+    git_out(&clone_dir, &["checkout", "-q", "--orphan", "lockb"]);
+    std::fs::write(clone_dir.join("x.lock"), "{\"ID\": \"b\"}\n").unwrap();
+    git_out(&clone_dir, &["add", "x.lock"]);
+    git_out(&clone_dir, &["commit", "-q", "-m", "lock b"]);
+    git_out(&clone_dir, &["push", "-q", "--force", "origin", &format!("HEAD:{LOCK}")]);
+    let lock_b = server_ref(&daemon, "atomic.git", LOCK).unwrap();
+    assert_ne!(lock_b, lock_a);
+
+    // Check-first catches the moved guard from the advertisement.
+    let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, Some(w1), Some(w2)), update(LOCK, Some(lock_a), Some(lock_a))],
+    )
+    .unwrap();
+    assert_rejected(out, LOCK);
+    assert_eq!(server_ref(&daemon, "atomic.git", MAIN), Some(w1));
+    assert_eq!(server_ref(&daemon, "atomic.git", LOCK), Some(lock_b));
+    fsck(&daemon, "atomic.git");
+}
+
+/// The guard must hold at the moment the refs move, not only at advertisement
+/// time: a hook that moves the lock between our check and git's ref update proves
+/// that receive-pack's atomic transaction checks the guard's old value.
+#[test]
+fn atomic_guard_is_checked_by_receive_pack_itself() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("race.git"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let state = "envs/prod/terraform.tfstate";
+
+    let base = commit(&repo, None, state, "{\"serial\": 1}\n");
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))],
+    )
+    .unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+
+    // pre-receive runs after the advertisement and before the ref transaction:
+    // it moves the lock to another commit (the base commit will do).
+    let server = daemon.repo_dir("race.git");
+    let hook = server.join("hooks").join("pre-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\ncat >/dev/null\nunset GIT_QUARANTINE_PATH\ngit update-ref {LOCK} {base}\n"),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))],
+    )
+    .unwrap();
+    let reason = assert_rejected(out, LOCK);
+    eprintln!("guard rejected with: {reason}");
+    assert_eq!(server_ref(&daemon, "race.git", MAIN), Some(base), "main must not move");
+    assert_eq!(server_ref(&daemon, "race.git", LOCK), Some(base), "the hook moved the lock");
+}
+
+#[test]
+fn fetch_tips_into_a_fresh_cache_at_depth_one() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("fetch.git"));
+    let writer_dir = tempfile::tempdir().unwrap();
+    let writer = cache(writer_dir.path());
+    let c1 = commit(&writer, None, "a/terraform.tfstate", "one\n");
+    let c2 = commit(&writer, Some(c1), "b/terraform.tfstate", "two\n");
+    let lock = commit(&writer, None, "a/terraform.tfstate.lock", "{}\n");
+    // Two pushes so the server has the history c1 <- c2.
+    assert_eq!(
+        push::push(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        UpdateOutcome::Applied
+    );
+    assert_eq!(
+        push::push(&writer, &remote_url, &[update(MAIN, Some(c1), Some(c2)), update(LOCK, None, Some(lock))])
+            .unwrap(),
+        UpdateOutcome::Applied
+    );
+    fsck(&daemon, "fetch.git");
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let wanted = [MAIN.to_owned(), LOCK.to_owned(), "refs/heads/absent".to_owned()];
+    let tips = remote::fetch_tips(&repo, &remote_url, &wanted).unwrap();
+    assert_eq!(tips.len(), 2, "{tips:?}");
+    assert_eq!(tips[MAIN], c2);
+    assert_eq!(tips[LOCK], lock);
+
+    // Readable: the tip, its tree and blobs; not the parent (depth 1).
+    let tree = repo.find_commit(c2).unwrap().tree().unwrap();
+    let entry = tree.lookup_entry_by_path("b/terraform.tfstate").unwrap().unwrap();
+    assert_eq!(repo.find_blob(entry.object_id()).unwrap().data, b"two\n");
+    assert!(!repo.has_object(c1), "the parent must not be fetched");
+    assert!(repo.is_shallow().unwrap());
+    assert_eq!(repo.references().unwrap().all().unwrap().count(), 0, "no refs written");
+
+    // Warm: nothing missing, no fetch.
+    let again = remote::fetch_tips(&repo, &remote_url, &wanted).unwrap();
+    assert_eq!(again, tips);
+
+    // Build on the shallow cache and push: only the new objects are needed.
+    let c3 = commit(&repo, Some(c2), "a/terraform.tfstate", "three\n");
+    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c2), Some(c3))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    fsck(&daemon, "fetch.git");
+    assert_eq!(git_out(&daemon.repo_dir("fetch.git"), &["show", "main:a/terraform.tfstate"]), "three");
+
+    // The new tip arrives in the cache on the next call.
+    let tips = remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned()]).unwrap();
+    assert_eq!(tips[MAIN], c3);
+}
+
+#[test]
+fn concurrent_fetches_into_one_cache() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("shared.git"));
+    let writer_dir = tempfile::tempdir().unwrap();
+    let writer = cache(writer_dir.path());
+    let c1 = commit(&writer, None, "a/terraform.tfstate", "one\n");
+    assert_eq!(
+        push::push(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        UpdateOutcome::Applied
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    cache(dir.path());
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let path = dir.path().to_owned();
+            let remote_url = remote_url.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let repo = gix::open(path).unwrap();
+                barrier.wait();
+                remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned()])
+            })
+        })
+        .collect();
+    for h in handles {
+        let tips = h.join().unwrap().unwrap();
+        assert_eq!(tips[MAIN], c1);
+    }
+    let repo = gix::open(dir.path()).unwrap();
+    assert!(repo.has_object(c1));
+}
+
+#[test]
+fn twenty_concurrent_creators_one_winner() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("race20.git"));
+    let n = 20;
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let remote_url = remote_url.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let dir = tempfile::tempdir().unwrap();
+                let repo = cache(dir.path());
+                let c = commit(&repo, None, "x/terraform.tfstate.lock", &format!("{{\"ID\": \"{i}\"}}\n"));
+                barrier.wait();
+                let out = push::push(&repo, &remote_url, &[update(LOCK, None, Some(c))]);
+                (c, out)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let winners: Vec<ObjectId> = results
+        .iter()
+        .filter_map(|(c, out)| match out {
+            Ok(UpdateOutcome::Applied) => Some(*c),
+            Ok(UpdateOutcome::Rejected(_)) => None,
+            Err(e) => panic!("push failed: {e}"),
+        })
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one creator wins: {results:?}");
+    assert_eq!(server_ref(&daemon, "race20.git", LOCK), Some(winners[0]));
+    fsck(&daemon, "race20.git");
+}
