@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::gitd::{git_out, GitDaemon};
+use common::gitd::{git, git_out, GitDaemon};
 use gitstate::{app::App, config::Config, protocol::content_md5};
 
 /// Where a test's repository lives and how to build more App instances over it.
@@ -82,7 +82,7 @@ fn state(serial: u64, value: &str) -> String {
 }
 
 fn show(repo: &Path, spec: &str) -> String {
-    git_out(repo, &["show", spec])
+    String::from_utf8_lossy(&git(repo, &["show", spec]).stdout).into_owned()
 }
 
 fn fsck_clean(repo: &Path) {

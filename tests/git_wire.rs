@@ -396,7 +396,7 @@ fn twenty_concurrent_creators_one_winner() {
         .filter_map(|(c, out)| match out {
             Ok(UpdateOutcome::Applied) => Some(*c),
             Ok(UpdateOutcome::Rejected(_)) => None,
-            Err(e) => panic!("push failed: {e}"),
+            Err(e) => panic!("push failed: {e}\n{}", daemon.log()),
         })
         .collect();
     assert_eq!(winners.len(), 1, "exactly one creator wins: {results:?}");

@@ -33,6 +33,7 @@ impl GitDaemon {
                 .arg("--enable=receive-pack")
                 .arg("--informative-errors")
                 .arg("--reuseaddr")
+                .arg("--verbose")
                 .arg("--listen=127.0.0.1")
                 .arg(format!("--port={port}"))
                 .arg(format!("--base-path={}", dir.path().display()))
@@ -75,6 +76,11 @@ impl GitDaemon {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// What the daemon logged so far (its stderr), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
     /// The directory holding all served repositories (and `daemon.log`).

@@ -109,6 +109,8 @@ impl Serve {
                         .unwrap_or_else(|_| "info,gitstate=debug".into()),
                 )
                 .env("GITSTATE_CACHE_DIR", dir.path().join("cache"))
+                // Plain logs in stderr.log.
+                .env("NO_COLOR", "1")
                 .envs(opts.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(stdout)

@@ -82,7 +82,7 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
         None
     };
 
-    let io_err = |e: std::io::Error| StorageError::Unavailable(format!("{}: {e}", redacted(url)));
+    let io_err = |e: std::io::Error| StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)));
     let mut writer = transport
         .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
         .map_err(|e| transport_error(url, e))?;
@@ -131,7 +131,7 @@ fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> R
     let mut refs = HashMap::new();
     while let Some(line) = lines.readline() {
         let line = line
-            .map_err(|e| io_error(url, e))?
+            .map_err(|e| io_error(url, "reading the ref advertisement", e))?
             .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
         let Some(text) = line.as_slice() else { continue };
         let text = String::from_utf8_lossy(text);
@@ -192,7 +192,7 @@ fn read_report(
     let mut band_data = Vec::new();
     while let Some(line) = reader.readline() {
         let line = line
-            .map_err(|e| io_error(url, e))?
+            .map_err(|e| io_error(url, "reading the push report", e))?
             .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
         let PacketLineRef::Data(data) = line else { break };
         if !side_band {
@@ -289,18 +289,18 @@ fn garbage(url: &gix::Url, line: &str) -> StorageError {
 }
 
 /// An `ERR` line from the server is a protocol answer; any other io error a broken connection.
-fn io_error(url: &gix::Url, err: std::io::Error) -> StorageError {
+fn io_error(url: &gix::Url, doing: &str, err: std::io::Error) -> StorageError {
     if remote::is_err_line(&err) {
-        StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&err)))
+        StorageError::Protocol(format!("{}: {doing}: {}", redacted(url), remote::chain(&err)))
     } else {
-        StorageError::Unavailable(format!("{}: {err}", redacted(url)))
+        StorageError::Unavailable(format!("{}: {doing}: {err}", redacted(url)))
     }
 }
 
 fn transport_error(url: &gix::Url, err: gix::protocol::transport::client::Error) -> StorageError {
     use gix::protocol::transport::client::Error;
     match err {
-        Error::Io(io) => io_error(url, io),
+        Error::Io(io) => io_error(url, "connecting", io),
         Error::AuthenticationRefused(_) => StorageError::AuthRejected,
         other => {
             let text = format!("{}: {}", redacted(url), remote::chain(&other));
