@@ -19,6 +19,9 @@ pub enum Error {
     /// The `repository` parameter names a repository this server does not serve.
     #[error("the repository is not allowed on this server")]
     RepositoryNotAllowed,
+    /// The answer would exceed what the entry point can return (Lambda: 6 MB).
+    #[error("the state is {size} bytes, above this deployment's response limit of {limit} bytes; serve it with `gitstate serve` (no limit) or split the state")]
+    ResponseTooLarge { size: usize, limit: usize },
     /// A bug or an unexpected local failure (e.g. a panicked worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -41,6 +44,7 @@ impl Error {
             Error::Protocol(P::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Protocol(P::PayloadTooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RepositoryNotAllowed => StatusCode::FORBIDDEN,
+            Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Backend(B::Locked { .. }) => StatusCode::LOCKED,
             Error::Backend(B::WrongLockId { .. } | B::NotLocked(_) | B::PathConflict(_)) => StatusCode::CONFLICT,
             Error::Backend(B::NoLock) => StatusCode::NOT_FOUND,
@@ -108,6 +112,7 @@ mod tests {
             (ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET" }.into(), 405),
             (ProtocolError::PayloadTooLarge { limit: 1 }.into(), 413),
             (Error::RepositoryNotAllowed, 403),
+            (Error::ResponseTooLarge { size: 9, limit: 1 }, 413),
             (BackendError::Locked { holder: holder.clone() }.into(), 423),
             (BackendError::WrongLockId { holder: holder.clone() }.into(), 409),
             (BackendError::NotLocked("x".into()).into(), 409),

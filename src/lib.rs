@@ -11,6 +11,7 @@ pub mod app;
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod lambda;
 pub mod protocol;
 pub mod serve;
 pub mod storage;

@@ -1,5 +1,6 @@
-//! The `gitstate` binary: `gitstate serve` runs the local HTTP server; the
-//! Lambda entry comes with the Lambda issue. Both only build the App and hand requests over.
+//! The `gitstate` binary: `gitstate serve` runs the local HTTP server;
+//! `gitstate lambda` (or no subcommand under the Lambda runtime) serves Lambda
+//! invocations. Both only build the App once and hand requests over.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,11 +13,13 @@ use gitstate::{app::App, config::Config};
 #[command(name = "gitstate", version, about = "A Terraform http state backend that keeps every state in git")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve AWS Lambda invocations (the default when AWS_LAMBDA_RUNTIME_API is set).
+    Lambda,
     /// Serve the backend over HTTP on this machine.
     Serve {
         /// Address to listen on.
@@ -35,17 +38,48 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GITSTATE_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    match cli.command {
+    let command = match cli.command {
+        Some(c) => c,
+        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
+        None => {
+            eprintln!("gitstate: say `gitstate serve` to run the local server (see `gitstate --help`)");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("GITSTATE_LOG")
+            .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    match command {
+        Command::Lambda => {
+            // CloudWatch takes stdout line by line: one JSON object per event, no colours.
+            tracing_subscriber::fmt()
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_ansi(false)
+                .with_env_filter(filter())
+                .with_writer(std::io::stdout)
+                .init();
+            let config = match Config::from_env() {
+                Ok(c) if c.repository.is_some() => c,
+                Ok(_) => return fail("GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)"),
+                Err(e) => return fail(e),
+            };
+            let app = match App::new(config) {
+                Ok(app) => Arc::new(app),
+                Err(e) => return fail(e),
+            };
+            run_async(gitstate::lambda::run(app))
+        }
         Command::Serve { listen, repository, branch, data_dir } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .init();
             let mut config = match Config::from_env() {
                 Ok(c) => c,
                 Err(e) => return fail(e),
@@ -63,15 +97,19 @@ fn main() -> std::process::ExitCode {
                 Ok(app) => Arc::new(app),
                 Err(e) => return fail(e),
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return fail(e),
-            };
-            match rt.block_on(gitstate::serve::run(app, listen)) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
+            run_async(gitstate::serve::run(app, listen))
         }
+    }
+}
+
+fn run_async<E: std::fmt::Display>(f: impl std::future::Future<Output = Result<(), E>>) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    match rt.block_on(f) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(e),
     }
 }
 

@@ -15,7 +15,7 @@ const MAIN: &str = "refs/heads/main";
 const LOCK: &str = "refs/heads/locks/envs/prod/terraform.tfstate";
 
 fn url(s: &str) -> gix::Url {
-    gix::url::parse(s.into()).expect("valid URL")
+    gix::url::parse(s.as_bytes()).expect("valid URL")
 }
 
 fn cache(dir: &Path) -> gix::Repository {

@@ -10,7 +10,7 @@ use gix::protocol::transport::client::{Capabilities, MessageKind, WriteMode};
 use gix::protocol::transport::packetline::PacketLineRef;
 use gix::protocol::transport::{Protocol, Service};
 
-use super::remote::{self, redacted};
+use super::remote::{self, redacted, Failed};
 use crate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
 
 /// What the server said about itself before we sent anything.
@@ -29,8 +29,12 @@ struct Advertisement {
 /// commands in an atomic push where the server offers `atomic`; otherwise they are
 /// only checked against the advertisement (check-then-push, with a warning).
 pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
-    let mut transport = remote::connect(url, Protocol::V1)?;
-    let adv = advertisement(&mut transport, url)?;
+    // Until the advertisement is read nothing was asked of the server: safe to repeat.
+    let (mut transport, adv) = remote::retrying(|| {
+        let mut transport = remote::connect(url, Protocol::V1)?;
+        let adv = advertisement(&mut transport, url)?;
+        Ok((transport, adv))
+    })?;
 
     let stale: Vec<(String, String)> = updates
         .iter()
@@ -111,23 +115,28 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
 }
 
 /// Handshake for receive-pack and read the v0/v1 ref advertisement to its end.
-fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<Advertisement, StorageError> {
-    let response = transport
-        .handshake(Service::ReceivePack, &[])
-        .map_err(|e| transport_error(url, e))?;
+fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<Advertisement, Failed> {
+    let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| {
+        let retry = matches!(&e, gix::protocol::transport::client::Error::Io(io) if remote::is_broken_connection(io.kind()));
+        Failed {
+            error: transport_error(url, e),
+            retry,
+        }
+    })?;
     if response.actual_protocol == Protocol::V2 {
         return Err(StorageError::Protocol(format!(
             "{} answered receive-pack with protocol v2",
             redacted(url)
-        )));
+        ))
+        .into());
     }
     let caps: &Capabilities = &response.capabilities;
     let has = |name: &str| caps.contains(name);
     let (atomic, side_band_64k, report_status, quiet) =
         (has("atomic"), has("side-band-64k"), has("report-status"), has("quiet"));
-    let mut lines = response.refs.ok_or_else(|| {
-        StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url)))
-    })?;
+    let mut lines = response
+        .refs
+        .ok_or_else(|| StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url))))?;
     let mut refs = HashMap::new();
     while let Some(line) = lines.readline() {
         let line = line
@@ -138,7 +147,7 @@ fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> R
         // Capabilities were cut off the first line by gix; `capabilities^{}` (empty
         // repository), `.have` and `shallow` lines name no ref of ours.
         let Some((id, name)) = text.trim_end().split_once(' ') else {
-            return Err(garbage(url, &text));
+            return Err(garbage(url, &text).into());
         };
         if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow" {
             continue;

@@ -97,6 +97,11 @@ pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Re
     if refs.is_empty() {
         return Ok(Tips::new());
     }
+    // Fetching changes no ref and writes packs whole: a broken attempt can simply be repeated.
+    retrying(|| fetch_tips_once(repo, url, refs))
+}
+
+fn fetch_tips_once(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Result<Tips, Failed> {
     let transport = connect(url, Protocol::V2)?;
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
@@ -107,7 +112,7 @@ pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Re
     let prepare = remote
         .to_connection_with_transport(transport)
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| network_error(url, &e))?;
+        .map_err(|e| Failed::from_gix(url, &e))?;
 
     let tips: Tips = prepare
         .ref_map()
@@ -135,7 +140,7 @@ pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Re
     let outcome = prepare
         .with_shallow(Shallow::DepthAtRemote(depth))
         .receive(gix::progress::Discard, &AtomicBool::new(false))
-        .map_err(|e| network_error(url, &e))?;
+        .map_err(|e| Failed::from_gix(url, &e))?;
     // The .keep file protects a new pack until refs point into it; our refs live in
     // memory, and a cache nobody runs gc on needs no protection.
     if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
@@ -144,10 +149,7 @@ pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Re
         }
     }
     if missing(repo, &tips) {
-        return Err(StorageError::Protocol(format!(
-            "{} did not send all requested tips",
-            redacted(url)
-        )));
+        return Err(StorageError::Protocol(format!("{} did not send all requested tips", redacted(url))).into());
     }
     Ok(tips)
 }
@@ -169,6 +171,56 @@ fn shallow_lock(repo: &gix::Repository) -> Arc<Mutex<()>> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     locks.entry(key).or_default().clone()
+}
+
+/// A failed attempt at talking to the host, and whether it may be repeated.
+pub(crate) struct Failed {
+    pub error: StorageError,
+    /// The connection broke (reset, closed early); e.g. a busy `git daemon` resets
+    /// connections it has no room for. Never set once the server may have acted.
+    pub retry: bool,
+}
+
+impl From<StorageError> for Failed {
+    fn from(error: StorageError) -> Self {
+        Failed { error, retry: false }
+    }
+}
+
+impl Failed {
+    fn from_gix(url: &gix::Url, err: &gix::Error) -> Self {
+        let retry = err
+            .iter_errors()
+            .filter_map(|e| e.downcast_ref::<std::io::Error>())
+            .any(|e| is_broken_connection(e.kind()));
+        Failed {
+            error: network_error(url, err),
+            retry,
+        }
+    }
+}
+
+/// Errors of a connection that was established and then dropped by the other side.
+pub(crate) fn is_broken_connection(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+}
+
+/// Run `attempt` up to three times while it fails with a retryable error, with a short jittered pause.
+pub(crate) fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failed>) -> Result<T, StorageError> {
+    const ATTEMPTS: u32 = 3;
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(Failed { error, retry: true }) if tries < ATTEMPTS => {
+                tracing::debug!(%error, attempt = tries, "git connection broke; trying again");
+                std::thread::sleep(Duration::from_millis(fastrand::u64(20..120) * u64::from(tries)));
+                tries += 1;
+            }
+            Err(failed) => return Err(failed.error),
+        }
+    }
 }
 
 /// Sort a gix error into ours: a broken or refused connection is the host being

@@ -1,0 +1,76 @@
+//! The Lambda entry: API Gateway (REST v1, HTTP API v2) and function-URL events
+//! in, `App::handle` over them, responses out. The App is built once per
+//! execution environment, so the `/tmp` cache and what is known in memory survive warm invocations.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lambda_http::{Body, Request, RequestExt, Response};
+
+use crate::app::App;
+use crate::error::Error;
+
+/// The largest response Lambda returns from a synchronous invocation, less room for headers and JSON framing.
+pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 - 64 * 1024;
+
+/// Serve Lambda invocations until the runtime stops the process.
+pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
+    lambda_http::run(lambda_http::service_fn(move |event: Request| {
+        let app = Arc::clone(&app);
+        async move { Ok::<_, std::convert::Infallible>(handle_event(&app, event).await) }
+    }))
+    .await
+}
+
+/// One invocation: never an `Err` (API Gateway would turn it into an opaque 502 and Terraform would retry).
+pub async fn handle_event(app: &Arc<App>, event: Request) -> Response<Body> {
+    let request_id = event.lambda_context_ref().map(|c| c.request_id.clone()).unwrap_or_default();
+    let span = tracing::info_span!("invocation", aws_request_id = %request_id);
+    let _guard = span.enter();
+    let request = into_app_request(event);
+    drop(_guard);
+    let response = tracing::Instrument::instrument(app.handle(request), span.clone()).await;
+    let _guard = span.enter();
+    into_lambda_response(response)
+}
+
+/// Route on the path without a REST v1 stage (`raw_http_path`); read the body whatever its variant.
+pub fn into_app_request(event: Request) -> http::Request<Bytes> {
+    let raw_path = event.raw_http_path().to_string();
+    let (mut parts, body) = event.into_parts();
+    if !raw_path.is_empty() {
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{raw_path}?{q}"),
+            None => raw_path,
+        };
+        if let Ok(uri) = http::Uri::builder().path_and_query(path_and_query).build() {
+            parts.uri = uri;
+        }
+    }
+    let bytes = match body {
+        Body::Empty => Bytes::new(),
+        Body::Text(t) => Bytes::from(t),
+        Body::Binary(b) => Bytes::from(b),
+        _ => Bytes::new(),
+    };
+    http::Request::from_parts(parts, bytes)
+}
+
+/// Text bodies stay text (REST v1 without binary media types would hand base64 to the client otherwise).
+pub fn into_lambda_response(response: http::Response<Bytes>) -> Response<Body> {
+    let response = if response.body().len() > MAX_RESPONSE_BYTES {
+        Error::ResponseTooLarge { size: response.body().len(), limit: MAX_RESPONSE_BYTES }.into_response()
+    } else {
+        response
+    };
+    let (parts, body) = response.into_parts();
+    let body = if body.is_empty() {
+        Body::Empty
+    } else {
+        match String::from_utf8(body.to_vec()) {
+            Ok(text) => Body::Text(text),
+            Err(e) => Body::Binary(e.into_bytes()),
+        }
+    };
+    Response::from_parts(parts, body)
+}
