@@ -196,6 +196,17 @@ async fn reads_writes_and_rejections(f: &Fixture) {
     // Stage prefix and the terraform-backend-git address reach the same state.
     assert_eq!(call(&a, "GET", "/prod/state/app.tfstate", "").await.1, state(1, "one"));
     assert_eq!(call(&a, "GET", "/?type=git&state=app.tfstate&ref=main", "").await.1, state(1, "one"));
+    // Lineage/serial guard: an older serial or another lineage is refused; force=true overrides.
+    assert_eq!(call(&a, "POST", p, &state(2, "two")).await.0, 200);
+    let (s, body) = call(&a, "POST", p, &state(1, "older")).await;
+    assert_eq!(s, 409);
+    assert!(body.contains("serial 2") && body.contains("new one 1"), "{body}");
+    assert_eq!(call(&a, "POST", p, &state(2, "same serial, other content")).await.0, 409);
+    let other_lineage = state(3, "x").replace("lin-1", "lin-2");
+    assert_eq!(call(&a, "POST", p, &other_lineage).await.0, 409);
+    assert_eq!(show(&f.server_repo(), "main:app.tfstate"), state(2, "two"));
+    assert_eq!(call(&a, "POST", &format!("{p}?force=true"), &state(1, "forced")).await.0, 200);
+    assert_eq!(show(&f.server_repo(), "main:app.tfstate"), state(1, "forced"));
     // A path below an existing state is refused instead of replacing it.
     assert_eq!(call(&a, "POST", "/state/app.tfstate/inner", &state(1, "x")).await.0, 409);
     // DELETE.

@@ -335,6 +335,89 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     assert_eq!(tips[MAIN], c3);
 }
 
+/// What the server side of a warm call sees: the handshake and `ls-refs` limited to
+/// our refs, no `fetch` command.
+#[test]
+fn warm_fetch_sends_only_ls_refs() {
+    let trace_dir = tempfile::tempdir().unwrap();
+    let trace = trace_dir.path().join("packets.log");
+    let daemon = GitDaemon::start_with_env(&[("GIT_TRACE_PACKET", trace.to_str().unwrap())]);
+    let remote_url = url(&daemon.create_repo("warm.git"));
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let c1 = commit(&repo, None, "a/terraform.tfstate", "one\n");
+    assert_eq!(
+        push::push(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        UpdateOutcome::Applied
+    );
+
+    let cold_dir = tempfile::tempdir().unwrap();
+    let cold = cache(cold_dir.path());
+    remote::fetch_tips(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
+    let log = std::fs::read_to_string(&trace).unwrap();
+    assert!(log.contains("command=fetch"), "a cold call fetches");
+
+    std::fs::write(&trace, "").unwrap();
+    let tips = remote::fetch_tips(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
+    assert_eq!(tips[MAIN], c1);
+    let log = std::fs::read_to_string(&trace).unwrap();
+    assert!(log.contains("command=ls-refs"), "{log}");
+    assert!(!log.contains("command=fetch"), "a warm call must not fetch:\n{log}");
+    let prefixes: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("ref-prefix ").nth(1))
+        .map(str::trim)
+        .collect();
+    assert_eq!(prefixes, vec![MAIN], "ls-refs asks for exactly our refs:\n{log}");
+}
+
+/// A server without `atomic`: guards are checked against the advertisement only,
+/// then dropped from the commands.
+#[test]
+fn without_atomic_guards_are_checked_then_dropped() {
+    let daemon = GitDaemon::start();
+    let remote_url = url(&daemon.create_repo("plain.git"));
+    git_out(&daemon.repo_dir("plain.git"), &["config", "receive.advertiseAtomic", "false"]);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = cache(dir.path());
+    let state = "envs/prod/terraform.tfstate";
+
+    let base = commit(&repo, None, state, "{\"serial\": 1}\n");
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))],
+    )
+    .unwrap();
+    assert_eq!(out, UpdateOutcome::Applied, "several updates go without atomic too");
+
+    let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))],
+    )
+    .unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
+
+    let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
+    let out = push::push(
+        &repo,
+        &remote_url,
+        &[update(MAIN, Some(w1), Some(w2)), update(LOCK, Some(base), Some(base))],
+    )
+    .unwrap();
+    assert_rejected(out, LOCK);
+    assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
+
+    // Only a guard: nothing to send once it checked out.
+    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(lock_a), Some(lock_a))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied);
+    fsck(&daemon, "plain.git");
+}
+
 #[test]
 fn concurrent_fetches_into_one_cache() {
     let daemon = GitDaemon::start();

@@ -23,6 +23,9 @@ pub enum BackendError {
     /// A write under a lock ID that holds no lock.
     #[error("no lock is held with ID {0}")]
     NotLocked(String),
+    /// The write would overwrite a newer or unrelated state (lineage/serial guard).
+    #[error("{0}")]
+    StaleState(String),
     /// GET of a lock that nobody holds.
     #[error("no lock is held on this state")]
     NoLock,
@@ -74,8 +77,8 @@ impl Backend {
         let branch = branch.unwrap_or(&self.rules.branch);
         match op {
             Operation::GetState => self.get(branch, path),
-            Operation::PutState { lock_id, body } => self.write(branch, path, Some(body), lock_id.as_deref()),
-            Operation::DeleteState { lock_id } => self.write(branch, path, None, lock_id.as_deref()),
+            Operation::PutState { lock_id, body, force } => self.write(branch, path, Some(body), lock_id.as_deref(), force),
+            Operation::DeleteState { lock_id } => self.write(branch, path, None, lock_id.as_deref(), true),
             Operation::Lock(info) => self.lock(path, info),
             Operation::Unlock { id } => self.unlock(path, id.as_deref()),
             Operation::GetLock => match self.holder(path)? {
@@ -144,7 +147,14 @@ impl Backend {
         Err(BackendError::Contended { attempts: self.rules.write_retries.max(1) })
     }
 
-    fn write(&self, branch: &str, path: &str, content: Option<Bytes>, lock_id: Option<&str>) -> Result<Outcome, BackendError> {
+    fn write(
+        &self,
+        branch: &str,
+        path: &str,
+        content: Option<Bytes>,
+        lock_id: Option<&str>,
+        force: bool,
+    ) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
         let lock_ref = lock_ref(path);
         let started = Instant::now();
@@ -169,6 +179,14 @@ impl Backend {
             if current.as_deref() == content.as_deref() {
                 // A retried write (or deleting what is not there): already in place, nothing to commit.
                 return Ok(Outcome::Done);
+            }
+            if let (Some(stored), Some(incoming)) = (current.as_deref(), content.as_deref()) {
+                match guard_serial(stored, incoming) {
+                    Verdict::Write => {}
+                    Verdict::AlreadyStored => return Ok(Outcome::Done),
+                    Verdict::Refuse(why) if !force => return Err(BackendError::StaleState(why)),
+                    Verdict::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
+                }
             }
             let message = commit_message(path, content.as_deref(), guard.as_ref());
             let commit = match self.storage.commit(base, path, content.as_deref(), &message) {
@@ -274,8 +292,65 @@ fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> 
     m
 }
 
+/// What the lineage/serial guard says about writing `incoming` over `stored`.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Write,
+    /// Same serial and the same JSON: a retried write, nothing to do.
+    AlreadyStored,
+    Refuse(String),
+}
+
+/// Terraform's own rule for a persistent state manager: never replace a state of another
+/// lineage or a newer serial. Bodies without both fields (e.g. an encrypted envelope) pass.
+fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
+    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+    let (Some(old), Some(new)) = (parse(stored), parse(incoming)) else { return Verdict::Write };
+    let lineage = |v: &serde_json::Value| v.get("lineage").and_then(|l| l.as_str()).map(str::to_string);
+    let serial = |v: &serde_json::Value| v.get("serial").and_then(|s| s.as_u64());
+    if let (Some(a), Some(b)) = (lineage(&old), lineage(&new)) {
+        if a != b {
+            return Verdict::Refuse(format!(
+                "lineage mismatch: the stored state has lineage {a:?}, the new one {b:?};                  this is another state (use ?force=true for a deliberate `state push -force`)"
+            ));
+        }
+    }
+    match (serial(&old), serial(&new)) {
+        (Some(a), Some(b)) if b < a => Verdict::Refuse(format!(
+            "stale serial: the stored state has serial {a}, the new one {b}; someone else wrote in between              (use ?force=true for a deliberate `state push -force`)"
+        )),
+        (Some(a), Some(b)) if a == b && old != new => Verdict::Refuse(format!(
+            "serial {a} is already stored with different content; a new state needs a higher serial"
+        )),
+        (Some(a), Some(b)) if a == b => Verdict::AlreadyStored,
+        _ => Verdict::Write,
+    }
+}
+
 /// Back off before retrying a lost race: grows with the attempt, randomised so racers spread out.
 fn jitter(attempt: u32) {
     let ceiling = 10u64 * (1 << attempt.min(6));
     std::thread::sleep(Duration::from_millis(fastrand::u64(1..=ceiling)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(lineage: &str, serial: u64, v: &str) -> Vec<u8> {
+        format!(r#"{{"version":4,"lineage":"{lineage}","serial":{serial},"outputs":{{"x":"{v}"}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn serial_and_lineage_guard() {
+        assert_eq!(guard_serial(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
+        assert!(matches!(guard_serial(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(w) if w.contains("\"L\"") && w.contains("\"M\"")));
+        assert!(matches!(guard_serial(&st("L", 3, "a"), &st("L", 2, "b")), Verdict::Refuse(w) if w.contains('3') && w.contains('2')));
+        assert!(matches!(guard_serial(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(_)));
+        // Same JSON, other formatting: a retry.
+        let pretty = serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
+        assert_eq!(guard_serial(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
+        // No serial/lineage (an encrypted envelope): stored as it is.
+        assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Write);
+    }
 }

@@ -33,7 +33,8 @@ pub struct BackendRequest {
 pub enum Operation {
     GetState,
     /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
-    PutState { lock_id: Option<String>, body: Bytes },
+    /// `force` (query `force=true`) skips the lineage/serial guard, for a deliberate `terraform state push -force`.
+    PutState { lock_id: Option<String>, body: Bytes, force: bool },
     DeleteState { lock_id: Option<String> },
     Lock(LockInfo),
     /// `id: None` is a force-unlock (Terraform's `force-unlock` sends no body).
@@ -141,7 +142,12 @@ pub fn decode(
         (Kind::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
             check_state_json(&body)?;
-            Operation::PutState { lock_id, body }
+            let force = match param("force").as_deref() {
+                None | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(_) => return Err(ProtocolError::BadRequest("`force` must be true or false".into())),
+            };
+            Operation::PutState { lock_id, body, force }
         }
         (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
         (Kind::Lock, "GET") => Operation::GetLock,
@@ -305,7 +311,10 @@ mod tests {
     fn writes_check_json_and_md5() {
         let body = "{\"version\":4,\"serial\":1}\n";
         let r = req("POST", "/state/a", Some("ID=lock-1"), body).unwrap();
-        assert_eq!(r.op, Operation::PutState { lock_id: Some("lock-1".into()), body: Bytes::from(body) });
+        assert_eq!(r.op, Operation::PutState { lock_id: Some("lock-1".into()), body: Bytes::from(body), force: false });
+        let r = req("POST", "/state/a", Some("force=true"), body).unwrap();
+        assert!(matches!(r.op, Operation::PutState { force: true, .. }));
+        assert!(matches!(req("POST", "/state/a", Some("force=maybe"), body), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(req("POST", "/state/a", None, "nope"), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(req("POST", "/state/a", None, "[1]"), Err(ProtocolError::BadRequest(_))));
         let mut h = HeaderMap::new();

@@ -21,6 +21,12 @@ pub struct GitDaemon {
 impl GitDaemon {
     /// Start a daemon exporting every repository under a fresh temporary directory.
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// Like [`GitDaemon::start`], with extra environment variables for the daemon and
+    /// the git programs it runs (e.g. `GIT_TRACE_PACKET` to record the conversation).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
         require_git();
         let dir = tempfile::tempdir().expect("create a temporary directory for git daemon");
         // Another process may grab the port between our probe and the daemon's bind: retry.
@@ -38,6 +44,7 @@ impl GitDaemon {
                 .arg(format!("--port={port}"))
                 .arg(format!("--base-path={}", dir.path().display()))
                 .arg(dir.path())
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)

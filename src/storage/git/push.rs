@@ -140,7 +140,10 @@ fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> R
     let mut refs = HashMap::new();
     while let Some(line) = lines.readline() {
         let line = line
-            .map_err(|e| io_error(url, "reading the ref advertisement", e))?
+            .map_err(|e| Failed {
+                retry: remote::is_broken_connection(e.kind()),
+                error: io_error(url, "reading the ref advertisement", e),
+            })?
             .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
         let Some(text) = line.as_slice() else { continue };
         let text = String::from_utf8_lossy(text);

@@ -227,7 +227,7 @@ pub(crate) fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failed>) -> Res
 /// unavailable, refused credentials are `AuthRejected`, anything else the host said is `Protocol`.
 pub(crate) fn network_error(url: &gix::Url, err: &gix::Error) -> StorageError {
     let text = format!("{}: {}", redacted(url), chain(err));
-    if err.iter_errors().any(|e| is_err_line(e)) {
+    if err.iter_errors().any(is_err_line) {
         StorageError::Protocol(text)
     } else if err.classify().is_unauthenticated() || err.classify().is_permission_denied() {
         StorageError::AuthRejected
