@@ -2,23 +2,27 @@
 //! call. Decodes, picks the repository, runs the backend on the blocking pool
 //! (gix's network calls block) and turns every outcome into a response.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use tracing::Instrument;
 
 use crate::backend::{Backend, Rules};
-use crate::config::Config;
+use crate::config::{normalize_url, Config};
 use crate::error::Error;
 use crate::protocol::{self, ProtocolError};
 use crate::storage::git::GitStore;
 use crate::storage::{Storage, StorageError};
 
-/// The backend application: configuration and the store, built once per process.
+/// The backend application: configuration and the stores, built once per process.
 pub struct App {
     config: Config,
-    backend: Backend,
+    /// The configured repository (or the embedded one).
+    backend: Arc<Backend>,
+    /// Other allowed repositories, opened on first use and kept for the life of the process.
+    others: Mutex<HashMap<String, Arc<Backend>>>,
 }
 
 impl App {
@@ -33,8 +37,12 @@ impl App {
 
     /// An App over a given store (used by `new` and by tests).
     pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> Self {
-        let rules = Rules { branch: config.branch.clone(), write_retries: config.write_retries };
-        App { backend: Backend::new(storage, rules), config }
+        let backend = Arc::new(Backend::new(storage, Self::rules(&config)));
+        App { backend, config, others: Mutex::new(HashMap::new()) }
+    }
+
+    fn rules(config: &Config) -> Rules {
+        Rules { branch: config.branch.clone(), write_retries: config.write_retries }
     }
 
     pub fn config(&self) -> &Config {
@@ -85,31 +93,59 @@ impl App {
         let span = tracing::Span::current();
         span.record("operation", request.op.name());
         span.record("path", request.target.path.as_str());
-        self.check_repository(request.target.repository.as_deref())?;
+        if let Some(url) = &request.target.repository {
+            if crate::storage::git::url_has_credentials(url) {
+                return Err(ProtocolError::BadRequest("the repository URL must not carry credentials".into()).into());
+            }
+            if !self.config.repository_allowed(url) {
+                tracing::warn!(repository = %redact_for_log(url), "repository not in the allowlist");
+                return Err(Error::RepositoryNotAllowed);
+            }
+        }
 
         let this = Arc::clone(self);
         let blocking_span = span.clone();
         tokio::task::spawn_blocking(move || {
             let _enter = blocking_span.enter();
-            this.backend.handle(request.target.branch.as_deref(), &request.target.path, request.op)
+            let backend = this.backend_for(request.target.repository.as_deref())?;
+            backend.handle(request.target.branch.as_deref(), &request.target.path, request.op).map_err(Error::from)
         })
         .await
         .map_err(|e| Error::Internal(format!("backend task failed: {e}")))?
-        .map_err(Error::from)
     }
 
-    /// Until an allowlist exists, only the configured repository may be named: the server
-    /// must never reach a host that a caller chose.
-    fn check_repository(&self, requested: Option<&str>) -> Result<(), Error> {
-        match (requested, self.config.repository.as_deref()) {
-            (None, _) => Ok(()),
-            (Some(r), Some(configured)) if same_repository(r, configured) => Ok(()),
-            _ => Err(Error::RepositoryNotAllowed),
+    /// The backend of an allowed repository (checked by the caller). Blocking: may create a cache.
+    fn backend_for(&self, repository: Option<&str>) -> Result<Arc<Backend>, Error> {
+        let Some(url) = repository else { return Ok(Arc::clone(&self.backend)) };
+        if let Some(default) = &self.config.repository {
+            if normalize_url(default) == normalize_url(url) {
+                return Ok(Arc::clone(&self.backend));
+            }
         }
+        let key = normalize_url(url);
+        let mut others = self.others.lock().expect("others poisoned");
+        if let Some(b) = others.get(&key) {
+            return Ok(Arc::clone(b));
+        }
+        let store = GitStore::open_remote(url, &self.config.cache_dir, self.config.commit_author.clone())
+            .map_err(|e| match e {
+                StorageError::Local(why) if why.contains("URL") => Error::Protocol(ProtocolError::BadRequest(why)),
+                other => other.into(),
+            })?;
+        let backend = Arc::new(Backend::new(Arc::new(store), Self::rules(&self.config)));
+        others.insert(key, Arc::clone(&backend));
+        Ok(backend)
     }
 }
 
-fn same_repository(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.trim_end_matches('/').trim_end_matches(".git").to_string();
-    norm(a) == norm(b)
+/// A URL as it may appear in a log line: everything before `@` in the authority is dropped.
+fn redact_for_log(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}{path}")
+        }
+        None => "<unparsable URL>".into(),
+    }
 }

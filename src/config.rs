@@ -20,6 +20,9 @@ pub struct Config {
     pub commit_author: (String, String),
     /// `GITSTATE_MAX_BODY_BYTES`: largest request body accepted (default 64 MiB).
     pub max_body_bytes: usize,
+    /// `GITSTATE_ALLOWED_REPOSITORIES`: comma-separated URL patterns a `repository` query
+    /// parameter must match (`*` matches within one path segment). Empty: only `repository`.
+    pub allowed_repositories: Vec<String>,
     /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 8).
     pub write_retries: u32,
 }
@@ -33,6 +36,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./.gitstate"),
             commit_author: ("gitstate".into(), "gitstate@localhost".into()),
             max_body_bytes: 64 << 20,
+            allowed_repositories: Vec::new(),
             write_retries: 8,
         }
     }
@@ -77,6 +81,9 @@ impl Config {
                 reason: "expected a number of bytes".into(),
             })?;
         }
+        if let Some(list) = get("GITSTATE_ALLOWED_REPOSITORIES") {
+            c.allowed_repositories = list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+        }
         if let Some(n) = get("GITSTATE_WRITE_RETRIES") {
             c.write_retries = n.parse().map_err(|_| ConfigError {
                 name: "GITSTATE_WRITE_RETRIES",
@@ -85,6 +92,13 @@ impl Config {
         }
         c.validate()?;
         Ok(c)
+    }
+
+    /// True when a caller may name `url` as its repository: the default repository, or a match of the allowlist.
+    pub fn repository_allowed(&self, url: &str) -> bool {
+        let url = normalize_url(url);
+        self.repository.as_deref().is_some_and(|r| normalize_url(r) == url)
+            || self.allowed_repositories.iter().any(|p| glob_match(&normalize_url(p), &url))
     }
 
     /// Checks that hold whatever the source of the settings.
@@ -102,6 +116,35 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Equal repositories compare equal: no trailing slash, no `.git` suffix.
+pub fn normalize_url(url: &str) -> String {
+    let u = url.trim().trim_end_matches('/');
+    u.strip_suffix(".git").unwrap_or(u).to_string()
+}
+
+/// `*` matches any run of characters other than `/`, so a pattern never reaches another host or a parent path.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    fn go(p: &[u8], t: &[u8]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => {
+                let mut i = 0;
+                loop {
+                    if go(rest, &t[i..]) {
+                        return true;
+                    }
+                    if i == t.len() || t[i] == b'/' {
+                        return false;
+                    }
+                    i += 1;
+                }
+            }
+            Some((c, rest)) => t.first() == Some(c) && go(rest, &t[1..]),
+        }
+    }
+    go(pattern.as_bytes(), text.as_bytes())
 }
 
 fn parse_author(s: &str) -> Option<(String, String)> {
@@ -130,5 +173,24 @@ mod tests {
         assert!(Config::from_lookup(bad).is_err());
         let bad_ref = |k: &str| (k == "GITSTATE_REF").then(|| "a..b".to_string());
         assert!(Config::from_lookup(bad_ref).is_err());
+    }
+
+    #[test]
+    fn allowlist() {
+        let env = |k: &str| match k {
+            "GITSTATE_REPOSITORY" => Some("https://git.example.com/team/states.git".to_string()),
+            "GITSTATE_ALLOWED_REPOSITORIES" => Some("https://git.example.com/org/*, git://127.0.0.1:9418/*.git".to_string()),
+            _ => None,
+        };
+        let c = Config::from_lookup(env).unwrap();
+        assert!(c.repository_allowed("https://git.example.com/team/states"));
+        assert!(c.repository_allowed("https://git.example.com/team/states.git/"));
+        assert!(c.repository_allowed("https://git.example.com/org/infra.git"));
+        assert!(c.repository_allowed("git://127.0.0.1:9418/x.git"));
+        assert!(!c.repository_allowed("https://git.example.com/org/a/b.git"));
+        assert!(!c.repository_allowed("https://git.example.com.evil.net/org/x"));
+        assert!(!c.repository_allowed("https://evil.net/org/x"));
+        assert!(!c.repository_allowed("https://git.example.com/team/other"));
+        assert!(!Config::default().repository_allowed("https://git.example.com/team/states"));
     }
 }

@@ -32,7 +32,8 @@ impl GitDaemon {
         // Another process may grab the port between our probe and the daemon's bind: retry.
         for _ in 0..5 {
             let port = free_port();
-            let log = std::fs::File::create(dir.path().join("daemon.log")).expect("create daemon.log");
+            let log =
+                std::fs::File::create(dir.path().join("daemon.log")).expect("create daemon.log");
             let mut child = Command::new("git")
                 .arg("daemon")
                 .arg("--export-all")
@@ -65,7 +66,17 @@ impl GitDaemon {
     /// Create the bare repository `name` (e.g. `states.git`) and return its git:// URL.
     pub fn create_repo(&self, name: &str) -> String {
         let path = self.repo_dir(name);
-        git(self.dir.path(), &["init", "--bare", "-q", "-b", "main", &path.display().to_string()]);
+        git(
+            self.dir.path(),
+            &[
+                "init",
+                "--bare",
+                "-q",
+                "-b",
+                "main",
+                &path.display().to_string(),
+            ],
+        );
         // Make the server check every object we push, as hosting services do.
         git_out(&path, &["config", "receive.fsckObjects", "true"]);
         self.url(name)

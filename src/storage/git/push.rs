@@ -28,7 +28,11 @@ struct Advertisement {
 /// the whole set without sending a command. Guards (`old == new`) travel as real
 /// commands in an atomic push where the server offers `atomic`; otherwise they are
 /// only checked against the advertisement (check-then-push, with a warning).
-pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
+pub fn push(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    updates: &[RefUpdate],
+) -> Result<UpdateOutcome, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
     let (mut transport, adv) = remote::retrying(|| {
         let mut transport = remote::connect(url, Protocol::V1)?;
@@ -44,7 +48,7 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
         })
         .collect();
     if !stale.is_empty() {
-        end_without_commands(&mut transport, url)?;
+        end_without_commands(&mut transport);
         return Ok(UpdateOutcome::Rejected(stale));
     }
 
@@ -61,11 +65,11 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
         updates.iter().filter(|u| !u.is_guard()).collect()
     };
     if commands.is_empty() {
-        end_without_commands(&mut transport, url)?;
+        end_without_commands(&mut transport);
         return Ok(UpdateOutcome::Applied);
     }
     if !adv.report_status {
-        end_without_commands(&mut transport, url)?;
+        end_without_commands(&mut transport);
         return Err(StorageError::Protocol(format!(
             "{} does not offer report-status; cannot learn the outcome of a push",
             redacted(url)
@@ -80,19 +84,37 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
             .filter_map(|u| u.new)
             .filter(|id| !adv.refs.values().any(|have| have == id))
             .collect();
-        let remote_has: Vec<ObjectId> = adv.refs.values().copied().collect();
+        // A server accepting these commits must hold their parents, and so all the parents hold.
+        let mut remote_has = Vec::new();
+        for id in &new_commits {
+            let commit = repo
+                .find_commit(*id)
+                .map_err(|e| StorageError::local(format!("commit {id} to push: {e}")))?;
+            remote_has.extend(commit.parent_ids().map(|p| p.detach()));
+        }
         Some(super::pack::build_pack(repo, &new_commits, &remote_has)?)
     } else {
         None
     };
 
-    let io_err = |e: std::io::Error| StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)));
+    let io_err = |e: std::io::Error| {
+        StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)))
+    };
     let mut writer = transport
-        .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
+        .request(
+            WriteMode::OneLfTerminatedLinePerWriteCall,
+            MessageKind::Flush,
+            false,
+        )
         .map_err(|e| transport_error(url, e))?;
     let null = repo.object_hash().null();
     for (i, u) in commands.iter().enumerate() {
-        let mut line = format!("{} {} {}", u.old.unwrap_or(null), u.new.unwrap_or(null), u.name);
+        let mut line = format!(
+            "{} {} {}",
+            u.old.unwrap_or(null),
+            u.new.unwrap_or(null),
+            u.name
+        );
         if i == 0 {
             line.push('\0');
             line.push_str(&capabilities(&adv));
@@ -115,7 +137,10 @@ pub fn push(repo: &gix::Repository, url: &gix::Url, updates: &[RefUpdate]) -> Re
 }
 
 /// Handshake for receive-pack and read the v0/v1 ref advertisement to its end.
-fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<Advertisement, Failed> {
+fn advertisement(
+    transport: &mut Box<dyn Transport + Send>,
+    url: &gix::Url,
+) -> Result<Advertisement, Failed> {
     let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| {
         let retry = matches!(&e, gix::protocol::transport::client::Error::Io(io) if remote::is_broken_connection(io.kind()));
         Failed {
@@ -132,11 +157,15 @@ fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> R
     }
     let caps: &Capabilities = &response.capabilities;
     let has = |name: &str| caps.contains(name);
-    let (atomic, side_band_64k, report_status, quiet) =
-        (has("atomic"), has("side-band-64k"), has("report-status"), has("quiet"));
-    let mut lines = response
-        .refs
-        .ok_or_else(|| StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url))))?;
+    let (atomic, side_band_64k, report_status, quiet) = (
+        has("atomic"),
+        has("side-band-64k"),
+        has("report-status"),
+        has("quiet"),
+    );
+    let mut lines = response.refs.ok_or_else(|| {
+        StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url)))
+    })?;
     let mut refs = HashMap::new();
     while let Some(line) = lines.readline() {
         let line = line
@@ -144,15 +173,20 @@ fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> R
                 retry: remote::is_broken_connection(e.kind()),
                 error: io_error(url, "reading the ref advertisement", e),
             })?
-            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
-        let Some(text) = line.as_slice() else { continue };
+            .map_err(|e| {
+                StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e)))
+            })?;
+        let Some(text) = line.as_slice() else {
+            continue;
+        };
         let text = String::from_utf8_lossy(text);
         // Capabilities were cut off the first line by gix; `capabilities^{}` (empty
         // repository), `.have` and `shallow` lines name no ref of ours.
         let Some((id, name)) = text.trim_end().split_once(' ') else {
             return Err(garbage(url, &text).into());
         };
-        if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow" {
+        if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow"
+        {
             continue;
         }
         let id = ObjectId::from_hex(id.as_bytes()).map_err(|_| garbage(url, &text))?;
@@ -184,14 +218,15 @@ fn capabilities(adv: &Advertisement) -> String {
 }
 
 /// A flush instead of commands: receive-pack then ends without doing anything.
-fn end_without_commands(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<(), StorageError> {
-    let writer = transport
-        .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
-        .map_err(|e| transport_error(url, e))?;
-    writer
-        .into_read()
-        .map(drop)
-        .map_err(|e| StorageError::Unavailable(format!("{}: {e}", redacted(url))))
+/// Best effort: the answer is already known, a broken connection changes nothing.
+fn end_without_commands(transport: &mut Box<dyn Transport + Send>) {
+    if let Ok(writer) = transport.request(
+        WriteMode::OneLfTerminatedLinePerWriteCall,
+        MessageKind::Flush,
+        false,
+    ) {
+        let _ = writer.into_read();
+    }
 }
 
 /// The report-status lines, demultiplexed from side-band channel 1 when negotiated.
@@ -205,8 +240,12 @@ fn read_report(
     while let Some(line) = reader.readline() {
         let line = line
             .map_err(|e| io_error(url, "reading the push report", e))?
-            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
-        let PacketLineRef::Data(data) = line else { break };
+            .map_err(|e| {
+                StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e)))
+            })?;
+        let PacketLineRef::Data(data) = line else {
+            break;
+        };
         if !side_band {
             lines.push(String::from_utf8_lossy(data).trim_end().to_owned());
             continue;
@@ -227,7 +266,8 @@ fn read_report(
         }
     }
     if side_band {
-        lines = split_pkt_lines(&band_data).ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))?;
+        lines = split_pkt_lines(&band_data)
+            .ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))?;
     }
     Ok(lines)
 }
@@ -249,7 +289,11 @@ fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
 }
 
 /// `unpack ok`, then `ok <ref>` or `ng <ref> <reason>` for every command.
-fn outcome(report: &[String], commands: &[&RefUpdate], url: &gix::Url) -> Result<UpdateOutcome, StorageError> {
+fn outcome(
+    report: &[String],
+    commands: &[&RefUpdate],
+    url: &gix::Url,
+) -> Result<UpdateOutcome, StorageError> {
     let mut lines = report.iter();
     match lines.next().map(String::as_str) {
         Some("unpack ok") => {}
@@ -260,7 +304,12 @@ fn outcome(report: &[String], commands: &[&RefUpdate], url: &gix::Url) -> Result
                 redacted(url)
             )));
         }
-        None => return Err(StorageError::Protocol(format!("{} sent an empty report", redacted(url)))),
+        None => {
+            return Err(StorageError::Protocol(format!(
+                "{} sent an empty report",
+                redacted(url)
+            )))
+        }
     }
     let mut ok = Vec::new();
     let mut rejected = Vec::new();
@@ -297,13 +346,21 @@ fn describe_mismatch(expected: Option<ObjectId>, actual: Option<&ObjectId>) -> S
 }
 
 fn garbage(url: &gix::Url, line: &str) -> StorageError {
-    StorageError::Protocol(format!("{} sent an unexpected line: {:?}", redacted(url), line))
+    StorageError::Protocol(format!(
+        "{} sent an unexpected line: {:?}",
+        redacted(url),
+        line
+    ))
 }
 
 /// An `ERR` line from the server is a protocol answer; any other io error a broken connection.
 fn io_error(url: &gix::Url, doing: &str, err: std::io::Error) -> StorageError {
     if remote::is_err_line(&err) {
-        StorageError::Protocol(format!("{}: {doing}: {}", redacted(url), remote::chain(&err)))
+        StorageError::Protocol(format!(
+            "{}: {doing}: {}",
+            redacted(url),
+            remote::chain(&err)
+        ))
     } else {
         StorageError::Unavailable(format!("{}: {doing}: {err}", redacted(url)))
     }

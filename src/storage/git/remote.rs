@@ -27,7 +27,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// No handshake happens here: the caller (or gix's remote API) performs it for the
 /// service it needs. `file://` and local paths are refused since gix would spawn
 /// `git` programs for them; ssh is refused for the same reason.
-pub fn connect(url: &gix::Url, version: Protocol) -> Result<Box<dyn Transport + Send>, StorageError> {
+pub fn connect(
+    url: &gix::Url,
+    version: Protocol,
+) -> Result<Box<dyn Transport + Send>, StorageError> {
     use gix::url::Scheme;
     match &url.scheme {
         Scheme::Git => Ok(Box::new(connect_daemon(url, version)?)),
@@ -54,12 +57,16 @@ fn connect_daemon(
     url: &gix::Url,
     version: Protocol,
 ) -> Result<Connection<TcpStream, TcpStream>, StorageError> {
-    let unavailable = |what: &str, e: std::io::Error| StorageError::Unavailable(format!("{what} {}: {e}", redacted(url)));
+    let unavailable = |what: &str, e: std::io::Error| {
+        StorageError::Unavailable(format!("{what} {}: {e}", redacted(url)))
+    };
     let host = url
         .host()
         .ok_or_else(|| StorageError::Protocol(format!("no host in {}", redacted(url))))?;
     let port = url.port.unwrap_or(9418);
-    let addrs = (host, port).to_socket_addrs().map_err(|e| unavailable("cannot resolve", e))?;
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| unavailable("cannot resolve", e))?;
     let mut last_err = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     let mut stream = None;
     for addr in addrs {
@@ -72,11 +79,14 @@ fn connect_daemon(
         }
     }
     let read = stream.ok_or_else(|| unavailable("cannot connect to", last_err))?;
-    read.set_nodelay(true).map_err(|e| unavailable("cannot configure socket for", e))?;
+    read.set_nodelay(true)
+        .map_err(|e| unavailable("cannot configure socket for", e))?;
     read.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| read.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| unavailable("cannot configure socket for", e))?;
-    let write = read.try_clone().map_err(|e| unavailable("cannot configure socket for", e))?;
+    let write = read
+        .try_clone()
+        .map_err(|e| unavailable("cannot configure socket for", e))?;
     Ok(Connection::new(
         read,
         write,
@@ -93,7 +103,11 @@ fn connect_daemon(
 /// every tip whose commit is not yet in `repo`. Writes no refs in `repo` (only the
 /// `shallow` file and a pack). One connection; a call that needs no objects sends
 /// nothing but the handshake and `ls-refs`.
-pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Result<Tips, StorageError> {
+pub fn fetch_tips(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    refs: &[String],
+) -> Result<Tips, StorageError> {
     if refs.is_empty() {
         return Ok(Tips::new());
     }
@@ -101,13 +115,23 @@ pub fn fetch_tips(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Re
     retrying(|| fetch_tips_once(repo, url, refs))
 }
 
-fn fetch_tips_once(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> Result<Tips, Failed> {
+fn fetch_tips_once(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    refs: &[String],
+) -> Result<Tips, Failed> {
     let transport = connect(url, Protocol::V2)?;
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
         .remote_at_without_url_rewrite(url.clone())
         .and_then(|r| r.with_refspecs(refs.iter().map(String::as_str), Direction::Fetch))
-        .map_err(|e| StorageError::Local(format!("cannot set up fetch from {}: {}", redacted(url), chain(&e))))?
+        .map_err(|e| {
+            StorageError::Local(format!(
+                "cannot set up fetch from {}: {}",
+                redacted(url),
+                chain(&e)
+            ))
+        })?
         .with_fetch_tags(Tags::None);
     let prepare = remote
         .to_connection_with_transport(transport)
@@ -143,13 +167,20 @@ fn fetch_tips_once(repo: &gix::Repository, url: &gix::Url, refs: &[String]) -> R
         .map_err(|e| Failed::from_gix(url, &e))?;
     // The .keep file protects a new pack until refs point into it; our refs live in
     // memory, and a cache nobody runs gc on needs no protection.
-    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
+    if let gix::remote::fetch::Status::Change {
+        write_pack_bundle, ..
+    } = &outcome.status
+    {
         if let Some(keep) = &write_pack_bundle.keep_path {
             let _ = std::fs::remove_file(keep);
         }
     }
     if missing(repo, &tips) {
-        return Err(StorageError::Protocol(format!("{} did not send all requested tips", redacted(url))).into());
+        return Err(StorageError::Protocol(format!(
+            "{} did not send all requested tips",
+            redacted(url)
+        ))
+        .into());
     }
     Ok(tips)
 }
@@ -183,7 +214,10 @@ pub(crate) struct Failed {
 
 impl From<StorageError> for Failed {
     fn from(error: StorageError) -> Self {
-        Failed { error, retry: false }
+        Failed {
+            error,
+            retry: false,
+        }
     }
 }
 
@@ -203,11 +237,16 @@ impl Failed {
 /// Errors of a connection that was established and then dropped by the other side.
 pub(crate) fn is_broken_connection(kind: std::io::ErrorKind) -> bool {
     use std::io::ErrorKind::*;
-    matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+    matches!(
+        kind,
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+    )
 }
 
 /// Run `attempt` up to three times while it fails with a retryable error, with a short jittered pause.
-pub(crate) fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failed>) -> Result<T, StorageError> {
+pub(crate) fn retrying<T>(
+    mut attempt: impl FnMut() -> Result<T, Failed>,
+) -> Result<T, StorageError> {
     const ATTEMPTS: u32 = 3;
     let mut tries = 1;
     loop {
@@ -215,7 +254,9 @@ pub(crate) fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failed>) -> Res
             Ok(value) => return Ok(value),
             Err(Failed { error, retry: true }) if tries < ATTEMPTS => {
                 tracing::debug!(%error, attempt = tries, "git connection broke; trying again");
-                std::thread::sleep(Duration::from_millis(fastrand::u64(20..120) * u64::from(tries)));
+                std::thread::sleep(Duration::from_millis(
+                    fastrand::u64(20..120) * u64::from(tries),
+                ));
                 tries += 1;
             }
             Err(failed) => return Err(failed.error),
