@@ -1,0 +1,185 @@
+//! Benchmark (figures, not a test): median latency of GET, LOCK, POST, UNLOCK and a
+//! full apply cycle through `App::handle` against a local `git daemon`, next to the
+//! git CLI doing the same git work, with cold and warm caches and several history sizes.
+//!
+//! Run: `cargo run --release --example bench [-- ROUNDS]` (needs `git` for the daemon
+//! and the comparison; gitstate itself never runs it).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gitstate::{app::App, config::Config, protocol::content_md5};
+
+fn main() {
+    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(tmp.path());
+    println!("gitstate benchmark: {rounds} rounds per figure, git daemon on 127.0.0.1:{}", daemon.port);
+    println!("{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}", "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms");
+    for history in [10usize, 1_000, 10_000] {
+        let name = format!("h{history}.git");
+        let url = daemon.repo_with_history(&name, history);
+        for cold in [false, true] {
+            let figures = rt.block_on(run(&url, tmp.path(), rounds, cold));
+            let cli = git_cli_cycle(&url, tmp.path(), rounds.min(10));
+            println!(
+                "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12.2}",
+                format!("{history} commits, {}", if cold { "cold cache" } else { "warm cache" }),
+                figures[0], figures[1], figures[2], figures[3], figures[4], cli
+            );
+        }
+    }
+}
+
+/// Medians (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle.
+async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
+    let mut samples: [Vec<f64>; 5] = Default::default();
+    let mut app = new_app(url, tmp, 0);
+    let path = "/state/bench/terraform.tfstate";
+    for i in 0..rounds {
+        if cold {
+            app = new_app(url, tmp, i + 1);
+        }
+        let id = format!("bench-{i}-{}", fastrand::u64(..));
+        let lock = format!(r#"{{"ID":"{id}","Operation":"OperationTypeApply","Who":"bench","Version":"1.0.3","Created":"","Path":"","Info":""}}"#);
+        let state = format!("{{\n  \"version\": 4,\n  \"serial\": {},\n  \"lineage\": \"bench\",\n  \"outputs\": {{}}\n}}\n", i + 1_000_000 * (fastrand::u32(..) as usize));
+        let cycle = Instant::now();
+        let t = Instant::now();
+        assert_eq!(call(&app, "LOCK", path, &lock).await, 200);
+        samples[1].push(ms(t.elapsed()));
+        let t = Instant::now();
+        let s = call(&app, "GET", path, "").await;
+        assert!(s == 200 || s == 204);
+        samples[0].push(ms(t.elapsed()));
+        let t = Instant::now();
+        let s = call(&app, "POST", &format!("{path}?ID={id}&force=true"), &state).await;
+        assert_eq!(s, 200);
+        samples[2].push(ms(t.elapsed()));
+        let t = Instant::now();
+        assert_eq!(call(&app, "UNLOCK", path, &lock).await, 200);
+        samples[3].push(ms(t.elapsed()));
+        samples[4].push(ms(cycle.elapsed()));
+    }
+    samples.map(|mut s| median(&mut s))
+}
+
+fn new_app(url: &str, tmp: &Path, n: usize) -> Arc<App> {
+    let mut c = Config::default();
+    c.repository = Some(url.to_string());
+    c.cache_dir = tmp.join(format!("cache-{}-{n}", fastrand::u64(..)));
+    Arc::new(App::new(c).unwrap())
+}
+
+async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> u16 {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("Content-MD5", content_md5(body.as_bytes()))
+        .body(Bytes::from(body.to_string()))
+        .unwrap();
+    app.handle(req).await.status().as_u16()
+}
+
+/// The same git work with the CLI: shallow fetch, commit, push; create and delete a lock branch.
+fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
+    let work = tmp.join(format!("cli-{}", fastrand::u64(..)));
+    git(tmp, &["clone", "-q", "--depth", "1", url, work.to_str().unwrap()]);
+    let mut samples = Vec::new();
+    for i in 0..rounds {
+        let t = Instant::now();
+        git(&work, &["push", "-q", "origin", "HEAD:refs/heads/locks/bench/terraform.tfstate"]);
+        git(&work, &["fetch", "-q", "--depth", "1", "origin", "main"]);
+        git(&work, &["reset", "-q", "--hard", "FETCH_HEAD"]);
+        std::fs::create_dir_all(work.join("bench")).unwrap();
+        std::fs::write(work.join("bench/cli.tfstate"), format!("{{\"serial\": {i}}}\n")).unwrap();
+        git(&work, &["add", "bench/cli.tfstate"]);
+        git(&work, &["-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "Update bench/cli.tfstate"]);
+        git(&work, &["push", "-q", "origin", "HEAD:main"]);
+        git(&work, &["push", "-q", "origin", ":refs/heads/locks/bench/terraform.tfstate"]);
+        samples.push(ms(t.elapsed()));
+    }
+    median(&mut samples)
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git CLI");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+struct Daemon {
+    child: Child,
+    port: u16,
+    base: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn start(tmp: &Path) -> Self {
+        let base = tmp.join("srv");
+        std::fs::create_dir_all(&base).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("git")
+            .args(["daemon", "--export-all", "--enable=receive-pack", "--reuseaddr", "--listen=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(&base)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Daemon { child, port, base }
+    }
+
+    /// A bare repository whose `main` has `commits` commits, built with fast-import.
+    fn repo_with_history(&self, name: &str, commits: usize) -> String {
+        let dir = self.base.join(name);
+        git(&self.base, &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
+        let mut script = String::new();
+        for i in 0..commits {
+            let content = format!("{{\"history\": {i}}}\n");
+            script.push_str(&format!(
+                "commit refs/heads/main\ncommitter b <b@b> {} +0000\ndata 7\nhistory\nM 100644 inline history/{}.json\ndata {}\n{}\n",
+                1_700_000_000 + i,
+                i % 100,
+                content.len(),
+                content
+            ));
+        }
+        let mut child = Command::new("git")
+            .arg("--git-dir")
+            .arg(&dir)
+            .args(["fast-import", "--quiet"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
