@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::Instrument;
 
+use crate::auth::{Auth, LoadError};
 use crate::backend::{Backend, Rules};
 use crate::config::{normalize_url, Config};
 use crate::error::Error;
@@ -19,6 +20,7 @@ use crate::storage::{Storage, StorageError};
 /// The backend application: configuration and the stores, built once per process.
 pub struct App {
     config: Config,
+    auth: Auth,
     /// The configured repository (or the embedded one).
     backend: Arc<Backend>,
     /// Other allowed repositories, opened on first use and kept for the life of the process.
@@ -26,19 +28,38 @@ pub struct App {
 }
 
 impl App {
-    /// Open the configured repository: a remote through its cache, or the embedded one under the data directory.
-    pub fn new(config: Config) -> Result<Self, StorageError> {
+    /// Load the access rules (reading the secret in `secret` mode) and open the configured repository.
+    pub async fn load(config: Config) -> Result<Self, StartError> {
+        let auth = Auth::load(&config).await?;
+        let app = tokio::task::spawn_blocking(move || Self::new(config))
+            .await
+            .map_err(|e| StartError::Storage(StorageError::Local(e.to_string())))??;
+        Ok(app.with_auth(auth))
+    }
+
+    /// Replace the access rules.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Open the configured repository: a remote through its cache, or the embedded one under the
+    /// data directory. Access rules come from the configuration (`secret` mode needs [`App::load`]).
+    pub fn new(config: Config) -> Result<Self, StartError> {
         let store: Arc<dyn Storage> = match &config.repository {
             Some(url) => Arc::new(GitStore::open_remote(url, &config.cache_dir, config.commit_author.clone())?),
             None => Arc::new(GitStore::open_embedded(&config.data_dir.join("repo.git"), config.commit_author.clone())?),
         };
-        Ok(Self::with_storage(config, store))
+        let auth = Auth::from_config(&config)?;
+        Ok(Self::with_storage(config, store).with_auth(auth))
     }
 
     /// An App over a given store (used by `new` and by tests).
     pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> Self {
         let backend = Arc::new(Backend::new(storage, Self::rules(&config)));
-        App { backend, config, others: Mutex::new(HashMap::new()) }
+        // Until a caller sets other rules: passthrough, which lets everyone in and hands on what they send.
+        let auth = Auth::from_config(&Config::default()).expect("the default access rules are valid");
+        App { backend, config, auth, others: Mutex::new(HashMap::new()) }
     }
 
     fn rules(config: &Config) -> Rules {
@@ -86,6 +107,7 @@ impl App {
 
     async fn run(self: &Arc<Self>, req: http::Request<Bytes>) -> Result<protocol::Outcome, Error> {
         let (parts, body) = req.into_parts();
+        let creds = self.auth.authorize(&parts.headers)?;
         if body.len() > self.config.max_body_bytes {
             return Err(ProtocolError::PayloadTooLarge { limit: self.config.max_body_bytes }.into());
         }
@@ -108,7 +130,7 @@ impl App {
         tokio::task::spawn_blocking(move || {
             let _enter = blocking_span.enter();
             let backend = this.backend_for(request.target.repository.as_deref())?;
-            backend.handle(request.target.branch.as_deref(), &request.target.path, request.op).map_err(Error::from)
+            backend.handle(creds.as_ref(), request.target.branch.as_deref(), &request.target.path, request.op).map_err(Error::from)
         })
         .await
         .map_err(|e| Error::Internal(format!("backend task failed: {e}")))?
@@ -136,6 +158,15 @@ impl App {
         others.insert(key, Arc::clone(&backend));
         Ok(backend)
     }
+}
+
+/// Why the App could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Auth(#[from] LoadError),
 }
 
 /// A URL as it may appear in a log line: everything before `@` in the authority is dropped.

@@ -4,6 +4,19 @@
 
 use std::path::PathBuf;
 
+use crate::storage::Credentials;
+
+/// Where the credentials for the git host come from (`GITSTATE_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// The basic auth Terraform sends is handed to the git host; gitstate keeps no secret.
+    Passthrough,
+    /// `GITSTATE_GIT_USERNAME`/`GITSTATE_GIT_PASSWORD` (a workstation or CI).
+    Env,
+    /// A JSON secret in AWS Secrets Manager (`GITSTATE_GIT_CREDENTIALS_SECRET`), read once per process.
+    Secret,
+}
+
 /// Settings shared by the Lambda entry and `gitstate serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -23,6 +36,14 @@ pub struct Config {
     /// `GITSTATE_ALLOWED_REPOSITORIES`: comma-separated URL patterns a `repository` query
     /// parameter must match (`*` matches within one path segment). Empty: only `repository`.
     pub allowed_repositories: Vec<String>,
+    /// `GITSTATE_AUTH`: `passthrough` (default), `env` or `secret`.
+    pub auth: AuthMode,
+    /// `GITSTATE_GIT_USERNAME`/`GITSTATE_GIT_PASSWORD`: git credentials for `env` mode.
+    pub git_credentials: Option<Credentials>,
+    /// `GITSTATE_GIT_CREDENTIALS_SECRET`: Secrets Manager id for `secret` mode.
+    pub git_credentials_secret: Option<String>,
+    /// `GITSTATE_USERNAME`/`GITSTATE_PASSWORD`: basic auth the backend itself requires.
+    pub backend_credentials: Option<Credentials>,
     /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 8).
     pub write_retries: u32,
 }
@@ -37,6 +58,10 @@ impl Default for Config {
             commit_author: ("gitstate".into(), "gitstate@localhost".into()),
             max_body_bytes: 64 << 20,
             allowed_repositories: Vec::new(),
+            auth: AuthMode::Passthrough,
+            git_credentials: None,
+            git_credentials_secret: None,
+            backend_credentials: None,
             write_retries: 8,
         }
     }
@@ -84,6 +109,24 @@ impl Config {
         if let Some(list) = get("GITSTATE_ALLOWED_REPOSITORIES") {
             c.allowed_repositories = list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
         }
+        c.auth = match get("GITSTATE_AUTH").as_deref() {
+            None | Some("passthrough") => AuthMode::Passthrough,
+            Some("env") => AuthMode::Env,
+            Some("secret") => AuthMode::Secret,
+            Some(_) => {
+                return Err(ConfigError { name: "GITSTATE_AUTH", reason: "expected passthrough, env or secret".into() })
+            }
+        };
+        let pair = |user: &'static str, pass: &'static str| -> Result<Option<Credentials>, ConfigError> {
+            match (get(user), get(pass)) {
+                (Some(username), Some(password)) => Ok(Some(Credentials { username, password })),
+                (None, None) => Ok(None),
+                _ => Err(ConfigError { name: user, reason: format!("set both {user} and {pass}, or neither") }),
+            }
+        };
+        c.git_credentials = pair("GITSTATE_GIT_USERNAME", "GITSTATE_GIT_PASSWORD")?;
+        c.backend_credentials = pair("GITSTATE_USERNAME", "GITSTATE_PASSWORD")?;
+        c.git_credentials_secret = get("GITSTATE_GIT_CREDENTIALS_SECRET");
         if let Some(n) = get("GITSTATE_WRITE_RETRIES") {
             c.write_retries = n.parse().map_err(|_| ConfigError {
                 name: "GITSTATE_WRITE_RETRIES",

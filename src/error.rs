@@ -16,6 +16,9 @@ pub enum Error {
     Protocol(#[from] ProtocolError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The caller did not authenticate to the backend.
+    #[error(transparent)]
+    Unauthorized(#[from] crate::auth::AuthError),
     /// The `repository` parameter names a repository this server does not serve.
     #[error("the repository is not allowed on this server")]
     RepositoryNotAllowed,
@@ -44,6 +47,7 @@ impl Error {
             Error::Protocol(P::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Protocol(P::PayloadTooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RepositoryNotAllowed => StatusCode::FORBIDDEN,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Backend(B::Locked { .. }) => StatusCode::LOCKED,
             Error::Backend(B::WrongLockId { .. } | B::NotLocked(_) | B::PathConflict(_) | B::StaleState(_)) => StatusCode::CONFLICT,
@@ -51,7 +55,7 @@ impl Error {
             Error::Backend(B::Contended { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Backend(B::Storage(StorageError::Unavailable(_))) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Backend(B::Storage(StorageError::Protocol(_))) => StatusCode::BAD_GATEWAY,
-            Error::Backend(B::Storage(StorageError::AuthRejected)) => StatusCode::FORBIDDEN,
+            Error::Backend(B::Storage(StorageError::AuthRejected)) => StatusCode::UNAUTHORIZED,
             Error::Backend(B::Storage(StorageError::Local(_))) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,6 +69,10 @@ impl Error {
             Error::Backend(BackendError::Locked { holder } | BackendError::WrongLockId { holder }) => {
                 content_type = "application/json";
                 holder
+            }
+            Error::Unauthorized(_) | Error::Backend(BackendError::Storage(StorageError::AuthRejected)) => {
+                b = b.header(header::WWW_AUTHENTICATE, "Basic realm=\"gitstate\", charset=\"UTF-8\"");
+                Bytes::from(format!("{}\n", public_text(&self)))
             }
             Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) => {
                 b = b.header(header::ALLOW, allow);
@@ -121,7 +129,8 @@ mod tests {
             (BackendError::Contended { attempts: 3 }.into(), 503),
             (StorageError::Unavailable("secret-host detail".into()).into(), 503),
             (StorageError::Protocol("secret-host detail".into()).into(), 502),
-            (StorageError::AuthRejected.into(), 403),
+            (StorageError::AuthRejected.into(), 401),
+            (crate::auth::AuthError::Missing.into(), 401),
             (StorageError::Local("secret-host detail".into()).into(), 500),
         ];
         for (e, code) in cases {

@@ -8,6 +8,7 @@
 //! [`error`] is the one table from failure to HTTP status.
 
 pub mod app;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;

@@ -68,11 +68,10 @@ fn main() -> std::process::ExitCode {
                 Ok(_) => return fail("GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)"),
                 Err(e) => return fail(e),
             };
-            let app = match App::new(config) {
-                Ok(app) => Arc::new(app),
-                Err(e) => return fail(e),
-            };
-            run_async(gitstate::lambda::run(app))
+            run_async(async move {
+                let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
+                gitstate::lambda::run(app).await.map_err(|e| e.to_string())
+            })
         }
         Command::Serve { listen, repository, branch, data_dir } => {
             tracing_subscriber::fmt()
@@ -93,11 +92,10 @@ fn main() -> std::process::ExitCode {
             if let Err(e) = config.validate() {
                 return fail(e);
             }
-            let app = match App::new(config) {
-                Ok(app) => Arc::new(app),
-                Err(e) => return fail(e),
-            };
-            run_async(gitstate::serve::run(app, listen))
+            run_async(async move {
+                let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
+                gitstate::serve::run(app, listen).await.map_err(|e| e.to_string())
+            })
         }
     }
 }

@@ -11,6 +11,24 @@ use common::gitd::{git_out, rev_parse, GitDaemon};
 use gitstate::storage::git::{pack, push, remote};
 use gitstate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
 
+
+/// Anonymous access: the daemon asks for no credentials.
+fn push_(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    updates: &[gitstate::storage::RefUpdate],
+) -> Result<gitstate::storage::UpdateOutcome, gitstate::storage::StorageError> {
+    push::push(repo, url, updates, None)
+}
+
+fn fetch_(
+    repo: &gix::Repository,
+    url: &gix::Url,
+    refs: &[String],
+) -> Result<gitstate::storage::Tips, gitstate::storage::StorageError> {
+    remote::fetch_tips(repo, url, refs, None)
+}
+
 const MAIN: &str = "refs/heads/main";
 const LOCK: &str = "refs/heads/locks/envs/prod/terraform.tfstate";
 
@@ -89,7 +107,7 @@ fn fetch_tips_of_an_empty_remote_is_empty() {
     let remote_url = url(&daemon.create_repo("empty.git"));
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
-    let tips = remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned(), LOCK.to_owned()]).unwrap();
+    let tips = fetch_(&repo, &remote_url, &[MAIN.to_owned(), LOCK.to_owned()]).unwrap();
     assert!(tips.is_empty(), "{tips:?}");
 }
 
@@ -104,9 +122,9 @@ fn unreachable_host_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
     let u = url(&format!("git://127.0.0.1:{port}/x.git"));
-    let err = remote::fetch_tips(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
+    let err = fetch_(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
     assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
-    let err = push::push(&repo, &u, &[update(MAIN, None, None)]).unwrap_err();
+    let err = push_(&repo, &u, &[update(MAIN, None, None)]).unwrap_err();
     assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
 }
 
@@ -115,8 +133,8 @@ fn file_urls_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
     let u = url(&format!("file://{}", dir.path().display()));
-    assert!(remote::fetch_tips(&repo, &u, &[MAIN.to_owned()]).is_err());
-    assert!(remote::connect(&u, gix::protocol::transport::Protocol::V1).is_err());
+    assert!(fetch_(&repo, &u, &[MAIN.to_owned()]).is_err());
+    assert!(remote::connect(&u, gix::protocol::transport::Protocol::V1, None).is_err());
 }
 
 #[test]
@@ -157,7 +175,7 @@ fn push_create_update_delete_with_compare_and_swap() {
         "envs/prod/terraform.tfstate",
         "{\"serial\": 1}\n",
     );
-    let out = push::push(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
     fsck(&daemon, "states.git");
@@ -169,7 +187,7 @@ fn push_create_update_delete_with_compare_and_swap() {
         "envs/prod/terraform.tfstate",
         "{\"serial\": 99}\n",
     );
-    let out = push::push(&repo, &remote_url, &[update(MAIN, None, Some(other))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(other))]).unwrap();
     assert_rejected(out, MAIN);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
 
@@ -180,7 +198,7 @@ fn push_create_update_delete_with_compare_and_swap() {
         "envs/dev/terraform.tfstate",
         "{\"serial\": 1}\n",
     );
-    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c2))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c2))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
     fsck(&daemon, "states.git");
@@ -199,7 +217,7 @@ fn push_create_update_delete_with_compare_and_swap() {
         "envs/prod/terraform.tfstate",
         "{\"serial\": 2}\n",
     );
-    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c3))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c3))]).unwrap();
     assert_rejected(out, MAIN);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
 
@@ -210,20 +228,20 @@ fn push_create_update_delete_with_compare_and_swap() {
         "envs/prod/terraform.tfstate.lock",
         "{\"ID\": \"a\"}\n",
     );
-    let out = push::push(&repo, &remote_url, &[update(LOCK, None, Some(lock))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(LOCK, None, Some(lock))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
-    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(c1), None)]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(LOCK, Some(c1), None)]).unwrap();
     assert_rejected(out, LOCK);
     assert_eq!(server_ref(&daemon, "states.git", LOCK), Some(lock));
 
     // Deleting with the right old id (a delete-only push sends no pack).
-    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", LOCK), None);
     fsck(&daemon, "states.git");
 
     // Deleting what does not exist loses.
-    let out = push::push(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
     assert_rejected(out, LOCK);
 }
 
@@ -242,7 +260,7 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
         "envs/prod/terraform.tfstate.lock",
         "{\"ID\": \"a\"}\n",
     );
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -255,7 +273,7 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
 
     // A write under lock A with the guard, when the lock is still A: applied together.
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -293,7 +311,7 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
 
     // Check-first catches the moved guard from the advertisement.
     let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -326,7 +344,7 @@ fn atomic_guard_is_checked_by_receive_pack_itself() {
         "envs/prod/terraform.tfstate.lock",
         "{\"ID\": \"a\"}\n",
     );
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -355,7 +373,7 @@ fn atomic_guard_is_checked_by_receive_pack_itself() {
     }
 
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -389,11 +407,11 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     let lock = commit(&writer, None, "a/terraform.tfstate.lock", "{}\n");
     // Two pushes so the server has the history c1 <- c2.
     assert_eq!(
-        push::push(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
         UpdateOutcome::Applied
     );
     assert_eq!(
-        push::push(
+        push_(
             &writer,
             &remote_url,
             &[
@@ -413,7 +431,7 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
         LOCK.to_owned(),
         "refs/heads/absent".to_owned(),
     ];
-    let tips = remote::fetch_tips(&repo, &remote_url, &wanted).unwrap();
+    let tips = fetch_(&repo, &remote_url, &wanted).unwrap();
     assert_eq!(tips.len(), 2, "{tips:?}");
     assert_eq!(tips[MAIN], c2);
     assert_eq!(tips[LOCK], lock);
@@ -434,12 +452,12 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     );
 
     // Warm: nothing missing, no fetch.
-    let again = remote::fetch_tips(&repo, &remote_url, &wanted).unwrap();
+    let again = fetch_(&repo, &remote_url, &wanted).unwrap();
     assert_eq!(again, tips);
 
     // Build on the shallow cache and push: only the new objects are needed.
     let c3 = commit(&repo, Some(c2), "a/terraform.tfstate", "three\n");
-    let out = push::push(&repo, &remote_url, &[update(MAIN, Some(c2), Some(c3))]).unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, Some(c2), Some(c3))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     fsck(&daemon, "fetch.git");
     assert_eq!(
@@ -451,7 +469,7 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     );
 
     // The new tip arrives in the cache on the next call.
-    let tips = remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned()]).unwrap();
+    let tips = fetch_(&repo, &remote_url, &[MAIN.to_owned()]).unwrap();
     assert_eq!(tips[MAIN], c3);
 }
 
@@ -467,18 +485,18 @@ fn warm_fetch_sends_only_ls_refs() {
     let repo = cache(dir.path());
     let c1 = commit(&repo, None, "a/terraform.tfstate", "one\n");
     assert_eq!(
-        push::push(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
         UpdateOutcome::Applied
     );
 
     let cold_dir = tempfile::tempdir().unwrap();
     let cold = cache(cold_dir.path());
-    remote::fetch_tips(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
+    fetch_(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
     let log = std::fs::read_to_string(&trace).unwrap();
     assert!(log.contains("command=fetch"), "a cold call fetches");
 
     std::fs::write(&trace, "").unwrap();
-    let tips = remote::fetch_tips(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
+    let tips = fetch_(&cold, &remote_url, &[MAIN.to_owned()]).unwrap();
     assert_eq!(tips[MAIN], c1);
     let log = std::fs::read_to_string(&trace).unwrap();
     assert!(log.contains("command=ls-refs"), "{log}");
@@ -519,7 +537,7 @@ fn without_atomic_guards_are_checked_then_dropped() {
         "envs/prod/terraform.tfstate.lock",
         "{\"ID\": \"a\"}\n",
     );
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -535,7 +553,7 @@ fn without_atomic_guards_are_checked_then_dropped() {
     );
 
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -548,7 +566,7 @@ fn without_atomic_guards_are_checked_then_dropped() {
     assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
 
     let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[
@@ -561,7 +579,7 @@ fn without_atomic_guards_are_checked_then_dropped() {
     assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
 
     // Only a guard: nothing to send once it checked out.
-    let out = push::push(
+    let out = push_(
         &repo,
         &remote_url,
         &[update(LOCK, Some(lock_a), Some(lock_a))],
@@ -579,7 +597,7 @@ fn concurrent_fetches_into_one_cache() {
     let writer = cache(writer_dir.path());
     let c1 = commit(&writer, None, "a/terraform.tfstate", "one\n");
     assert_eq!(
-        push::push(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
+        push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
         UpdateOutcome::Applied
     );
 
@@ -594,7 +612,7 @@ fn concurrent_fetches_into_one_cache() {
             std::thread::spawn(move || {
                 let repo = gix::open(path).unwrap();
                 barrier.wait();
-                remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned()])
+                fetch_(&repo, &remote_url, &[MAIN.to_owned()])
             })
         })
         .collect();
@@ -626,7 +644,7 @@ fn twenty_concurrent_creators_one_winner() {
                     &format!("{{\"ID\": \"{i}\"}}\n"),
                 );
                 barrier.wait();
-                let out = push::push(&repo, &remote_url, &[update(LOCK, None, Some(c))]);
+                let out = push_(&repo, &remote_url, &[update(LOCK, None, Some(c))]);
                 (c, out)
             })
         })

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::protocol::{LockInfo, Operation, Outcome};
-use crate::storage::{ObjectId, RefUpdate, Storage, StorageError, UpdateOutcome};
+use crate::storage::{Credentials, ObjectId, RefUpdate, Storage, StorageError, UpdateOutcome};
 
 /// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
 #[derive(Debug, thiserror::Error)]
@@ -72,25 +72,34 @@ impl Backend {
         &self.storage
     }
 
-    /// Run one operation on the state at `path` of `branch` (default branch when `None`). Blocking.
-    pub fn handle(&self, branch: Option<&str>, path: &str, op: Operation) -> Result<Outcome, BackendError> {
+    /// Run one operation on the state at `path` of `branch` (default branch when `None`), reaching
+    /// the git host with `creds` where it needs any. Blocking.
+    pub fn handle(
+        &self,
+        creds: Option<&Credentials>,
+        branch: Option<&str>,
+        path: &str,
+        op: Operation,
+    ) -> Result<Outcome, BackendError> {
         let branch = branch.unwrap_or(&self.rules.branch);
         match op {
-            Operation::GetState => self.get(branch, path),
-            Operation::PutState { lock_id, body, force } => self.write(branch, path, Some(body), lock_id.as_deref(), force),
-            Operation::DeleteState { lock_id } => self.write(branch, path, None, lock_id.as_deref(), true),
-            Operation::Lock(info) => self.lock(path, info),
-            Operation::Unlock { id } => self.unlock(path, id.as_deref()),
-            Operation::GetLock => match self.holder(path)? {
+            Operation::GetState => self.get(creds, branch, path),
+            Operation::PutState { lock_id, body, force } => {
+                self.write(creds, branch, path, Some(body), lock_id.as_deref(), force)
+            }
+            Operation::DeleteState { lock_id } => self.write(creds, branch, path, None, lock_id.as_deref(), true),
+            Operation::Lock(info) => self.lock(creds, path, info),
+            Operation::Unlock { id } => self.unlock(creds, path, id.as_deref()),
+            Operation::GetLock => match self.holder(creds, path)? {
                 Some(h) => Ok(Outcome::LockInfo(h.info)),
                 None => Err(BackendError::NoLock),
             },
         }
     }
 
-    fn get(&self, branch: &str, path: &str) -> Result<Outcome, BackendError> {
+    fn get(&self, creds: Option<&Credentials>, branch: &str, path: &str) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
-        let tips = self.storage.sync(std::slice::from_ref(&branch_ref))?;
+        let tips = self.storage.sync(std::slice::from_ref(&branch_ref), creds)?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
             Some(content) if !content.is_empty() => Outcome::State(content.into()),
@@ -98,7 +107,7 @@ impl Backend {
         })
     }
 
-    fn lock(&self, path: &str, info: LockInfo) -> Result<Outcome, BackendError> {
+    fn lock(&self, creds: Option<&Credentials>, path: &str, info: LockInfo) -> Result<Outcome, BackendError> {
         let lock_ref = lock_ref(path);
         let message = format!(
             "Lock {path}\n\nLock-ID: {}\nWho: {}\nOperation: {}\n",
@@ -110,13 +119,13 @@ impl Backend {
         let create = [RefUpdate { name: lock_ref.clone(), old: None, new: Some(commit) }];
         // A rejected create means a lock exists, unless it vanished between our push and our look.
         for _ in 0..self.rules.write_retries.max(1) {
-            match self.storage.update(&create)? {
+            match self.storage.update(&create, creds)? {
                 UpdateOutcome::Applied => {
                     self.remember(commit, info.raw.clone());
                     tracing::info!(lock_id = %info.id, "lock taken");
                     return Ok(Outcome::Done);
                 }
-                UpdateOutcome::Rejected(_) => match self.holder(path)? {
+                UpdateOutcome::Rejected(_) => match self.holder(creds, path)? {
                     Some(h) if h.id == info.id => return Ok(Outcome::Done),
                     Some(h) => return Err(BackendError::Locked { holder: h.info }),
                     None => jitter(1),
@@ -126,17 +135,17 @@ impl Backend {
         Err(BackendError::Contended { attempts: self.rules.write_retries.max(1) })
     }
 
-    fn unlock(&self, path: &str, id: Option<&str>) -> Result<Outcome, BackendError> {
+    fn unlock(&self, creds: Option<&Credentials>, path: &str, id: Option<&str>) -> Result<Outcome, BackendError> {
         let lock_ref = lock_ref(path);
         for attempt in 0..self.rules.write_retries.max(1) {
-            let Some(h) = self.holder(path)? else { return Ok(Outcome::Done) };
+            let Some(h) = self.holder(creds, path)? else { return Ok(Outcome::Done) };
             if let Some(id) = id {
                 if h.id != id {
                     return Err(BackendError::WrongLockId { holder: h.info });
                 }
             }
             let delete = [RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: None }];
-            match self.storage.update(&delete)? {
+            match self.storage.update(&delete, creds)? {
                 UpdateOutcome::Applied => {
                     tracing::info!(lock_id = %h.id, forced = id.is_none(), "lock released");
                     return Ok(Outcome::Done);
@@ -149,6 +158,7 @@ impl Backend {
 
     fn write(
         &self,
+        creds: Option<&Credentials>,
         branch: &str,
         path: &str,
         content: Option<Bytes>,
@@ -160,7 +170,7 @@ impl Backend {
         let started = Instant::now();
         let attempts = self.rules.write_retries.max(1);
         for attempt in 1..=attempts {
-            let tips = self.storage.sync(&[branch_ref.clone(), lock_ref.clone()])?;
+            let tips = self.storage.sync(&[branch_ref.clone(), lock_ref.clone()], creds)?;
             let holder = match tips.get(&lock_ref) {
                 Some(commit) => Some(self.holder_at_path(*commit, path)?),
                 None => None,
@@ -197,7 +207,7 @@ impl Backend {
             if let Some(h) = &guard {
                 updates.push(RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: Some(h.commit) });
             }
-            match self.storage.update(&updates)? {
+            match self.storage.update(&updates, creds)? {
                 UpdateOutcome::Applied => {
                     tracing::info!(attempts = attempt, elapsed_ms = started.elapsed().as_millis() as u64, "state written");
                     return Ok(Outcome::Done);
@@ -212,9 +222,9 @@ impl Backend {
         Err(BackendError::Contended { attempts })
     }
 
-    fn holder(&self, path: &str) -> Result<Option<Holder>, BackendError> {
+    fn holder(&self, creds: Option<&Credentials>, path: &str) -> Result<Option<Holder>, BackendError> {
         let lock_ref = lock_ref(path);
-        let tips = self.storage.sync(std::slice::from_ref(&lock_ref))?;
+        let tips = self.storage.sync(std::slice::from_ref(&lock_ref), creds)?;
         match tips.get(&lock_ref) {
             Some(commit) => Ok(Some(self.holder_at_path(*commit, path)?)),
             None => Ok(None),

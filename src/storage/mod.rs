@@ -57,6 +57,19 @@ pub enum UpdateOutcome {
     Rejected(Vec<(String, String)>),
 }
 
+/// Credentials for the git host (HTTP basic auth). Never printed: `Debug` hides them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
 /// Tips of branches, by full ref name; a missing key means the ref does not exist.
 pub type Tips = HashMap<String, ObjectId>;
 
@@ -64,7 +77,7 @@ pub type Tips = HashMap<String, ObjectId>;
 pub trait Storage: Send + Sync {
     /// Current tips of `refs` (full names) at the source of truth, with each tip's
     /// commit made readable locally.
-    fn sync(&self, refs: &[String]) -> Result<Tips, StorageError>;
+    fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, StorageError>;
     /// Contents of `path` in the tree of `commit`, `None` when absent.
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// Write a commit locally: `parent`'s tree with `path` set to `content` (removed when `None`).
@@ -76,7 +89,7 @@ pub trait Storage: Send + Sync {
         message: &str,
     ) -> Result<ObjectId, StorageError>;
     /// Apply all `updates` as one compare-and-swap: all or nothing where the store can.
-    fn update(&self, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError>;
+    fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError>;
     /// A name for logs (never carries credentials).
     fn describe(&self) -> String;
 }

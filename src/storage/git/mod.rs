@@ -12,7 +12,7 @@ use gix::bstr::BString;
 use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use gix::refs::Target;
 
-use super::{ObjectId, RefUpdate, Storage, StorageError, Tips, UpdateOutcome};
+use super::{Credentials, ObjectId, RefUpdate, Storage, StorageError, Tips, UpdateOutcome};
 use crate::backend::PATH_CONFLICT;
 
 /// A git repository holding states.
@@ -86,10 +86,10 @@ impl GitStore {
 }
 
 impl Storage for GitStore {
-    fn sync(&self, refs: &[String]) -> Result<Tips, StorageError> {
+    fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, StorageError> {
         let repo = self.local();
         match &self.remote {
-            Some(url) => remote::fetch_tips(&repo, url, refs),
+            Some(url) => remote::fetch_tips(&repo, url, refs, creds),
             None => {
                 let mut tips = Tips::new();
                 for name in refs {
@@ -156,10 +156,10 @@ impl Storage for GitStore {
         Ok(repo.write_object(&commit).map_err(StorageError::local)?.detach())
     }
 
-    fn update(&self, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
+    fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError> {
         let repo = self.local();
         match &self.remote {
-            Some(url) => push::push(&repo, url, updates),
+            Some(url) => push::push(&repo, url, updates, creds),
             None => self.update_embedded(&repo, updates),
         }
     }

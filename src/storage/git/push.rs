@@ -11,7 +11,7 @@ use gix::protocol::transport::packetline::PacketLineRef;
 use gix::protocol::transport::{Protocol, Service};
 
 use super::remote::{self, redacted, Failed};
-use crate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
+use crate::storage::{Credentials, ObjectId, RefUpdate, StorageError, UpdateOutcome};
 
 /// What the server said about itself before we sent anything.
 struct Advertisement {
@@ -32,10 +32,11 @@ pub fn push(
     repo: &gix::Repository,
     url: &gix::Url,
     updates: &[RefUpdate],
+    creds: Option<&Credentials>,
 ) -> Result<UpdateOutcome, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
     let (mut transport, adv) = remote::retrying(|| {
-        let mut transport = remote::connect(url, Protocol::V1)?;
+        let mut transport = remote::connect(url, Protocol::V1, creds)?;
         let adv = advertisement(&mut transport, url)?;
         Ok((transport, adv))
     })?;
@@ -369,6 +370,8 @@ fn io_error(url: &gix::Url, doing: &str, err: std::io::Error) -> StorageError {
 fn transport_error(url: &gix::Url, err: gix::protocol::transport::client::Error) -> StorageError {
     use gix::protocol::transport::client::Error;
     match err {
+        // gix's HTTP transport reports a 401 as PermissionDenied.
+        Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => StorageError::AuthRejected,
         Error::Io(io) => io_error(url, "connecting", io),
         Error::AuthenticationRefused(_) => StorageError::AuthRejected,
         other => {

@@ -16,7 +16,7 @@ use gix::protocol::transport::Protocol;
 use gix::remote::fetch::{Shallow, Tags};
 use gix::remote::Direction;
 
-use crate::storage::{StorageError, Tips};
+use crate::storage::{Credentials, StorageError, Tips};
 
 /// How long we wait for a TCP connection, and for any single read or write on it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +30,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn connect(
     url: &gix::Url,
     version: Protocol,
+    creds: Option<&Credentials>,
 ) -> Result<Box<dyn Transport + Send>, StorageError> {
     use gix::url::Scheme;
     match &url.scheme {
@@ -41,13 +42,28 @@ pub fn connect(
                 version,
                 ..Default::default()
             };
-            gix::protocol::transport::client::blocking_io::connect::connect(url.clone(), options)
-                .map_err(|e| StorageError::Unavailable(format!("{}: {}", redacted(url), chain(&e))))
+            let mut transport = gix::protocol::transport::client::blocking_io::connect::connect(url.clone(), options)
+                .map_err(|e| StorageError::Unavailable(format!("{}: {}", redacted(url), chain(&e))))?;
+            // Sent with the first request: no 401 round trip, and never git's credential helpers.
+            if let Some(c) = creds {
+                transport
+                    .set_identity(account(c))
+                    .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), chain(&e))))?;
+            }
+            Ok(transport)
         }
         other => Err(StorageError::Protocol(format!(
             "unsupported repository URL scheme `{other}` in {} (use git://, http:// or https://)",
             redacted(url)
         ))),
+    }
+}
+
+fn account(c: &Credentials) -> gix::sec::identity::Account {
+    gix::sec::identity::Account {
+        username: c.username.clone(),
+        password: c.password.clone(),
+        oauth_refresh_token: None,
     }
 }
 
@@ -107,20 +123,22 @@ pub fn fetch_tips(
     repo: &gix::Repository,
     url: &gix::Url,
     refs: &[String],
+    creds: Option<&Credentials>,
 ) -> Result<Tips, StorageError> {
     if refs.is_empty() {
         return Ok(Tips::new());
     }
     // Fetching changes no ref and writes packs whole: a broken attempt can simply be repeated.
-    retrying(|| fetch_tips_once(repo, url, refs))
+    retrying(|| fetch_tips_once(repo, url, refs, creds))
 }
 
 fn fetch_tips_once(
     repo: &gix::Repository,
     url: &gix::Url,
     refs: &[String],
+    creds: Option<&Credentials>,
 ) -> Result<Tips, Failed> {
-    let transport = connect(url, Protocol::V2)?;
+    let transport = connect(url, Protocol::V2, creds)?;
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
         .remote_at_without_url_rewrite(url.clone())
@@ -135,6 +153,9 @@ fn fetch_tips_once(
         .with_fetch_tags(Tags::None);
     let prepare = remote
         .to_connection_with_transport(transport)
+        // The credentials went with the first request already; a refusal is final. Without this,
+        // gix would ask git's credential helpers, which spawn `git`.
+        .with_credentials(|_action| Ok(None))
         .prepare_fetch(gix::progress::Discard, Default::default())
         .map_err(|e| Failed::from_gix(url, &e))?;
 
@@ -270,7 +291,13 @@ pub(crate) fn network_error(url: &gix::Url, err: &gix::Error) -> StorageError {
     let text = format!("{}: {}", redacted(url), chain(err));
     if err.iter_errors().any(is_err_line) {
         StorageError::Protocol(text)
-    } else if err.classify().is_unauthenticated() || err.classify().is_permission_denied() {
+    } else if err.classify().is_unauthenticated()
+        || err.classify().is_permission_denied()
+        || err
+            .iter_errors()
+            .filter_map(|e| e.downcast_ref::<std::io::Error>())
+            .any(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+    {
         StorageError::AuthRejected
     } else if err.iter_errors().any(|e| e.is::<std::io::Error>()) {
         StorageError::Unavailable(text)

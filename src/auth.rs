@@ -1,0 +1,185 @@
+//! Who may call the backend, and which credentials reach the git host. Modes
+//! (`GITSTATE_AUTH`): `passthrough` hands Terraform's basic auth to the git host;
+//! `env` and `secret` use credentials of the deployment and require backend basic auth.
+
+use base64::Engine as _;
+use http::HeaderMap;
+use subtle::ConstantTimeEq;
+
+use crate::config::{AuthMode, Config};
+use crate::storage::Credentials;
+
+/// Why a caller was not let in. Statuses are assigned in `crate::error`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("this backend requires basic auth")]
+    Missing,
+    #[error("wrong username or password")]
+    Wrong,
+    #[error("the Authorization header is not valid basic auth")]
+    Malformed,
+}
+
+/// Credentials could not be loaded at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load credentials: {0}")]
+pub struct LoadError(pub String);
+
+/// The access rules of one process.
+pub struct Auth {
+    mode: AuthMode,
+    /// Basic auth the backend itself requires, if any.
+    backend: Option<Credentials>,
+    /// Credentials for the git host (`env`, `secret`).
+    git: Option<Credentials>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("mode", &self.mode).field("backend_auth", &self.backend.is_some()).finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SecretJson {
+    username: Option<String>,
+    password: Option<String>,
+    backend_username: Option<String>,
+    backend_password: Option<String>,
+}
+
+impl Auth {
+    /// Rules for `passthrough` and `env` (no network needed). `secret` mode needs [`Auth::load`].
+    pub fn from_config(config: &Config) -> Result<Self, LoadError> {
+        let backend = config.backend_credentials.clone();
+        match config.auth {
+            AuthMode::Passthrough => {
+                if backend.is_some() {
+                    return Err(LoadError(
+                        "GITSTATE_USERNAME/GITSTATE_PASSWORD cannot be used with GITSTATE_AUTH=passthrough: \
+                         the basic auth Terraform sends is the git host's"
+                            .into(),
+                    ));
+                }
+                Ok(Auth { mode: AuthMode::Passthrough, backend: None, git: None })
+            }
+            AuthMode::Env => Ok(Auth { mode: AuthMode::Env, backend, git: config.git_credentials.clone() }),
+            AuthMode::Secret => Err(LoadError("secret mode loads its credentials with Auth::load".into())),
+        }
+    }
+
+    /// Rules for any mode; in `secret` mode, reads the secret once from AWS Secrets Manager.
+    pub async fn load(config: &Config) -> Result<Self, LoadError> {
+        if config.auth != AuthMode::Secret {
+            return Self::from_config(config);
+        }
+        let id = config
+            .git_credentials_secret
+            .as_deref()
+            .ok_or_else(|| LoadError("GITSTATE_AUTH=secret needs GITSTATE_GIT_CREDENTIALS_SECRET".into()))?;
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let client = aws_sdk_secretsmanager::Client::new(&sdk);
+        let out = client
+            .get_secret_value()
+            .secret_id(id)
+            .send()
+            .await
+            .map_err(|e| LoadError(format!("reading secret {id}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e))))?;
+        let text = out.secret_string().ok_or_else(|| LoadError(format!("secret {id} has no string value")))?;
+        // Parse errors must not echo the secret's text.
+        let json: SecretJson = serde_json::from_str(text)
+            .map_err(|_| LoadError(format!("secret {id} is not a JSON object with username and password")))?;
+        let git = match (json.username, json.password) {
+            (Some(username), Some(password)) => Some(Credentials { username, password }),
+            _ => return Err(LoadError(format!("secret {id} lacks username or password"))),
+        };
+        let backend = config.backend_credentials.clone().or(match (json.backend_username, json.backend_password) {
+            (Some(username), Some(password)) => Some(Credentials { username, password }),
+            _ => None,
+        });
+        if backend.is_none() {
+            return Err(LoadError(
+                "GITSTATE_AUTH=secret requires backend basic auth: set GITSTATE_USERNAME/GITSTATE_PASSWORD \
+                 or backend_username/backend_password in the secret"
+                    .into(),
+            ));
+        }
+        tracing::info!("git credentials loaded from Secrets Manager");
+        Ok(Auth { mode: AuthMode::Secret, backend, git })
+    }
+
+    /// Let the request in or not; the answer is the credentials to use for the git host.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<Option<Credentials>, AuthError> {
+        let sent = basic_auth(headers)?;
+        if let Some(expected) = &self.backend {
+            let sent = sent.as_ref().ok_or(AuthError::Missing)?;
+            // Compare both fields in full whatever the first gives, so timing tells nothing.
+            let user_ok = sent.username.as_bytes().ct_eq(expected.username.as_bytes());
+            let pass_ok = sent.password.as_bytes().ct_eq(expected.password.as_bytes());
+            if !bool::from(user_ok & pass_ok) {
+                return Err(AuthError::Wrong);
+            }
+        }
+        Ok(match self.mode {
+            AuthMode::Passthrough => sent,
+            AuthMode::Env | AuthMode::Secret => self.git.clone(),
+        })
+    }
+}
+
+/// The `Authorization: Basic` credentials of a request, if it sent any.
+fn basic_auth(headers: &HeaderMap) -> Result<Option<Credentials>, AuthError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(None) };
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let (scheme, encoded) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(AuthError::Malformed);
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| AuthError::Malformed)?;
+    let text = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
+    let (username, password) = text.split_once(':').ok_or(AuthError::Malformed)?;
+    Ok(Some(Credentials { username: username.to_string(), password: password.to_string() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(user: &str, pass: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        h.insert(http::header::AUTHORIZATION, format!("Basic {v}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn passthrough_hands_on_what_terraform_sends() {
+        let auth = Auth::from_config(&Config::default()).unwrap();
+        let creds = auth.authorize(&headers("u", "p:with:colons")).unwrap().unwrap();
+        assert_eq!((creds.username.as_str(), creds.password.as_str()), ("u", "p:with:colons"));
+        assert_eq!(auth.authorize(&HeaderMap::new()).unwrap(), None);
+        let mut bad = HeaderMap::new();
+        bad.insert(http::header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
+        assert_eq!(auth.authorize(&bad), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn env_mode_checks_backend_auth_and_uses_its_own_git_credentials() {
+        let mut c = Config::default();
+        c.auth = AuthMode::Env;
+        c.backend_credentials = Some(Credentials { username: "tf".into(), password: "pw".into() });
+        c.git_credentials = Some(Credentials { username: "git".into(), password: "token".into() });
+        let auth = Auth::from_config(&c).unwrap();
+        assert_eq!(auth.authorize(&HeaderMap::new()), Err(AuthError::Missing));
+        assert_eq!(auth.authorize(&headers("tf", "nope")), Err(AuthError::Wrong));
+        assert_eq!(auth.authorize(&headers("tf", "pw")).unwrap().unwrap().username, "git");
+        assert!(!format!("{auth:?}").contains("token"));
+    }
+
+    #[test]
+    fn passthrough_refuses_backend_credentials() {
+        let mut c = Config::default();
+        c.backend_credentials = Some(Credentials { username: "tf".into(), password: "pw".into() });
+        assert!(Auth::from_config(&c).is_err());
+    }
+}
