@@ -81,6 +81,24 @@ impl Backend {
         path: &str,
         op: Operation,
     ) -> Result<Outcome, BackendError> {
+        match self.handle_once(creds, branch, path, op.clone()) {
+            // A local failure of a cache (deleted directory, corrupt object) is cured by
+            // throwing the cache away and doing the request again from the remote.
+            Err(BackendError::Storage(StorageError::Local(why))) if self.storage.reset_cache()? => {
+                tracing::warn!(error = %why, "cache failed; retrying on a fresh cache");
+                self.handle_once(creds, branch, path, op)
+            }
+            other => other,
+        }
+    }
+
+    fn handle_once(
+        &self,
+        creds: Option<&Credentials>,
+        branch: Option<&str>,
+        path: &str,
+        op: Operation,
+    ) -> Result<Outcome, BackendError> {
         let branch = branch.unwrap_or(&self.rules.branch);
         match op {
             Operation::GetState => self.get(creds, branch, path),

@@ -92,4 +92,9 @@ pub trait Storage: Send + Sync {
     fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError>;
     /// A name for logs (never carries credentials).
     fn describe(&self) -> String;
+    /// Throw away local copies that can be fetched again (a cache found broken). Returns
+    /// whether there was anything to throw away; a store that is its own source of truth returns false.
+    fn reset_cache(&self) -> Result<bool, StorageError> {
+        Ok(false)
+    }
 }

@@ -17,7 +17,10 @@ use crate::backend::PATH_CONFLICT;
 
 /// A git repository holding states.
 pub struct GitStore {
-    repo: gix::ThreadSafeRepository,
+    /// Swapped for a fresh one when a cache is found broken.
+    repo: std::sync::RwLock<gix::ThreadSafeRepository>,
+    /// Where the repository lives.
+    dir: PathBuf,
     /// `None`: `repo` itself is the source of truth (embedded store).
     remote: Option<gix::Url>,
     author: (String, String),
@@ -27,8 +30,14 @@ pub struct GitStore {
 impl GitStore {
     /// The embedded store: a bare repository at `dir`, created when missing.
     pub fn open_embedded(dir: &Path, author: (String, String)) -> Result<Self, StorageError> {
-        let repo = open_or_init(dir, false)?;
-        Ok(GitStore { repo, remote: None, author, label: format!("embedded repository {}", dir.display()) })
+        let repo = open_or_init(dir, false)?.into();
+        Ok(GitStore {
+            repo,
+            dir: dir.to_owned(),
+            remote: None,
+            author,
+            label: format!("embedded repository {}", dir.display()),
+        })
     }
 
     /// A remote store, with its bare cache repository under `cache_dir` (one per URL, reused).
@@ -37,8 +46,8 @@ impl GitStore {
         let label = redacted(&parsed);
         let dir = cache_path(cache_dir, url);
         // A cache is only a cache: one that does not open cleanly is thrown away and rebuilt.
-        let repo = open_or_init(&dir, true)?;
-        Ok(GitStore { repo, remote: Some(parsed), author, label })
+        let repo = open_or_init(&dir, true)?.into();
+        Ok(GitStore { repo, dir, remote: Some(parsed), author, label })
     }
 
     fn signature(&self) -> gix::actor::Signature {
@@ -50,7 +59,7 @@ impl GitStore {
     }
 
     fn local(&self) -> gix::Repository {
-        self.repo.to_thread_local()
+        self.repo.read().unwrap_or_else(|p| p.into_inner()).to_thread_local()
     }
 
     fn update_embedded(&self, repo: &gix::Repository, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
@@ -166,6 +175,19 @@ impl Storage for GitStore {
 
     fn describe(&self) -> String {
         self.label.clone()
+    }
+
+    fn reset_cache(&self) -> Result<bool, StorageError> {
+        if self.remote.is_none() {
+            return Ok(false);
+        }
+        let mut repo = self.repo.write().unwrap_or_else(|p| p.into_inner());
+        tracing::warn!(cache = %self.dir.display(), "throwing the cache repository away and rebuilding it");
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).map_err(StorageError::local)?;
+        }
+        *repo = open_or_init(&self.dir, true)?;
+        Ok(true)
     }
 }
 
