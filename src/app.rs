@@ -82,7 +82,9 @@ impl App {
             "request",
             method = %req.method(),
             operation = tracing::field::Empty,
-            path = tracing::field::Empty
+            path = tracing::field::Empty,
+            git_round_trips = tracing::field::Empty,
+            git_ms = tracing::field::Empty
         );
         let this = Arc::clone(self);
         async move {
@@ -129,8 +131,15 @@ impl App {
         let blocking_span = span.clone();
         tokio::task::spawn_blocking(move || {
             let _enter = blocking_span.enter();
+            crate::storage::git::take_git_calls();
             let backend = this.backend_for(request.target.repository.as_deref())?;
-            backend.handle(creds.as_ref(), request.target.branch.as_deref(), &request.target.path, request.op).map_err(Error::from)
+            let result = backend
+                .handle(creds.as_ref(), request.target.branch.as_deref(), &request.target.path, request.op)
+                .map_err(Error::from);
+            let (round_trips, time) = crate::storage::git::take_git_calls();
+            blocking_span.record("git_round_trips", round_trips);
+            blocking_span.record("git_ms", time.as_millis() as u64);
+            result
         })
         .await
         .map_err(|e| Error::Internal(format!("backend task failed: {e}")))?

@@ -98,7 +98,7 @@ impl Storage for GitStore {
     fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, StorageError> {
         let repo = self.local();
         match &self.remote {
-            Some(url) => remote::fetch_tips(&repo, url, refs, creds),
+            Some(url) => timed(|| remote::fetch_tips(&repo, url, refs, creds)),
             None => {
                 let mut tips = Tips::new();
                 for name in refs {
@@ -168,7 +168,7 @@ impl Storage for GitStore {
     fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError> {
         let repo = self.local();
         match &self.remote {
-            Some(url) => push::push(&repo, url, updates, creds),
+            Some(url) => timed(|| push::push(&repo, url, updates, creds)),
             None => self.update_embedded(&repo, updates),
         }
     }
@@ -189,6 +189,27 @@ impl Storage for GitStore {
         *repo = open_or_init(&self.dir, true)?;
         Ok(true)
     }
+}
+
+thread_local! {
+    /// Conversations with the git host on this thread, and their time: a request runs on one
+    /// blocking thread, so the entry point reads them for its log line.
+    static GIT_CALLS: std::cell::Cell<(u32, std::time::Duration)> = const { std::cell::Cell::new((0, std::time::Duration::ZERO)) };
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = f();
+    GIT_CALLS.with(|c| {
+        let (n, d) = c.get();
+        c.set((n + 1, d + started.elapsed()));
+    });
+    out
+}
+
+/// Take (and reset) the number of conversations with the git host made on this thread, and their total time.
+pub fn take_git_calls() -> (u32, std::time::Duration) {
+    GIT_CALLS.with(|c| c.replace((0, std::time::Duration::ZERO)))
 }
 
 /// Refuse a write that would turn another state's file into a directory or the reverse.
