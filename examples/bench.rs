@@ -20,7 +20,10 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(tmp.path());
     println!("gitstate benchmark: {rounds} rounds per figure, git daemon on 127.0.0.1:{}", daemon.port);
-    println!("{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}", "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms"
+    );
     for history in [10usize, 1_000, 10_000] {
         let name = format!("h{history}.git");
         let url = daemon.repo_with_history(&name, history);
@@ -30,7 +33,12 @@ fn main() {
             println!(
                 "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12.2}",
                 format!("{history} commits, {}", if cold { "cold cache" } else { "warm cache" }),
-                figures[0], figures[1], figures[2], figures[3], figures[4], cli
+                figures[0],
+                figures[1],
+                figures[2],
+                figures[3],
+                figures[4],
+                cli
             );
         }
     }
@@ -46,8 +54,13 @@ async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
             app = new_app(url, tmp, i + 1);
         }
         let id = format!("bench-{i}-{}", fastrand::u64(..));
-        let lock = format!(r#"{{"ID":"{id}","Operation":"OperationTypeApply","Who":"bench","Version":"1.0.3","Created":"","Path":"","Info":""}}"#);
-        let state = format!("{{\n  \"version\": 4,\n  \"serial\": {},\n  \"lineage\": \"bench\",\n  \"outputs\": {{}}\n}}\n", i + 1_000_000 * (fastrand::u32(..) as usize));
+        let lock = format!(
+            r#"{{"ID":"{id}","Operation":"OperationTypeApply","Who":"bench","Version":"1.0.3","Created":"","Path":"","Info":""}}"#
+        );
+        let state = format!(
+            "{{\n  \"version\": 4,\n  \"serial\": {},\n  \"lineage\": \"bench\",\n  \"outputs\": {{}}\n}}\n",
+            i + 1_000_000 * (fastrand::u32(..) as usize)
+        );
         let cycle = Instant::now();
         let t = Instant::now();
         assert_eq!(call(&app, "LOCK", path, &lock).await, 200);
@@ -117,7 +130,11 @@ fn ms(d: Duration) -> f64 {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 struct Daemon {

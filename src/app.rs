@@ -100,7 +100,11 @@ impl App {
                     e.into_response()
                 }
             };
-            tracing::info!(status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "done");
+            tracing::info!(
+                status = response.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "done"
+            );
             response
         }
         .instrument(span)
@@ -158,11 +162,12 @@ impl App {
         if let Some(b) = others.get(&key) {
             return Ok(Arc::clone(b));
         }
-        let store = GitStore::open_remote(url, &self.config.cache_dir, self.config.commit_author.clone())
-            .map_err(|e| match e {
+        let store = GitStore::open_remote(url, &self.config.cache_dir, self.config.commit_author.clone()).map_err(
+            |e| match e {
                 StorageError::Local(why) if why.contains("URL") => Error::Protocol(ProtocolError::BadRequest(why)),
                 other => other.into(),
-            })?;
+            },
+        )?;
         let backend = Arc::new(Backend::new(Arc::new(store), Self::rules(&self.config)));
         others.insert(key, Arc::clone(&backend));
         Ok(backend)

@@ -79,12 +79,9 @@ impl Auth {
             .ok_or_else(|| LoadError("GITSTATE_AUTH=secret needs GITSTATE_GIT_CREDENTIALS_SECRET".into()))?;
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         let client = aws_sdk_secretsmanager::Client::new(&sdk);
-        let out = client
-            .get_secret_value()
-            .secret_id(id)
-            .send()
-            .await
-            .map_err(|e| LoadError(format!("reading secret {id}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e))))?;
+        let out = client.get_secret_value().secret_id(id).send().await.map_err(|e| {
+            LoadError(format!("reading secret {id}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e)))
+        })?;
         let text = out.secret_string().ok_or_else(|| LoadError(format!("secret {id} has no string value")))?;
         // Parse errors must not echo the secret's text.
         let json: SecretJson = serde_json::from_str(text)

@@ -107,7 +107,8 @@ impl Config {
             })?;
         }
         if let Some(list) = get("GITSTATE_ALLOWED_REPOSITORIES") {
-            c.allowed_repositories = list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+            c.allowed_repositories =
+                list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
         }
         c.auth = match get("GITSTATE_AUTH").as_deref() {
             None | Some("passthrough") => AuthMode::Passthrough,
@@ -128,10 +129,9 @@ impl Config {
         c.backend_credentials = pair("GITSTATE_USERNAME", "GITSTATE_PASSWORD")?;
         c.git_credentials_secret = get("GITSTATE_GIT_CREDENTIALS_SECRET");
         if let Some(n) = get("GITSTATE_WRITE_RETRIES") {
-            c.write_retries = n.parse().map_err(|_| ConfigError {
-                name: "GITSTATE_WRITE_RETRIES",
-                reason: "expected a number".into(),
-            })?;
+            c.write_retries = n
+                .parse()
+                .map_err(|_| ConfigError { name: "GITSTATE_WRITE_RETRIES", reason: "expected a number".into() })?;
         }
         c.validate()?;
         Ok(c)
@@ -222,7 +222,9 @@ mod tests {
     fn allowlist() {
         let env = |k: &str| match k {
             "GITSTATE_REPOSITORY" => Some("https://git.example.com/team/states.git".to_string()),
-            "GITSTATE_ALLOWED_REPOSITORIES" => Some("https://git.example.com/org/*, git://127.0.0.1:9418/*.git".to_string()),
+            "GITSTATE_ALLOWED_REPOSITORIES" => {
+                Some("https://git.example.com/org/*, git://127.0.0.1:9418/*.git".to_string())
+            }
             _ => None,
         };
         let c = Config::from_lookup(env).unwrap();

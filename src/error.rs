@@ -50,13 +50,17 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Backend(B::Locked { .. }) => StatusCode::LOCKED,
-            Error::Backend(B::WrongLockId { .. } | B::NotLocked(_) | B::PathConflict(_) | B::StaleState(_)) => StatusCode::CONFLICT,
+            Error::Backend(B::WrongLockId { .. } | B::NotLocked(_) | B::PathConflict(_) | B::StaleState(_)) => {
+                StatusCode::CONFLICT
+            }
             Error::Backend(B::NoLock) => StatusCode::NOT_FOUND,
             Error::Backend(B::Contended { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Backend(B::Storage(StorageError::Unavailable(_))) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Backend(B::Storage(StorageError::Protocol(_))) => StatusCode::BAD_GATEWAY,
             Error::Backend(B::Storage(StorageError::AuthRejected)) => StatusCode::UNAUTHORIZED,
-            Error::Backend(B::Storage(StorageError::Local(_))) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Backend(B::Storage(StorageError::Local(_))) | Error::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -78,7 +82,8 @@ impl Error {
                 b = b.header(header::ALLOW, allow);
                 Bytes::from_static(b"method not allowed on this address\n")
             }
-            Error::Backend(BackendError::Contended { .. }) | Error::Backend(BackendError::Storage(StorageError::Unavailable(_))) => {
+            Error::Backend(BackendError::Contended { .. })
+            | Error::Backend(BackendError::Storage(StorageError::Unavailable(_))) => {
                 b = b.header(header::RETRY_AFTER, "1");
                 Bytes::from(format!("{}\n", public_text(&self)))
             }
@@ -140,7 +145,8 @@ mod tests {
         }
         let r = Error::from(BackendError::Locked { holder: holder.clone() }).into_response();
         assert_eq!(r.body(), &holder);
-        let r = Error::from(ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET, POST" }).into_response();
+        let r =
+            Error::from(ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET, POST" }).into_response();
         assert_eq!(r.headers()["allow"], "GET, POST");
         let r = Error::from(BackendError::Contended { attempts: 3 }).into_response();
         assert!(r.headers().contains_key("retry-after"));

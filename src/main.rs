@@ -65,7 +65,11 @@ fn main() -> std::process::ExitCode {
                 .init();
             let config = match Config::from_env() {
                 Ok(c) if c.repository.is_some() => c,
-                Ok(_) => return fail("GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)"),
+                Ok(_) => {
+                    return fail(
+                        "GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)",
+                    )
+                }
                 Err(e) => return fail(e),
             };
             run_async(async move {

@@ -52,7 +52,9 @@ async fn respond(app: &Arc<App>, req: http::Request<hyper::body::Incoming>) -> h
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Error::from(ProtocolError::PayloadTooLarge { limit }).into_response()
         }
-        Err(e) => Error::from(ProtocolError::BadRequest(format!("could not read the request body: {e}"))).into_response(),
+        Err(e) => {
+            Error::from(ProtocolError::BadRequest(format!("could not read the request body: {e}"))).into_response()
+        }
     };
     response.map(Full::new)
 }

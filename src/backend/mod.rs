@@ -218,7 +218,9 @@ impl Backend {
             }
             let message = commit_message(path, content.as_deref(), guard.as_ref());
             let commit = match self.storage.commit(base, path, content.as_deref(), &message) {
-                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => return Err(BackendError::PathConflict(e)),
+                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => {
+                    return Err(BackendError::PathConflict(e))
+                }
                 other => other?,
             };
             let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];
@@ -227,7 +229,11 @@ impl Backend {
             }
             match self.storage.update(&updates, creds)? {
                 UpdateOutcome::Applied => {
-                    tracing::info!(attempts = attempt, elapsed_ms = started.elapsed().as_millis() as u64, "state written");
+                    tracing::info!(
+                        attempts = attempt,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "state written"
+                    );
                     return Ok(Outcome::Done);
                 }
                 UpdateOutcome::Rejected(why) => {
@@ -307,7 +313,12 @@ fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> 
     if let Some(h) = lock {
         let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(one_line).unwrap_or_default();
-        m.push_str(&format!("Lock-ID: {}\nWho: {}\nOperation: {}\n", one_line(&h.id), field("Who"), field("Operation")));
+        m.push_str(&format!(
+            "Lock-ID: {}\nWho: {}\nOperation: {}\n",
+            one_line(&h.id),
+            field("Who"),
+            field("Operation")
+        ));
     }
     if let Some(state) = content.and_then(|c| serde_json::from_slice::<serde_json::Value>(c).ok()) {
         if let Some(serial) = state.get("serial").and_then(|s| s.as_u64()) {
@@ -372,11 +383,16 @@ mod tests {
     #[test]
     fn serial_and_lineage_guard() {
         assert_eq!(guard_serial(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
-        assert!(matches!(guard_serial(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(w) if w.contains("\"L\"") && w.contains("\"M\"")));
-        assert!(matches!(guard_serial(&st("L", 3, "a"), &st("L", 2, "b")), Verdict::Refuse(w) if w.contains('3') && w.contains('2')));
+        assert!(
+            matches!(guard_serial(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(w) if w.contains("\"L\"") && w.contains("\"M\""))
+        );
+        assert!(
+            matches!(guard_serial(&st("L", 3, "a"), &st("L", 2, "b")), Verdict::Refuse(w) if w.contains('3') && w.contains('2'))
+        );
         assert!(matches!(guard_serial(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(_)));
         // Same JSON, other formatting: a retry.
-        let pretty = serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
+        let pretty =
+            serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
         assert_eq!(guard_serial(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
         // No serial/lineage (an encrypted envelope): stored as it is.
         assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Write);

@@ -34,11 +34,19 @@ pub enum Operation {
     GetState,
     /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
     /// `force` (query `force=true`) skips the lineage/serial guard, for a deliberate `terraform state push -force`.
-    PutState { lock_id: Option<String>, body: Bytes, force: bool },
-    DeleteState { lock_id: Option<String> },
+    PutState {
+        lock_id: Option<String>,
+        body: Bytes,
+        force: bool,
+    },
+    DeleteState {
+        lock_id: Option<String>,
+    },
     Lock(LockInfo),
     /// `id: None` is a force-unlock (Terraform's `force-unlock` sends no body).
-    Unlock { id: Option<String> },
+    Unlock {
+        id: Option<String>,
+    },
     GetLock,
 }
 
@@ -119,8 +127,7 @@ pub fn decode(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<BackendRequest, ProtocolError> {
-    let params: Vec<(String, String)> =
-        form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
 
     let (kind, raw_path) = route(path, &param)?;
@@ -272,7 +279,13 @@ mod tests {
     use super::*;
 
     fn req(method: &str, path: &str, query: Option<&str>, body: &str) -> Result<BackendRequest, ProtocolError> {
-        decode(&Method::from_bytes(method.as_bytes()).unwrap(), path, query, &HeaderMap::new(), Bytes::from(body.to_string()))
+        decode(
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            path,
+            query,
+            &HeaderMap::new(),
+            Bytes::from(body.to_string()),
+        )
     }
 
     #[test]
@@ -285,7 +298,8 @@ mod tests {
         assert_eq!(r.target.branch.as_deref(), Some("states"));
         let r = req("GET", "/lock/a", None, "").unwrap();
         assert_eq!(r.op, Operation::GetLock);
-        let r = req("GET", "/", Some("type=git&repository=git%3A%2F%2Fh%2Fr&ref=main&state=x%2Fy.tfstate"), "").unwrap();
+        let r =
+            req("GET", "/", Some("type=git&repository=git%3A%2F%2Fh%2Fr&ref=main&state=x%2Fy.tfstate"), "").unwrap();
         assert_eq!(r.target.path, "x/y.tfstate");
         assert_eq!(r.target.repository.as_deref(), Some("git://h/r"));
         assert!(matches!(req("GET", "/other/x", None, ""), Err(ProtocolError::NotFound(_))));
@@ -302,7 +316,10 @@ mod tests {
         }
         assert_eq!(req("UNLOCK", "/state/a", None, info).unwrap().op, Operation::Unlock { id: Some("abc".into()) });
         assert_eq!(req("DELETE", "/lock/a", None, "").unwrap().op, Operation::Unlock { id: None });
-        assert_eq!(req("UNLOCK", "/state/a", None, r#"{"ID":"only"}"#).unwrap().op, Operation::Unlock { id: Some("only".into()) });
+        assert_eq!(
+            req("UNLOCK", "/state/a", None, r#"{"ID":"only"}"#).unwrap().op,
+            Operation::Unlock { id: Some("only".into()) }
+        );
         assert!(matches!(req("LOCK", "/state/a", None, "not json"), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(req("LOCK", "/state/a", None, r#"{"ID":""}"#), Err(ProtocolError::BadRequest(_))));
     }
@@ -327,7 +344,15 @@ mod tests {
 
     #[test]
     fn refuses_bad_paths_and_methods() {
-        for p in ["/state/../x", "/state/%2e%2e/x", "/state/a/.git/config", "/state/x.lock", "/state/", "/state/a%00b", "/state/a%20b"] {
+        for p in [
+            "/state/../x",
+            "/state/%2e%2e/x",
+            "/state/a/.git/config",
+            "/state/x.lock",
+            "/state/",
+            "/state/a%00b",
+            "/state/a%20b",
+        ] {
             assert!(matches!(req("GET", p, None, ""), Err(ProtocolError::BadRequest(_))), "{p}");
         }
         match req("PATCH", "/state/a", None, "") {

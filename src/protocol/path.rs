@@ -28,7 +28,10 @@ fn check_component(c: &str) -> Result<(), String> {
         return Err("the state path has an empty component (`//` or a trailing `/`)".into());
     }
     if c.starts_with('.') {
-        return Err(format!("the path component `{}` starts with `.` (`.`, `..` and `.git` are not allowed)", sanitize(c)));
+        return Err(format!(
+            "the path component `{}` starts with `.` (`.`, `..` and `.git` are not allowed)",
+            sanitize(c)
+        ));
     }
     if c.contains("..") {
         return Err("the state path must not contain `..`".into());
@@ -59,7 +62,9 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_paths() {
-        for p in ["terraform.tfstate", "envs/prod/terraform.tfstate", "a-b_c/d+e@f", "x/y.tfstate.json", "ünïcode/state"] {
+        for p in
+            ["terraform.tfstate", "envs/prod/terraform.tfstate", "a-b_c/d+e@f", "x/y.tfstate.json", "ünïcode/state"]
+        {
             assert!(check_state_path(p).is_ok(), "{p}");
         }
     }
@@ -67,8 +72,30 @@ mod tests {
     #[test]
     fn refuses_traversal_hidden_and_ref_breaking_paths() {
         for p in [
-            "", "/abs", "../x", "a/../b", "a/./b", ".git/config", "a/.git", "a/.hidden", "a//b", "a/", "x.lock", "a.lock/b",
-            "a/b.", "sp ace", "ti~lde", "ca^ret", "co:lon", "q?", "st*r", "br[acket", "back\\slash", "at@{x}", "@", "nl\nx",
+            "",
+            "/abs",
+            "../x",
+            "a/../b",
+            "a/./b",
+            ".git/config",
+            "a/.git",
+            "a/.hidden",
+            "a//b",
+            "a/",
+            "x.lock",
+            "a.lock/b",
+            "a/b.",
+            "sp ace",
+            "ti~lde",
+            "ca^ret",
+            "co:lon",
+            "q?",
+            "st*r",
+            "br[acket",
+            "back\\slash",
+            "at@{x}",
+            "@",
+            "nl\nx",
             "del\u{7f}",
         ] {
             assert!(check_state_path(p).is_err(), "{p:?} should be refused");

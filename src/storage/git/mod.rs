@@ -73,7 +73,11 @@ impl GitStore {
             };
             let change = match u.new {
                 Some(new) => Change::Update {
-                    log: LogChange { mode: RefLog::AndReference, force_create_reflog: false, message: "gitstate".into() },
+                    log: LogChange {
+                        mode: RefLog::AndReference,
+                        force_create_reflog: false,
+                        message: "gitstate".into(),
+                    },
                     expected,
                     new: Target::Object(new),
                 },
@@ -143,9 +147,7 @@ impl Storage for GitStore {
         match content {
             Some(bytes) => {
                 let blob = repo.write_blob(bytes).map_err(StorageError::local)?;
-                editor
-                    .upsert(path, gix::object::tree::EntryKind::Blob, blob.detach())
-                    .map_err(StorageError::local)?;
+                editor.upsert(path, gix::object::tree::EntryKind::Blob, blob.detach()).map_err(StorageError::local)?;
             }
             None => {
                 editor.remove(path).map_err(StorageError::local)?;
@@ -224,7 +226,9 @@ fn check_no_collision(tree: &gix::Tree<'_>, path: &str) -> Result<(), StorageErr
         let Some(entry) = tree.lookup_entry_by_path(&prefix).map_err(StorageError::local)? else { return Ok(()) };
         let last = i + 1 == components.len();
         if !last && !entry.mode().is_tree() {
-            return Err(StorageError::Local(format!("{PATH_CONFLICT}: `{prefix}` is a state, so `{path}` cannot be stored below it")));
+            return Err(StorageError::Local(format!(
+                "{PATH_CONFLICT}: `{prefix}` is a state, so `{path}` cannot be stored below it"
+            )));
         }
         if last && entry.mode().is_tree() {
             return Err(StorageError::Local(format!("{PATH_CONFLICT}: `{path}` is a directory of other states")));
@@ -266,11 +270,13 @@ fn cache_path(cache_dir: &Path, url: &str) -> PathBuf {
 }
 
 fn parse_url(url: &str) -> Result<gix::Url, StorageError> {
-    let parsed = gix::url::parse(gix::bstr::BStr::new(url)).map_err(|_| StorageError::Local("the repository URL cannot be parsed".into()))?;
+    let parsed = gix::url::parse(gix::bstr::BStr::new(url))
+        .map_err(|_| StorageError::Local("the repository URL cannot be parsed".into()))?;
     match parsed.scheme {
         gix::url::Scheme::Git | gix::url::Scheme::Http | gix::url::Scheme::Https => Ok(parsed),
         _ => Err(StorageError::Local(
-            "only git://, http:// and https:// repository URLs are supported (file:// and ssh need git's own programs)".into(),
+            "only git://, http:// and https:// repository URLs are supported (file:// and ssh need git's own programs)"
+                .into(),
         )),
     }
 }
@@ -278,7 +284,10 @@ fn parse_url(url: &str) -> Result<gix::Url, StorageError> {
 /// True when `url` carries a password or, for HTTP(S), any user info: such URLs are refused.
 pub fn url_has_credentials(url: &str) -> bool {
     match gix::url::parse(gix::bstr::BStr::new(url)) {
-        Ok(u) => u.password().is_some() || (matches!(u.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) && u.user().is_some()),
+        Ok(u) => {
+            u.password().is_some()
+                || (matches!(u.scheme, gix::url::Scheme::Http | gix::url::Scheme::Https) && u.user().is_some())
+        }
         Err(_) => url.contains('@') && url.contains("://"),
     }
 }

@@ -43,12 +43,7 @@ pub fn build_pack(
             &interrupt,
             ObjectExpansion::TreeAdditionsComparedToAncestor,
         )
-        .map_err(|e| {
-            StorageError::local(format!(
-                "cannot list objects to push: {}",
-                super::remote::chain(&e)
-            ))
-        })?
+        .map_err(|e| StorageError::local(format!("cannot list objects to push: {}", super::remote::chain(&e))))?
         .0
     };
     // Counting adds each parent commit and its tree (to diff against); the remote has those.
@@ -68,32 +63,20 @@ pub fn build_pack(
                 ..Default::default()
             },
         )
-        .map_err(|e| {
-            StorageError::local(format!(
-                "cannot prepare pack entries: {}",
-                super::remote::chain(&e)
-            ))
-        })?;
+        .map_err(|e| StorageError::local(format!("cannot prepare pack entries: {}", super::remote::chain(&e))))?;
         let mut entries = Vec::new();
         for chunk in InOrderIter::from(chunks) {
-            let chunk = chunk.map_err(|e| {
-                StorageError::local(format!(
-                    "cannot encode pack entry: {}",
-                    super::remote::chain(&e)
-                ))
-            })?;
+            let chunk = chunk
+                .map_err(|e| StorageError::local(format!("cannot encode pack entry: {}", super::remote::chain(&e))))?;
             entries.extend(chunk);
         }
         entries
     };
     if entries.iter().any(output::Entry::is_invalid) {
-        return Err(StorageError::local(
-            "an object to push is missing from the cache",
-        ));
+        return Err(StorageError::local("an object to push is missing from the cache"));
     }
 
-    let num_entries = u32::try_from(entries.len())
-        .map_err(|_| StorageError::local("too many objects for one pack"))?;
+    let num_entries = u32::try_from(entries.len()).map_err(|_| StorageError::local("too many objects for one pack"))?;
     let mut pack = Vec::new();
     let writer = output::bytes::FromEntriesIter::new(
         std::iter::once(Ok(entries)),
@@ -103,9 +86,7 @@ pub fn build_pack(
         repo.object_hash(),
     );
     for written in writer {
-        written.map_err(|e| {
-            StorageError::local(format!("cannot write pack: {}", super::remote::chain(&e)))
-        })?;
+        written.map_err(|e| StorageError::local(format!("cannot write pack: {}", super::remote::chain(&e))))?;
     }
     Ok(pack)
 }
@@ -129,17 +110,11 @@ fn remote_known(repo: &gix::Repository, remote_has: &[ObjectId]) -> HashSet<Obje
 
 /// gix's repository API pretends the empty tree always exists, but the object
 /// database the pack is read from only knows what is on disk.
-fn ensure_empty_tree_stored(
-    repo: &gix::Repository,
-    new_commits: &[ObjectId],
-) -> Result<(), StorageError> {
+fn ensure_empty_tree_stored(repo: &gix::Repository, new_commits: &[ObjectId]) -> Result<(), StorageError> {
     let empty = ObjectId::empty_tree(repo.object_hash());
-    let needs_it = new_commits.iter().any(|id| {
-        repo.find_commit(*id)
-            .ok()
-            .and_then(|c| c.tree_id().ok())
-            .is_some_and(|tree| tree == empty)
-    });
+    let needs_it = new_commits
+        .iter()
+        .any(|id| repo.find_commit(*id).ok().and_then(|c| c.tree_id().ok()).is_some_and(|tree| tree == empty));
     if needs_it && !repo.objects.exists(&empty) {
         repo.write_object(gix::objs::Tree::empty())
             .map_err(|e| StorageError::local(format!("cannot store the empty tree: {e}")))?;

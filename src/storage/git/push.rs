@@ -88,9 +88,7 @@ pub fn push(
         // A server accepting these commits must hold their parents, and so all the parents hold.
         let mut remote_has = Vec::new();
         for id in &new_commits {
-            let commit = repo
-                .find_commit(*id)
-                .map_err(|e| StorageError::local(format!("commit {id} to push: {e}")))?;
+            let commit = repo.find_commit(*id).map_err(|e| StorageError::local(format!("commit {id} to push: {e}")))?;
             remote_has.extend(commit.parent_ids().map(|p| p.detach()));
         }
         Some(super::pack::build_pack(repo, &new_commits, &remote_has)?)
@@ -98,24 +96,13 @@ pub fn push(
         None
     };
 
-    let io_err = |e: std::io::Error| {
-        StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)))
-    };
+    let io_err = |e: std::io::Error| StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)));
     let mut writer = transport
-        .request(
-            WriteMode::OneLfTerminatedLinePerWriteCall,
-            MessageKind::Flush,
-            false,
-        )
+        .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
         .map_err(|e| transport_error(url, e))?;
     let null = repo.object_hash().null();
     for (i, u) in commands.iter().enumerate() {
-        let mut line = format!(
-            "{} {} {}",
-            u.old.unwrap_or(null),
-            u.new.unwrap_or(null),
-            u.name
-        );
+        let mut line = format!("{} {} {}", u.old.unwrap_or(null), u.new.unwrap_or(null), u.name);
         if i == 0 {
             line.push('\0');
             line.push_str(&capabilities(&adv));
@@ -138,35 +125,21 @@ pub fn push(
 }
 
 /// Handshake for receive-pack and read the v0/v1 ref advertisement to its end.
-fn advertisement(
-    transport: &mut Box<dyn Transport + Send>,
-    url: &gix::Url,
-) -> Result<Advertisement, Failed> {
+fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<Advertisement, Failed> {
     let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| {
-        let retry = matches!(&e, gix::protocol::transport::client::Error::Io(io) if remote::is_broken_connection(io.kind()));
-        Failed {
-            error: transport_error(url, e),
-            retry,
-        }
+        let retry =
+            matches!(&e, gix::protocol::transport::client::Error::Io(io) if remote::is_broken_connection(io.kind()));
+        Failed { error: transport_error(url, e), retry }
     })?;
     if response.actual_protocol == Protocol::V2 {
-        return Err(StorageError::Protocol(format!(
-            "{} answered receive-pack with protocol v2",
-            redacted(url)
-        ))
-        .into());
+        return Err(StorageError::Protocol(format!("{} answered receive-pack with protocol v2", redacted(url))).into());
     }
     let caps: &Capabilities = &response.capabilities;
     let has = |name: &str| caps.contains(name);
-    let (atomic, side_band_64k, report_status, quiet) = (
-        has("atomic"),
-        has("side-band-64k"),
-        has("report-status"),
-        has("quiet"),
-    );
-    let mut lines = response.refs.ok_or_else(|| {
-        StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url)))
-    })?;
+    let (atomic, side_band_64k, report_status, quiet) =
+        (has("atomic"), has("side-band-64k"), has("report-status"), has("quiet"));
+    let mut lines =
+        response.refs.ok_or_else(|| StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url))))?;
     let mut refs = HashMap::new();
     while let Some(line) = lines.readline() {
         let line = line
@@ -174,9 +147,7 @@ fn advertisement(
                 retry: remote::is_broken_connection(e.kind()),
                 error: io_error(url, "reading the ref advertisement", e),
             })?
-            .map_err(|e| {
-                StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e)))
-            })?;
+            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
         let Some(text) = line.as_slice() else {
             continue;
         };
@@ -186,20 +157,13 @@ fn advertisement(
         let Some((id, name)) = text.trim_end().split_once(' ') else {
             return Err(garbage(url, &text).into());
         };
-        if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow"
-        {
+        if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow" {
             continue;
         }
         let id = ObjectId::from_hex(id.as_bytes()).map_err(|_| garbage(url, &text))?;
         refs.insert(name.to_owned(), id);
     }
-    Ok(Advertisement {
-        refs,
-        atomic,
-        side_band_64k,
-        report_status,
-        quiet,
-    })
+    Ok(Advertisement { refs, atomic, side_band_64k, report_status, quiet })
 }
 
 /// The capabilities we ask for on the first command line.
@@ -221,11 +185,7 @@ fn capabilities(adv: &Advertisement) -> String {
 /// A flush instead of commands: receive-pack then ends without doing anything.
 /// Best effort: the answer is already known, a broken connection changes nothing.
 fn end_without_commands(transport: &mut Box<dyn Transport + Send>) {
-    if let Ok(writer) = transport.request(
-        WriteMode::OneLfTerminatedLinePerWriteCall,
-        MessageKind::Flush,
-        false,
-    ) {
+    if let Ok(writer) = transport.request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false) {
         let _ = writer.into_read();
     }
 }
@@ -241,9 +201,7 @@ fn read_report(
     while let Some(line) = reader.readline() {
         let line = line
             .map_err(|e| io_error(url, "reading the push report", e))?
-            .map_err(|e| {
-                StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e)))
-            })?;
+            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
         let PacketLineRef::Data(data) = line else {
             break;
         };
@@ -267,8 +225,7 @@ fn read_report(
         }
     }
     if side_band {
-        lines = split_pkt_lines(&band_data)
-            .ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))?;
+        lines = split_pkt_lines(&band_data).ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))?;
     }
     Ok(lines)
 }
@@ -290,27 +247,15 @@ fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
 }
 
 /// `unpack ok`, then `ok <ref>` or `ng <ref> <reason>` for every command.
-fn outcome(
-    report: &[String],
-    commands: &[&RefUpdate],
-    url: &gix::Url,
-) -> Result<UpdateOutcome, StorageError> {
+fn outcome(report: &[String], commands: &[&RefUpdate], url: &gix::Url) -> Result<UpdateOutcome, StorageError> {
     let mut lines = report.iter();
     match lines.next().map(String::as_str) {
         Some("unpack ok") => {}
         Some(other) => {
             let reason = other.strip_prefix("unpack ").unwrap_or(other);
-            return Err(StorageError::Protocol(format!(
-                "{} could not unpack our pack: {reason}",
-                redacted(url)
-            )));
+            return Err(StorageError::Protocol(format!("{} could not unpack our pack: {reason}", redacted(url))));
         }
-        None => {
-            return Err(StorageError::Protocol(format!(
-                "{} sent an empty report",
-                redacted(url)
-            )))
-        }
+        None => return Err(StorageError::Protocol(format!("{} sent an empty report", redacted(url)))),
     }
     let mut ok = Vec::new();
     let mut rejected = Vec::new();
@@ -328,11 +273,7 @@ fn outcome(
         return Ok(UpdateOutcome::Rejected(rejected));
     }
     match commands.iter().find(|u| !ok.contains(&u.name)) {
-        Some(u) => Err(StorageError::Protocol(format!(
-            "{} did not report on {}",
-            redacted(url),
-            u.name
-        ))),
+        Some(u) => Err(StorageError::Protocol(format!("{} did not report on {}", redacted(url), u.name))),
         None => Ok(UpdateOutcome::Applied),
     }
 }
@@ -347,21 +288,13 @@ fn describe_mismatch(expected: Option<ObjectId>, actual: Option<&ObjectId>) -> S
 }
 
 fn garbage(url: &gix::Url, line: &str) -> StorageError {
-    StorageError::Protocol(format!(
-        "{} sent an unexpected line: {:?}",
-        redacted(url),
-        line
-    ))
+    StorageError::Protocol(format!("{} sent an unexpected line: {:?}", redacted(url), line))
 }
 
 /// An `ERR` line from the server is a protocol answer; any other io error a broken connection.
 fn io_error(url: &gix::Url, doing: &str, err: std::io::Error) -> StorageError {
     if remote::is_err_line(&err) {
-        StorageError::Protocol(format!(
-            "{}: {doing}: {}",
-            redacted(url),
-            remote::chain(&err)
-        ))
+        StorageError::Protocol(format!("{}: {doing}: {}", redacted(url), remote::chain(&err)))
     } else {
         StorageError::Unavailable(format!("{}: {doing}: {err}", redacted(url)))
     }

@@ -38,10 +38,8 @@ pub fn connect(
         Scheme::Http | Scheme::Https => {
             // Goes through gix's own connector so that the http backends (and, later,
             // credentials) plug in without changes here.
-            let options = gix::protocol::transport::client::blocking_io::connect::Options {
-                version,
-                ..Default::default()
-            };
+            let options =
+                gix::protocol::transport::client::blocking_io::connect::Options { version, ..Default::default() };
             let mut transport = gix::protocol::transport::client::blocking_io::connect::connect(url.clone(), options)
                 .map_err(|e| StorageError::Unavailable(format!("{}: {}", redacted(url), chain(&e))))?;
             // Sent with the first request: no 401 round trip, and never git's credential helpers.
@@ -69,20 +67,12 @@ fn account(c: &Credentials) -> gix::sec::identity::Account {
 
 /// A git:// connection on our own socket: gix's connector doesn't set TCP_NODELAY,
 /// which costs a delayed-ACK round (~40 ms) on every request/response exchange.
-fn connect_daemon(
-    url: &gix::Url,
-    version: Protocol,
-) -> Result<Connection<TcpStream, TcpStream>, StorageError> {
-    let unavailable = |what: &str, e: std::io::Error| {
-        StorageError::Unavailable(format!("{what} {}: {e}", redacted(url)))
-    };
-    let host = url
-        .host()
-        .ok_or_else(|| StorageError::Protocol(format!("no host in {}", redacted(url))))?;
+fn connect_daemon(url: &gix::Url, version: Protocol) -> Result<Connection<TcpStream, TcpStream>, StorageError> {
+    let unavailable =
+        |what: &str, e: std::io::Error| StorageError::Unavailable(format!("{what} {}: {e}", redacted(url)));
+    let host = url.host().ok_or_else(|| StorageError::Protocol(format!("no host in {}", redacted(url))))?;
     let port = url.port.unwrap_or(9418);
-    let addrs = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| unavailable("cannot resolve", e))?;
+    let addrs = (host, port).to_socket_addrs().map_err(|e| unavailable("cannot resolve", e))?;
     let mut last_err = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     let mut stream = None;
     for addr in addrs {
@@ -95,14 +85,11 @@ fn connect_daemon(
         }
     }
     let read = stream.ok_or_else(|| unavailable("cannot connect to", last_err))?;
-    read.set_nodelay(true)
-        .map_err(|e| unavailable("cannot configure socket for", e))?;
+    read.set_nodelay(true).map_err(|e| unavailable("cannot configure socket for", e))?;
     read.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| read.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| unavailable("cannot configure socket for", e))?;
-    let write = read
-        .try_clone()
-        .map_err(|e| unavailable("cannot configure socket for", e))?;
+    let write = read.try_clone().map_err(|e| unavailable("cannot configure socket for", e))?;
     Ok(Connection::new(
         read,
         write,
@@ -143,13 +130,7 @@ fn fetch_tips_once(
     let remote = repo
         .remote_at_without_url_rewrite(url.clone())
         .and_then(|r| r.with_refspecs(refs.iter().map(String::as_str), Direction::Fetch))
-        .map_err(|e| {
-            StorageError::Local(format!(
-                "cannot set up fetch from {}: {}",
-                redacted(url),
-                chain(&e)
-            ))
-        })?
+        .map_err(|e| StorageError::Local(format!("cannot set up fetch from {}: {}", redacted(url), chain(&e))))?
         .with_fetch_tags(Tags::None);
     let prepare = remote
         .to_connection_with_transport(transport)
@@ -188,20 +169,13 @@ fn fetch_tips_once(
         .map_err(|e| Failed::from_gix(url, &e))?;
     // The .keep file protects a new pack until refs point into it; our refs live in
     // memory, and a cache nobody runs gc on needs no protection.
-    if let gix::remote::fetch::Status::Change {
-        write_pack_bundle, ..
-    } = &outcome.status
-    {
+    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
         if let Some(keep) = &write_pack_bundle.keep_path {
             let _ = std::fs::remove_file(keep);
         }
     }
     if missing(repo, &tips) {
-        return Err(StorageError::Protocol(format!(
-            "{} did not send all requested tips",
-            redacted(url)
-        ))
-        .into());
+        return Err(StorageError::Protocol(format!("{} did not send all requested tips", redacted(url))).into());
     }
     Ok(tips)
 }
@@ -214,14 +188,8 @@ fn missing(repo: &gix::Repository, tips: &Tips) -> bool {
 /// One mutex per repository directory, shared by all threads of this process.
 fn shallow_lock(repo: &gix::Repository) -> Arc<Mutex<()>> {
     static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
-    let key = repo
-        .common_dir()
-        .canonicalize()
-        .unwrap_or_else(|_| repo.common_dir().to_owned());
-    let mut locks = LOCKS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = repo.common_dir().canonicalize().unwrap_or_else(|_| repo.common_dir().to_owned());
+    let mut locks = LOCKS.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     locks.entry(key).or_default().clone()
 }
 
@@ -235,10 +203,7 @@ pub(crate) struct Failed {
 
 impl From<StorageError> for Failed {
     fn from(error: StorageError) -> Self {
-        Failed {
-            error,
-            retry: false,
-        }
+        Failed { error, retry: false }
     }
 }
 
@@ -248,26 +213,18 @@ impl Failed {
             .iter_errors()
             .filter_map(|e| e.downcast_ref::<std::io::Error>())
             .any(|e| is_broken_connection(e.kind()));
-        Failed {
-            error: network_error(url, err),
-            retry,
-        }
+        Failed { error: network_error(url, err), retry }
     }
 }
 
 /// Errors of a connection that was established and then dropped by the other side.
 pub(crate) fn is_broken_connection(kind: std::io::ErrorKind) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        kind,
-        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-    )
+    matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
 }
 
 /// Run `attempt` up to three times while it fails with a retryable error, with a short jittered pause.
-pub(crate) fn retrying<T>(
-    mut attempt: impl FnMut() -> Result<T, Failed>,
-) -> Result<T, StorageError> {
+pub(crate) fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failed>) -> Result<T, StorageError> {
     const ATTEMPTS: u32 = 3;
     let mut tries = 1;
     loop {
@@ -275,9 +232,7 @@ pub(crate) fn retrying<T>(
             Ok(value) => return Ok(value),
             Err(Failed { error, retry: true }) if tries < ATTEMPTS => {
                 tracing::debug!(%error, attempt = tries, "git connection broke; trying again");
-                std::thread::sleep(Duration::from_millis(
-                    fastrand::u64(20..120) * u64::from(tries),
-                ));
+                std::thread::sleep(Duration::from_millis(fastrand::u64(20..120) * u64::from(tries)));
                 tries += 1;
             }
             Err(failed) => return Err(failed.error),
