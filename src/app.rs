@@ -50,7 +50,11 @@ impl App {
             Some(url) => Arc::new(GitStore::open_remote(url, &config.cache_dir, config.commit_author.clone())?),
             None => Arc::new(GitStore::open_embedded(&config.data_dir.join("repo.git"), config.commit_author.clone())?),
         };
-        let auth = Auth::from_config(&config)?;
+        let auth = match config.auth {
+            // Replaced by `load` once the secret is read; until then nobody gets in.
+            crate::config::AuthMode::Secret => Auth::deny_all(),
+            _ => Auth::from_config(&config)?,
+        };
         Ok(Self::with_storage(config, store).with_auth(auth))
     }
 

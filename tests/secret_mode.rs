@@ -27,10 +27,7 @@ const TF_USER: &str = "tf";
 const TF_PASSWORD: &str = "tf-pass";
 
 fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
 }
 
 struct Setup {
@@ -38,6 +35,8 @@ struct Setup {
     serve: Serve,
     httpd: GitHttpServer,
     moto: Moto,
+    /// Requests moto had served before gitstate started (creating the secret).
+    moto_requests_before_serve: usize,
 }
 
 /// moto with the secret, lighttpd with `git-user:git-pass`, and `gitstate
@@ -45,12 +44,12 @@ struct Setup {
 fn setup(secret: &Value, extra_env: &[(&str, &str)]) -> Setup {
     let moto = Moto::start();
     moto.create_secret(SECRET, &secret.to_string());
+    let moto_requests_before_serve = moto_requests(&moto).len();
+    assert!(moto_requests_before_serve >= 1, "moto's log shows no request:\n{}", moto.log());
     let httpd = GitHttpServer::start_with_users(&[(GIT_USER, GIT_PASSWORD)]);
     let url = httpd.create_repo("states.git");
-    let mut opts = ServeOpts::new()
-        .repository(url)
-        .env("GITSTATE_AUTH", "secret")
-        .env("GITSTATE_GIT_CREDENTIALS_SECRET", SECRET);
+    let mut opts =
+        ServeOpts::new().repository(url).env("GITSTATE_AUTH", "secret").env("GITSTATE_GIT_CREDENTIALS_SECRET", SECRET);
     for (k, v) in moto.aws_env() {
         opts = opts.env(k, v);
     }
@@ -58,7 +57,7 @@ fn setup(secret: &Value, extra_env: &[(&str, &str)]) -> Setup {
         opts = opts.env(*k, *v);
     }
     let serve = Serve::start(opts);
-    Setup { serve, httpd, moto }
+    Setup { serve, httpd, moto, moto_requests_before_serve }
 }
 
 fn full_secret() -> Value {
@@ -82,9 +81,7 @@ fn moto_requests(moto: &Moto) -> Vec<String> {
 
 fn main_tip(httpd: &GitHttpServer) -> Option<String> {
     let out = git_cli(&httpd.repo_dir("states.git"), &["rev-parse", "--verify", "-q", "refs/heads/main"]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Backend basic auth in secret mode: missing → 401 with a Basic challenge,
@@ -155,10 +152,7 @@ fn secret_mode_enforces_backend_basic_auth() {
         log.iter().any(|e| e.target.ends_with("/git-receive-pack") && e.status == 200),
         "the lock was not pushed to the git host:\n{log:#?}"
     );
-    assert!(
-        !log.iter().any(|e| e.user.as_deref() == Some(TF_USER)),
-        "the backend credentials reached the git host"
-    );
+    assert!(!log.iter().any(|e| e.user.as_deref() == Some(TF_USER)), "the backend credentials reached the git host");
 }
 
 /// A real Terraform with the backend credentials lands a commit; with a
@@ -167,7 +161,6 @@ fn secret_mode_enforces_backend_basic_auth() {
 #[test]
 fn secret_mode_terraform_apply_lands_a_commit() {
     let s = setup(&full_secret(), &[]);
-    let after_start = moto_requests(&s.moto).len();
 
     let mut backend = HttpBackend::lock_unlock(s.serve.state_url(STATE));
     backend.username = Some(TF_USER.into());
@@ -214,22 +207,24 @@ fn secret_mode_terraform_apply_lands_a_commit() {
         format!("{}{}", out.stdout, out.stderr).to_lowercase().contains("auth"),
         "apply with a wrong backend password should report an auth error:\n{out}"
     );
-    tf2.run(&["apply", "-auto-approve", "-input=false", "-no-color", "-lock=false"])
-        .assert_failure();
+    tf2.run(&["apply", "-auto-approve", "-input=false", "-no-color", "-lock=false"]).assert_failure();
     assert_eq!(main_tip(&s.httpd).as_deref(), Some(tip.as_str()), "main moved");
     let locks = git_ok(&dir, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks.trim(), "", "lock branches on the git host");
 
     // Read once per process: however many requests, one call to moto.
     let calls = moto_requests(&s.moto);
-    let by_gitstate = &calls[after_start..];
+    let by_gitstate = &calls[s.moto_requests_before_serve..];
     assert_eq!(
         by_gitstate.len(),
         1,
         "gitstate should read the secret once per process; moto served:\n{}",
         by_gitstate.join("\n")
     );
-    println!("secret mode: {} call(s) to Secrets Manager for init + apply + state pull + refused applies", by_gitstate.len());
+    println!(
+        "secret mode: {} call(s) to Secrets Manager for init + apply + state pull + refused applies",
+        by_gitstate.len()
+    );
 
     // The secret's git password is nowhere in the server's log.
     let log = s.serve.stderr_log();

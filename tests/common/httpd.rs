@@ -68,13 +68,16 @@ pub struct AccessEntry {
     /// The authenticated user, or `None` for `-` (no or refused credentials).
     pub user: Option<String>,
     pub user_agent: String,
+    /// The request's `Git-Protocol` header (`version=2` for protocol v2), if any.
+    pub git_protocol: Option<String>,
     /// The whole line.
     pub line: String,
 }
 
 impl AccessEntry {
-    /// Parse lighttpd's default (combined) format:
-    /// `host vhost user [date] "METHOD target HTTP/1.1" status bytes "referer" "agent"`.
+    /// Parse the format of [`ACCESS_LOG_FORMAT`] (lighttpd's default plus the
+    /// `Git-Protocol` header): `host vhost user [date] "METHOD target HTTP/1.1"
+    /// status bytes "referer" "agent" "git-protocol"`.
     pub fn parse(line: &str) -> Option<AccessEntry> {
         let mut head = line.split_whitespace();
         let _host = head.next()?;
@@ -87,13 +90,17 @@ impl AccessEntry {
         let target = req.next()?.to_string();
         let mut tail = rest.split_whitespace();
         let status = tail.next()?.parse().ok()?;
-        let user_agent = rest.rsplit('"').nth(1).unwrap_or("").to_string();
+        // ` 200 131 "referer" "agent" "git-protocol"`
+        let quoted: Vec<&str> = rest.split('"').collect();
+        let user_agent = quoted.get(3).copied().unwrap_or("").to_string();
+        let git_protocol = quoted.get(5).copied().filter(|v| !v.is_empty() && *v != "-").map(str::to_string);
         Some(AccessEntry {
             method,
             target,
             status,
             user: (user != "-").then(|| user.to_string()),
             user_agent,
+            git_protocol,
             line: line.to_string(),
         })
     }
@@ -148,12 +155,7 @@ impl GitHttpServer {
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}. {NOT_FOUND}", bin.display()));
             if wait_until_listening(&mut child, port) {
-                return GitHttpServer {
-                    child,
-                    port,
-                    dir,
-                    markers: AtomicU32::new(0),
-                };
+                return GitHttpServer { child, port, dir, markers: AtomicU32::new(0) };
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -169,10 +171,7 @@ impl GitHttpServer {
     /// pushes accepted) and return its URL, without credentials.
     pub fn create_repo(&self, name: &str) -> String {
         let path = self.repo_dir(name);
-        let out = git_plain(
-            self.dir.path(),
-            &["init", "--bare", "-q", "-b", "main", &path.display().to_string()],
-        );
+        let out = git_plain(self.dir.path(), &["init", "--bare", "-q", "-b", "main", &path.display().to_string()]);
         assert!(out.status.success(), "git init --bare {name}: {out:?}");
         for (k, v) in [("http.receivepack", "true"), ("receive.fsckObjects", "true")] {
             let out = git_plain(&path, &["config", k, v]);
@@ -224,11 +223,7 @@ impl GitHttpServer {
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             if text.contains(&marker) {
-                return text
-                    .lines()
-                    .filter(|l| !l.contains("/.flush-marker-"))
-                    .map(str::to_string)
-                    .collect();
+                return text.lines().filter(|l| !l.contains("/.flush-marker-")).map(str::to_string).collect();
             }
             assert!(
                 Instant::now() < deadline,
@@ -250,11 +245,7 @@ impl GitHttpServer {
     fn send_marker(&self, n: u32) {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to lighttpd");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET /.flush-marker-{n} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: test-marker\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET /.flush-marker-{n} HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: test-marker\r\n\r\n").unwrap();
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink);
     }
@@ -275,6 +266,10 @@ impl Drop for GitHttpServer {
     }
 }
 
+/// lighttpd's default access-log format plus the `Git-Protocol` request header.
+pub const ACCESS_LOG_FORMAT: &str =
+    r#"%h %V %u %t \"%r\" %>s %b \"%{Referer}i\" \"%{User-Agent}i\" \"%{Git-Protocol}i\""#;
+
 fn config(root: &Path, port: u16, backend: &Path) -> String {
     let q = |p: &Path| {
         let s = p.display().to_string();
@@ -289,6 +284,7 @@ server.port = {port}
 server.errorlog = "{root}/error.log"
 server.modules = ( "mod_alias", "mod_setenv", "mod_auth", "mod_authn_file", "mod_cgi", "mod_accesslog" )
 accesslog.filename = "{root}/access.log"
+accesslog.format = "{ACCESS_LOG_FORMAT}"
 auth.backend = "plain"
 auth.backend.plain.userfile = "{root}/users"
 
@@ -330,10 +326,7 @@ fn git_plain(cwd: &Path, args: &[&str]) -> Output {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port()
 }
 
 fn wait_until_listening(child: &mut Child, port: u16) -> bool {

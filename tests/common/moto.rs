@@ -24,11 +24,7 @@ pub const AWS_REGION: &str = "us-east-1";
 pub fn moto_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GITSTATE_MOTO_SERVER") {
         let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "GITSTATE_MOTO_SERVER={} is not a file. {NOT_FOUND}",
-            p.display()
-        );
+        assert!(p.is_file(), "GITSTATE_MOTO_SERVER={} is not a file. {NOT_FOUND}", p.display());
         return p;
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
@@ -47,10 +43,7 @@ impl Moto {
     /// Start moto_server on a free loopback port and wait until it answers.
     pub fn start() -> Moto {
         let bin = moto_server_bin();
-        let dir = tempfile::Builder::new()
-            .prefix("gitstate-moto-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("gitstate-moto-").tempdir().unwrap();
         for _ in 0..3 {
             let port = free_port();
             let log = std::fs::File::create(dir.path().join("moto.log")).unwrap();
@@ -113,10 +106,7 @@ impl Moto {
     pub fn create_secret(&self, name: &str, value: &str) -> String {
         let body = serde_json::json!({ "Name": name, "SecretString": value });
         let out = self.secretsmanager("CreateSecret", &body);
-        out["ARN"]
-            .as_str()
-            .unwrap_or_else(|| panic!("CreateSecret answered without ARN: {out}"))
-            .to_string()
+        out["ARN"].as_str().unwrap_or_else(|| panic!("CreateSecret answered without ARN: {out}")).to_string()
     }
 
     /// The current value of secret `id` (name or ARN), as moto stores it.
@@ -138,23 +128,13 @@ impl Moto {
             self.port,
             "POST",
             "/",
-            &[
-                ("Content-Type", "application/x-amz-json-1.1"),
-                ("X-Amz-Target", &target),
-                ("Authorization", &auth),
-            ],
+            &[("Content-Type", "application/x-amz-json-1.1"), ("X-Amz-Target", &target), ("Authorization", &auth)],
             &bytes,
         )
         .unwrap_or_else(|e| panic!("{action} to moto_server: {e}"));
-        assert_eq!(
-            status,
-            200,
-            "{action} to moto_server: {}",
-            String::from_utf8_lossy(&resp)
-        );
-        serde_json::from_slice(&resp).unwrap_or_else(|e| {
-            panic!("{action}: not JSON ({e}): {}", String::from_utf8_lossy(&resp))
-        })
+        assert_eq!(status, 200, "{action} to moto_server: {}", String::from_utf8_lossy(&resp));
+        serde_json::from_slice(&resp)
+            .unwrap_or_else(|e| panic!("{action}: not JSON ({e}): {}", String::from_utf8_lossy(&resp)))
     }
 }
 
@@ -163,11 +143,7 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "--- moto_server on 127.0.0.1:{} log ---\n{}",
-                self.port,
-                self.log()
-            );
+            eprintln!("--- moto_server on 127.0.0.1:{} log ---\n{}", self.port, self.log());
         }
     }
 }
@@ -182,10 +158,7 @@ fn raw_request(
 ) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -194,10 +167,8 @@ fn raw_request(
     s.write_all(body)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let split =
+        resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no end of headers"))?;
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status = head
         .split_whitespace()
@@ -222,8 +193,5 @@ fn wait_ready(child: &mut Child, port: u16) -> bool {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port()
 }

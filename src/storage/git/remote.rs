@@ -44,6 +44,12 @@ pub fn connect(
                 .map_err(|e| StorageError::Unavailable(format!("{}: {}", redacted(url), chain(&e))))?;
             // Sent with the first request: no 401 round trip, and never git's credential helpers.
             if let Some(c) = creds {
+                if url.scheme == Scheme::Http && !is_loopback(url) {
+                    return Err(StorageError::Protocol(format!(
+                        "refusing to send credentials in clear text to {}; use https://",
+                        redacted(url)
+                    )));
+                }
                 transport
                     .set_identity(account(c))
                     .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), chain(&e))))?;
@@ -54,6 +60,14 @@ pub fn connect(
             "unsupported repository URL scheme `{other}` in {} (use git://, http:// or https://)",
             redacted(url)
         ))),
+    }
+}
+
+fn is_loopback(url: &gix::Url) -> bool {
+    match url.host() {
+        Some("localhost") => true,
+        Some(h) => h.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 
