@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::protocol::{LockInfo, Operation, Outcome};
-use crate::storage::{Credentials, ObjectId, RefUpdate, Storage, StorageError, UpdateOutcome};
+use crate::storage::{Credentials, ObjectId, RefUpdate, Storage, StorageError, Tips, UpdateOutcome};
 
 /// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,10 @@ pub struct Backend {
     rules: Rules,
     /// LockInfo by lock-commit id: a lock commit never changes, so this never goes stale.
     lock_infos: Mutex<HashMap<ObjectId, Bytes>>,
+    /// Last tip seen of each ref (`None`: seen absent). Only ever a guess to push against:
+    /// every push carries its expected old ids, and any answer other than a push is given
+    /// only from a fresh look at the remote.
+    known_tips: Mutex<HashMap<String, Option<ObjectId>>>,
 }
 
 /// What a lock branch currently says.
@@ -65,7 +69,7 @@ struct Holder {
 
 impl Backend {
     pub fn new(storage: Arc<dyn Storage>, rules: Rules) -> Self {
-        Backend { storage, rules, lock_infos: Mutex::new(HashMap::new()) }
+        Backend { storage, rules, lock_infos: Mutex::new(HashMap::new()), known_tips: Mutex::new(HashMap::new()) }
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -86,6 +90,7 @@ impl Backend {
             // throwing the cache away and doing the request again from the remote.
             Err(BackendError::Storage(StorageError::Local(why))) if self.storage.reset_cache()? => {
                 tracing::warn!(error = %why, "cache failed; retrying on a fresh cache");
+                self.known_tips.lock().expect("known_tips poisoned").clear();
                 self.handle_once(creds, branch, path, op)
             }
             other => other,
@@ -117,7 +122,7 @@ impl Backend {
 
     fn get(&self, creds: Option<&Credentials>, branch: &str, path: &str) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
-        let tips = self.storage.sync(std::slice::from_ref(&branch_ref), creds)?;
+        let tips = self.sync(std::slice::from_ref(&branch_ref), creds)?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
             Some(content) if !content.is_empty() => Outcome::State(content.into()),
@@ -137,7 +142,7 @@ impl Backend {
         let create = [RefUpdate { name: lock_ref.clone(), old: None, new: Some(commit) }];
         // A rejected create means a lock exists, unless it vanished between our push and our look.
         for _ in 0..self.rules.write_retries.max(1) {
-            match self.storage.update(&create, creds)? {
+            match self.update(&create, creds)? {
                 UpdateOutcome::Applied => {
                     self.remember(commit, info.raw.clone());
                     tracing::info!(lock_id = %info.id, "lock taken");
@@ -155,20 +160,38 @@ impl Backend {
 
     fn unlock(&self, creds: Option<&Credentials>, path: &str, id: Option<&str>) -> Result<Outcome, BackendError> {
         let lock_ref = lock_ref(path);
-        for attempt in 0..self.rules.write_retries.max(1) {
-            let Some(h) = self.holder(creds, path)? else { return Ok(Outcome::Done) };
+        // Usually this process took the lock itself: try the delete against what it knows first.
+        let mut guess = match self.guess(std::slice::from_ref(&lock_ref)).and_then(|t| t.get(&lock_ref).copied()) {
+            Some(commit) => self.known_holder(commit),
+            None => None,
+        };
+        let mut attempt = 0;
+        while attempt < self.rules.write_retries.max(1) {
+            let fresh = guess.is_none();
+            let holder = match guess.take() {
+                Some(h) => Some(h),
+                None => {
+                    attempt += 1;
+                    self.holder(creds, path)?
+                }
+            };
+            let Some(h) = holder else { return Ok(Outcome::Done) };
             if let Some(id) = id {
                 if h.id != id {
-                    return Err(BackendError::WrongLockId { holder: h.info });
+                    if fresh {
+                        return Err(BackendError::WrongLockId { holder: h.info });
+                    }
+                    continue;
                 }
             }
             let delete = [RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: None }];
-            match self.storage.update(&delete, creds)? {
+            match self.update(&delete, creds)? {
                 UpdateOutcome::Applied => {
                     tracing::info!(lock_id = %h.id, forced = id.is_none(), "lock released");
                     return Ok(Outcome::Done);
                 }
-                UpdateOutcome::Rejected(_) => jitter(attempt + 1),
+                UpdateOutcome::Rejected(_) if fresh => jitter(attempt),
+                UpdateOutcome::Rejected(_) => {}
             }
         }
         Err(BackendError::Contended { attempts: self.rules.write_retries.max(1) })
@@ -187,16 +210,32 @@ impl Backend {
         let lock_ref = lock_ref(path);
         let started = Instant::now();
         let attempts = self.rules.write_retries.max(1);
-        for attempt in 1..=attempts {
-            let tips = self.storage.sync(&[branch_ref.clone(), lock_ref.clone()], creds)?;
+        let refs = [branch_ref.clone(), lock_ref.clone()];
+        // First try against what this process last saw (one round trip when nobody else wrote);
+        // a guess may only lead to a push, never to an answer.
+        let mut guess = self.guess(&refs);
+        let mut pushes = 0;
+        while pushes < attempts {
+            let fresh = guess.is_none();
+            let tips = match guess.take() {
+                Some(t) => t,
+                None => self.sync(&refs, creds)?,
+            };
             let holder = match tips.get(&lock_ref) {
                 Some(commit) => Some(self.holder_at_path(*commit, path)?),
                 None => None,
             };
+            let decided = |answer: Result<Outcome, BackendError>| if fresh { Some(answer) } else { None };
             let guard = match (lock_id, holder) {
                 (Some(id), Some(h)) if h.id == id => Some(h),
-                (Some(_), Some(h)) | (None, Some(h)) => return Err(BackendError::Locked { holder: h.info }),
-                (Some(id), None) => return Err(BackendError::NotLocked(id.to_string())),
+                (Some(_), Some(h)) | (None, Some(h)) => match decided(Err(BackendError::Locked { holder: h.info })) {
+                    Some(answer) => return answer,
+                    None => continue,
+                },
+                (Some(id), None) => match decided(Err(BackendError::NotLocked(id.to_string()))) {
+                    Some(answer) => return answer,
+                    None => continue,
+                },
                 (None, None) => None,
             };
             let base = tips.get(&branch_ref).copied();
@@ -206,39 +245,56 @@ impl Backend {
             };
             if current.as_deref() == content.as_deref() {
                 // A retried write (or deleting what is not there): already in place, nothing to commit.
-                return Ok(Outcome::Done);
+                match decided(Ok(Outcome::Done)) {
+                    Some(answer) => return answer,
+                    None => continue,
+                }
             }
             if let (Some(stored), Some(incoming)) = (current.as_deref(), content.as_deref()) {
                 match guard_serial(stored, incoming) {
                     Verdict::Write => {}
-                    Verdict::AlreadyStored => return Ok(Outcome::Done),
-                    Verdict::Refuse(why) if !force => return Err(BackendError::StaleState(why)),
+                    Verdict::AlreadyStored => match decided(Ok(Outcome::Done)) {
+                        Some(answer) => return answer,
+                        None => continue,
+                    },
+                    Verdict::Refuse(why) if !force => match decided(Err(BackendError::StaleState(why))) {
+                        Some(answer) => return answer,
+                        None => continue,
+                    },
                     Verdict::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
                 }
             }
             let message = commit_message(path, content.as_deref(), guard.as_ref());
             let commit = match self.storage.commit(base, path, content.as_deref(), &message) {
-                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => {
-                    return Err(BackendError::PathConflict(e))
-                }
+                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => match decided(Err(BackendError::PathConflict(e))) {
+                    Some(answer) => return answer,
+                    None => continue,
+                },
                 other => other?,
             };
             let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];
-            if let Some(h) = &guard {
-                updates.push(RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: Some(h.commit) });
+            match &guard {
+                // The write lands only if the lock is still this one at that instant (atomic push).
+                Some(h) => updates.push(RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: Some(h.commit) }),
+                // No lock may appear meanwhile (checked against the push's own ref advertisement).
+                None => updates.push(RefUpdate { name: lock_ref.clone(), old: None, new: None }),
             }
-            match self.storage.update(&updates, creds)? {
+            pushes += 1;
+            match self.update(&updates, creds)? {
                 UpdateOutcome::Applied => {
                     tracing::info!(
-                        attempts = attempt,
+                        attempts = pushes,
+                        guessed = !fresh,
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "state written"
                     );
                     return Ok(Outcome::Done);
                 }
                 UpdateOutcome::Rejected(why) => {
-                    tracing::info!(attempt, rejected = ?why, "lost the race for the branch; rebuilding on the new tip");
-                    jitter(attempt);
+                    tracing::info!(attempt = pushes, rejected = ?why, "lost the race for the branch; rebuilding on the new tip");
+                    if fresh {
+                        jitter(pushes);
+                    }
                 }
             }
         }
@@ -246,13 +302,54 @@ impl Backend {
         Err(BackendError::Contended { attempts })
     }
 
+    /// Fresh tips from the source of truth, remembered as the latest guess.
+    fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, BackendError> {
+        let tips = self.storage.sync(refs, creds)?;
+        let mut known = self.known_tips.lock().expect("known_tips poisoned");
+        for r in refs {
+            known.insert(r.clone(), tips.get(r).copied());
+        }
+        Ok(tips)
+    }
+
+    /// The remembered tips of `refs`, if every one of them has been seen.
+    fn guess(&self, refs: &[String]) -> Option<Tips> {
+        let known = self.known_tips.lock().expect("known_tips poisoned");
+        let mut tips = Tips::new();
+        for r in refs {
+            if let Some(id) = known.get(r)? {
+                tips.insert(r.clone(), *id);
+            }
+        }
+        Some(tips)
+    }
+
+    /// Push `updates` and remember what came of it.
+    fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, BackendError> {
+        let outcome = self.storage.update(updates, creds)?;
+        let mut known = self.known_tips.lock().expect("known_tips poisoned");
+        for u in updates {
+            match outcome {
+                UpdateOutcome::Applied => known.insert(u.name.clone(), u.new),
+                UpdateOutcome::Rejected(_) => known.remove(&u.name),
+            };
+        }
+        Ok(outcome)
+    }
+
     fn holder(&self, creds: Option<&Credentials>, path: &str) -> Result<Option<Holder>, BackendError> {
         let lock_ref = lock_ref(path);
-        let tips = self.storage.sync(std::slice::from_ref(&lock_ref), creds)?;
+        let tips = self.sync(std::slice::from_ref(&lock_ref), creds)?;
         match tips.get(&lock_ref) {
             Some(commit) => Ok(Some(self.holder_at_path(*commit, path)?)),
             None => Ok(None),
         }
+    }
+
+    /// The holder at `commit` if its LockInfo is already known, without any I/O.
+    fn known_holder(&self, commit: ObjectId) -> Option<Holder> {
+        let info = self.lock_infos.lock().expect("lock_infos poisoned").get(&commit).cloned()?;
+        Some(Holder { commit, id: lock_id_of(&info), info })
     }
 
     fn holder_at_path(&self, commit: ObjectId, path: &str) -> Result<Holder, BackendError> {

@@ -33,7 +33,8 @@ impl StorageError {
 }
 
 /// One compare-and-swap ref update. `old: None` means "must not exist",
-/// `new: None` means delete; `old == new` is a guard that only checks.
+/// `new: None` means delete; `old == new` is a guard that only checks (with both
+/// `None`: the ref must be absent, checked before the push, not atomically).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefUpdate {
     /// Full ref name, e.g. `refs/heads/main`.
@@ -45,6 +46,11 @@ pub struct RefUpdate {
 impl RefUpdate {
     pub fn is_guard(&self) -> bool {
         self.old.is_some() && self.old == self.new
+    }
+
+    /// A check that the ref does not exist; never sent as a command.
+    pub fn is_absence_check(&self) -> bool {
+        self.old.is_none() && self.new.is_none()
     }
 }
 

@@ -64,7 +64,12 @@ impl GitStore {
 
     fn update_embedded(&self, repo: &gix::Repository, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
         let mut edits = Vec::with_capacity(updates.len());
-        for u in updates {
+        for u in updates.iter().filter(|u| u.is_absence_check()) {
+            if repo.try_find_reference(u.name.as_str()).map_err(StorageError::local)?.is_some() {
+                return Ok(UpdateOutcome::Rejected(vec![(u.name.clone(), "exists".into())]));
+            }
+        }
+        for u in updates.iter().filter(|u| !u.is_absence_check()) {
             let name: gix::refs::FullName =
                 u.name.as_str().try_into().map_err(|_| StorageError::Local(format!("invalid ref name {}", u.name)))?;
             let expected = match u.old {

@@ -53,8 +53,9 @@ pub fn push(
         return Ok(UpdateOutcome::Rejected(stale));
     }
 
+    // Absence checks were settled by the advertisement above: "0000 0000" is no command.
     let commands: Vec<&RefUpdate> = if adv.atomic {
-        updates.iter().collect()
+        updates.iter().filter(|u| !u.is_absence_check()).collect()
     } else {
         if updates.iter().any(RefUpdate::is_guard) {
             tracing::warn!(
@@ -63,7 +64,7 @@ pub fn push(
                  so atomicity with the lock is not guaranteed by this server"
             );
         }
-        updates.iter().filter(|u| !u.is_guard()).collect()
+        updates.iter().filter(|u| !u.is_guard() && !u.is_absence_check()).collect()
     };
     if commands.is_empty() {
         end_without_commands(&mut transport);
