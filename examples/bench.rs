@@ -42,6 +42,11 @@ fn main() {
             );
         }
     }
+    let (before, after, took) = rt.block_on(big_state(&daemon.repo_with_history("big.git", 10), tmp.path(), 5));
+    println!(
+        "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
+        after - before
+    );
 }
 
 /// Medians (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle.
@@ -79,6 +84,33 @@ async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
         samples[4].push(ms(cycle.elapsed()));
     }
     samples.map(|mut s| median(&mut s))
+}
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Write and read back a state of `mib` MiB; returns (peak RSS before, after) in MiB.
+async fn big_state(url: &str, tmp: &Path, mib: usize) -> (f64, f64, f64) {
+    let app = new_app(url, tmp, 999_999);
+    let mut state = String::from("{\n  \"version\": 4,\n  \"serial\": 1,\n  \"lineage\": \"big\",\n  \"resources\": [\n");
+    let mut i = 0;
+    while state.len() < mib << 20 {
+        state.push_str(&format!("    {{\"name\": \"r{i}\", \"value\": \"{:032x}\"}},\n", fastrand::u128(..)));
+        i += 1;
+    }
+    state.push_str("    {}\n  ]\n}\n");
+    let before = peak_rss_mib();
+    let t = Instant::now();
+    assert_eq!(call(&app, "POST", "/state/big.tfstate?force=true", &state).await, 200);
+    assert_eq!(call(&app, "GET", "/state/big.tfstate", "").await, 200);
+    (before, peak_rss_mib(), ms(t.elapsed()))
 }
 
 fn new_app(url: &str, tmp: &Path, n: usize) -> Arc<App> {
