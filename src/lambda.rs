@@ -13,6 +13,24 @@ use crate::error::Error;
 /// The largest response Lambda returns from a synchronous invocation, less room for headers and JSON framing.
 pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 - 64 * 1024;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_size_counts_json_escaping() {
+        assert_eq!(serialized_len(b"ab"), 2);
+        assert_eq!(serialized_len(b"\"a\"\n"), 7);
+        assert_eq!(serialized_len(&[0xff, 0xfe, 0xfd]), 4);
+        // A state just under the raw limit but over it once escaped is refused with a clear 413.
+        let line = "    \"key\": \"value\",\n";
+        let body = line.repeat(MAX_RESPONSE_BYTES / line.len());
+        assert!(body.len() <= MAX_RESPONSE_BYTES);
+        let r = into_lambda_response(http::Response::new(Bytes::from(body)));
+        assert_eq!(r.status(), 413);
+    }
+}
+
 /// Serve Lambda invocations until the runtime stops the process.
 pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
     lambda_http::run(lambda_http::service_fn(move |event: Request| {
@@ -56,10 +74,26 @@ pub fn into_app_request(event: Request) -> http::Request<Bytes> {
     http::Request::from_parts(parts, bytes)
 }
 
+/// Lambda's limit applies to the response as JSON, where a text body is escaped (an indented
+/// state grows by about a tenth) and a binary one is base64.
+fn serialized_len(body: &[u8]) -> usize {
+    if std::str::from_utf8(body).is_err() {
+        return body.len().div_ceil(3) * 4;
+    }
+    body.iter()
+        .map(|&b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
 /// Text bodies stay text (REST v1 without binary media types would hand base64 to the client otherwise).
 pub fn into_lambda_response(response: http::Response<Bytes>) -> Response<Body> {
-    let response = if response.body().len() > MAX_RESPONSE_BYTES {
-        Error::ResponseTooLarge { size: response.body().len(), limit: MAX_RESPONSE_BYTES }.into_response()
+    let size = serialized_len(response.body());
+    let response = if size > MAX_RESPONSE_BYTES {
+        Error::ResponseTooLarge { size, limit: MAX_RESPONSE_BYTES }.into_response()
     } else {
         response
     };

@@ -67,10 +67,7 @@ impl Setup {
     }
 
     fn commits_touching(&self, path: &str) -> Vec<String> {
-        git_out(&self.repo, &["log", "--format=%H", "main", "--", path])
-            .lines()
-            .map(str::to_string)
-            .collect()
+        git_out(&self.repo, &["log", "--format=%H", "main", "--", path]).lines().map(str::to_string).collect()
     }
 
     fn stored(&self, path: &str) -> Value {
@@ -121,10 +118,7 @@ fn terraform_cycle(mode: LockMode, path: &str) {
     let commits = s.commits_touching(path);
     assert_eq!(commits.len(), 2, "commits after the second apply: {commits:?}");
     assert_eq!(git_out(&s.repo, &["rev-parse", &format!("{}^", commits[0])]), commits[1], "parent of the second write");
-    assert_eq!(
-        trailer(&s.repo, &commits[0], "Serial").as_deref(),
-        Some(second["serial"].to_string().as_str())
-    );
+    assert_eq!(trailer(&s.repo, &commits[0], "Serial").as_deref(), Some(second["serial"].to_string().as_str()));
 
     // What the function serves is the blob on main, with its Content-MD5.
     let got = http("GET", &s.emu.state_url(path), &[], None);
@@ -167,8 +161,9 @@ fn terraform_cycle(mode: LockMode, path: &str) {
     // The function logged JSON lines with the request span.
     let log = s.emu.log();
     assert!(
-        log.lines().any(|l| l.starts_with('{') && l.contains("\"operation\":\"update\"")),
-        "no JSON log line of an update in the emulator's output"
+        log.lines()
+            .any(|l| l.starts_with('{') && l.contains("\"operation\":\"update\"") && l.contains("\"aws_request_id\"")),
+        "no JSON log line of an update with its AWS request id in the emulator's output"
     );
 }
 
@@ -268,7 +263,11 @@ fn warm_invocations_reuse_the_cache_and_invoke_takes_event_files() {
     assert_eq!(answer["statusCode"], 200, "v1-update: {answer}");
     let event: Value = serde_json::from_str(&std::fs::read_to_string(events.join("v1-update.json")).unwrap()).unwrap();
     let stored = git(&s.repo, &["show", &format!("main:{path}")]).stdout;
-    assert_eq!(Some(String::from_utf8(stored).unwrap().as_str()), event["body"].as_str(), "main:{path} after v1-update");
+    assert_eq!(
+        Some(String::from_utf8(stored).unwrap().as_str()),
+        event["body"].as_str(),
+        "main:{path} after v1-update"
+    );
     let answer = s.emu.invoke(&events.join("v1-unlock.json"));
     assert_eq!(answer["statusCode"], 200, "v1-unlock: {answer}");
     assert_eq!(s.lock_branch(path), None, "lock branch left after v1-unlock");

@@ -33,16 +33,7 @@ const LOCK_B: &str = "9f8e7d6c-5b4a-4392-8172-6f5e4d3c2b1a";
 
 const SOURCES: [&str; 3] = ["v1", "v2", "url"];
 /// The events of each source, `events/<source>-<name>.json`.
-const NAMES: [&str; 8] = [
-    "get",
-    "lock",
-    "update",
-    "rejected",
-    "lock-post",
-    "unlock",
-    "force-unlock",
-    "delete",
-];
+const NAMES: [&str; 8] = ["get", "lock", "update", "rejected", "lock-post", "unlock", "force-unlock", "delete"];
 
 fn events_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("events")
@@ -65,11 +56,7 @@ impl Fixture {
         let daemon = GitDaemon::start();
         let url = daemon.create_repo("states.git");
         let cache = tempfile::Builder::new().prefix("gitstate-lambda-cache-").tempdir().unwrap();
-        let config = Config {
-            repository: Some(url),
-            cache_dir: cache.path().to_path_buf(),
-            ..Config::default()
-        };
+        let config = Config { repository: Some(url), cache_dir: cache.path().to_path_buf(), ..Config::default() };
         let app = Arc::new(App::new(config).expect("open the git daemon's repository"));
         Fixture { daemon, app, _cache: cache }
     }
@@ -106,8 +93,8 @@ impl Fixture {
 
     /// Parse `text` with lambda_http and run it through the Lambda entry.
     async fn send_text(&self, label: &str, source: &str, text: &str) -> Reply {
-        let request = lambda_http::request::from_str(text)
-            .unwrap_or_else(|e| panic!("lambda_http does not parse {label}: {e}"));
+        let request =
+            lambda_http::request::from_str(text).unwrap_or_else(|e| panic!("lambda_http does not parse {label}: {e}"));
         check_origin(label, source, &request);
         let response = gitstate::lambda::handle_event(&self.app, request).await;
         let (parts, body) = response.into_parts();
@@ -136,13 +123,7 @@ struct Reply {
 impl Reply {
     #[track_caller]
     fn expect(&self, status: u16) -> &Self {
-        assert_eq!(
-            self.status,
-            status,
-            "{}: status; body: {}",
-            self.label,
-            String::from_utf8_lossy(&self.body)
-        );
+        assert_eq!(self.status, status, "{}: status; body: {}", self.label, String::from_utf8_lossy(&self.body));
         self
     }
 
@@ -158,11 +139,7 @@ fn check_origin(label: &str, source: &str, request: &lambda_http::Request) {
         ("v1", Some(RequestContext::ApiGatewayV1(ctx))) => {
             assert_eq!(ctx.stage.as_deref(), Some("prod"), "{label}: stage");
             assert!(request.uri().path().starts_with("/prod/"), "{label}: uri {}", request.uri());
-            assert!(
-                !request.raw_http_path().starts_with("/prod/"),
-                "{label}: raw path {}",
-                request.raw_http_path()
-            );
+            assert!(!request.raw_http_path().starts_with("/prod/"), "{label}: raw path {}", request.raw_http_path());
         }
         ("v2", Some(RequestContext::ApiGatewayV2(ctx))) => {
             assert!(
@@ -196,10 +173,7 @@ fn event_body(file: &str) -> (Vec<u8>, Value) {
 
 fn header_of(event: &Value, name: &str) -> Option<String> {
     let headers = event["headers"].as_object()?;
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .and_then(|(_, v)| v.as_str().map(str::to_string))
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_str().map(str::to_string))
 }
 
 /// One source's sequence, step by step, against a fresh repository.
@@ -320,10 +294,8 @@ fn every_event_file_is_replayed() {
         .expect("read events/")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let replayed: BTreeSet<String> = SOURCES
-        .iter()
-        .flat_map(|s| NAMES.iter().map(move |n| format!("{s}-{n}.json")))
-        .collect();
+    let replayed: BTreeSet<String> =
+        SOURCES.iter().flat_map(|s| NAMES.iter().map(move |n| format!("{s}-{n}.json"))).collect();
     let orphans: Vec<_> = on_disk.difference(&replayed).collect();
     let missing: Vec<_> = replayed.difference(&on_disk).collect();
     assert!(orphans.is_empty(), "files in events/ that no test replays: {orphans:?}");
@@ -332,9 +304,6 @@ fn every_event_file_is_replayed() {
         let v: Value = serde_json::from_str(&event_text(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         // All events are about the one state path (the rejected ones try to escape it).
         let text = v.to_string();
-        assert!(
-            text.contains(STATE_PATH) || file.ends_with("-rejected.json"),
-            "{file} is not about {STATE_PATH}"
-        );
+        assert!(text.contains(STATE_PATH) || file.ends_with("-rejected.json"), "{file} is not about {STATE_PATH}");
     }
 }

@@ -90,13 +90,8 @@ fn template_declares_the_function_the_api_and_the_backend_block() {
         assert!(t.contains(needle), "template.yaml lacks {needle:?}");
     }
     // Within API Gateway's integration timeout (29 s REST, 30 s HTTP API).
-    let timeout: u32 = t
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Timeout:"))
-        .expect("a Timeout")
-        .trim()
-        .parse()
-        .unwrap();
+    let timeout: u32 =
+        t.lines().find_map(|l| l.trim().strip_prefix("Timeout:")).expect("a Timeout").trim().parse().unwrap();
     assert!((1..29).contains(&timeout), "Timeout {timeout} is not below API Gateway's limit");
     // Reading the secret is granted only under the condition that one is configured.
     let grant = t.find("secretsmanager:GetSecretValue").unwrap();

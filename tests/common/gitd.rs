@@ -34,8 +34,9 @@ impl GitDaemon {
             let port = free_port();
             let log =
                 std::fs::File::create(dir.path().join("daemon.log")).expect("create daemon.log");
-            let mut child = Command::new("git")
-                .arg("daemon")
+            // `git daemon` forks `git-daemon`; killing the wrapper would strand the real daemon,
+            // so start `git-daemon` itself.
+            let mut child = Command::new(daemon_program())
                 .arg("--export-all")
                 .arg("--enable=receive-pack")
                 .arg("--informative-errors")
@@ -112,6 +113,12 @@ impl Drop for GitDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `$(git --exec-path)/git-daemon`.
+fn daemon_program() -> PathBuf {
+    let out = Command::new("git").arg("--exec-path").output().expect("run git --exec-path");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("git-daemon")
 }
 
 /// Panic with the set-up command when the git CLI is missing.

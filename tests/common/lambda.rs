@@ -91,12 +91,10 @@ impl Emulator {
                     }
                 }
             }
-            cmd.env("CARGO_TARGET_DIR", target_dir())
-                .env("GITSTATE_CACHE_DIR", dir.path().join("cache"))
-                .env(
-                    "GITSTATE_LOG",
-                    std::env::var("GITSTATE_TEST_LOG").unwrap_or_else(|_| "info,gitstate=debug".into()),
-                );
+            cmd.env("CARGO_TARGET_DIR", target_dir()).env("GITSTATE_CACHE_DIR", dir.path().join("cache")).env(
+                "GITSTATE_LOG",
+                std::env::var("GITSTATE_TEST_LOG").unwrap_or_else(|_| "info,gitstate=debug".into()),
+            );
             for (k, v) in env {
                 cmd.env(k, v);
             }
@@ -217,8 +215,7 @@ impl Emulator {
     /// Stop the emulator's process group (cargo-lambda, `cargo run`, the function).
     fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
-        let group = format!("-{}", child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).stderr(Stdio::null()).status();
+        signal_group(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -227,7 +224,7 @@ impl Emulator {
             std::thread::sleep(Duration::from_millis(50));
         }
         // Whatever is left of the group (the function may outlive cargo-lambda).
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
+        signal_group(child.id(), "KILL");
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -237,12 +234,23 @@ impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "--- cargo lambda watch on port {} ---\n{}\n--- end of watch.log ---",
-                self.port,
-                self.log()
-            );
+            eprintln!("--- cargo lambda watch on port {} ---\n{}\n--- end of watch.log ---", self.port, self.log());
         }
+    }
+}
+
+/// Send SIGTERM/SIGKILL to the process group `pgid` (procps `kill`; Python's os.killpg where it is missing).
+fn signal_group(pgid: u32, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !sent {
+        let _ = Command::new(repo_root().join(".venv/bin/python"))
+            .args(["-c", &format!("import os, signal; os.killpg({pgid}, signal.SIG{signal})")])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 pub mod gitd;
-pub mod lambda;
 pub mod httpd;
+pub mod lambda;
 pub mod moto;
 pub mod serve;
 pub mod terraform;
