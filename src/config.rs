@@ -44,7 +44,8 @@ pub struct Config {
     pub git_credentials_secret: Option<String>,
     /// `GITSTATE_USERNAME`/`GITSTATE_PASSWORD`: basic auth the backend itself requires.
     pub backend_credentials: Option<Credentials>,
-    /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 8).
+    /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 16:
+    /// 8 left some of 16 concurrent writers on one repository without a turn).
     pub write_retries: u32,
 }
 
@@ -62,7 +63,7 @@ impl Default for Config {
             git_credentials: None,
             git_credentials_secret: None,
             backend_credentials: None,
-            write_retries: 8,
+            write_retries: 16,
         }
     }
 }

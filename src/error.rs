@@ -80,7 +80,7 @@ impl Error {
             }
             Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) => {
                 b = b.header(header::ALLOW, allow);
-                Bytes::from_static(b"method not allowed on this address\n")
+                Bytes::from(format!("method not allowed on this address; allowed: {allow}\n"))
             }
             Error::Backend(BackendError::Contended { .. })
             | Error::Backend(BackendError::Storage(StorageError::Unavailable(_))) => {

@@ -447,13 +447,13 @@ fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
     if let (Some(a), Some(b)) = (lineage(&old), lineage(&new)) {
         if a != b {
             return Verdict::Refuse(format!(
-                "lineage mismatch: the stored state has lineage {a:?}, the new one {b:?};                  this is another state (use ?force=true for a deliberate `state push -force`)"
+                "lineage mismatch: the stored state has lineage {a:?}, the new one {b:?}; this is another state (use ?force=true for a deliberate `state push -force`)"
             ));
         }
     }
     match (serial(&old), serial(&new)) {
         (Some(a), Some(b)) if b < a => Verdict::Refuse(format!(
-            "stale serial: the stored state has serial {a}, the new one {b}; someone else wrote in between              (use ?force=true for a deliberate `state push -force`)"
+            "stale serial: the stored state has serial {a}, the new one {b}; someone else wrote in between (use ?force=true for a deliberate `state push -force`)"
         )),
         (Some(a), Some(b)) if a == b && old != new => Verdict::Refuse(format!(
             "serial {a} is already stored with different content; a new state needs a higher serial"

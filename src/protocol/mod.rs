@@ -86,8 +86,13 @@ struct LockInfoJson {
 impl LockInfo {
     /// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
     pub fn parse(raw: Bytes) -> Result<Self, ProtocolError> {
-        let j: LockInfoJson = serde_json::from_slice(&raw)
-            .map_err(|e| ProtocolError::BadRequest(format!("the body is not a Terraform LockInfo JSON object: {e}")))?;
+        let not_lock_info = || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
+        // Via Value: serde's derived reader would also take a JSON array as the struct.
+        let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
+        if !value.is_object() {
+            return Err(not_lock_info());
+        }
+        let j: LockInfoJson = serde_json::from_value(value).map_err(|_| not_lock_info())?;
         if j.id.trim().is_empty() {
             return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
         }
@@ -322,6 +327,9 @@ mod tests {
         );
         assert!(matches!(req("LOCK", "/state/a", None, "not json"), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(req("LOCK", "/state/a", None, r#"{"ID":""}"#), Err(ProtocolError::BadRequest(_))));
+        // Found by the fuzzer: arrays must not pass as LockInfo.
+        assert!(matches!(req("LOCK", "/state/a", None, r#"["G"]"#), Err(ProtocolError::BadRequest(_))));
+        assert!(matches!(req("UNLOCK", "/state/a", None, r#"["A"]"#), Err(ProtocolError::BadRequest(_))));
     }
 
     #[test]

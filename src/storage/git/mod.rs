@@ -105,6 +105,9 @@ impl GitStore {
 
 impl Storage for GitStore {
     fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, StorageError> {
+        if self.remote.is_some() && cache_needs_rebuild(&self.dir) {
+            self.reset_cache()?;
+        }
         let repo = self.local();
         match &self.remote {
             Some(url) => timed(|| remote::fetch_tips(&repo, url, refs, creds)),
@@ -243,7 +246,10 @@ fn check_no_collision(tree: &gix::Tree<'_>, path: &str) -> Result<(), StorageErr
 }
 
 fn open_or_init(dir: &Path, rebuild_on_failure: bool) -> Result<gix::ThreadSafeRepository, StorageError> {
-    let open = || gix::open_opts(dir, gix::open::Options::isolated()).map(|r| r.into_sync());
+    // gix sizes its pack index slots from the packs on disk at open time; a warm cache gains a
+    // pack per fetch, so give it room (and see MAX_CACHE_PACKS).
+    let slots = gix::odb::store::init::Slots::Given(MAX_CACHE_PACKS as u16 * 4);
+    let open = || gix::open_opts(dir, gix::open::Options::isolated().object_store_slots(slots)).map(|r| r.into_sync());
     if dir.exists() {
         match open() {
             Ok(repo) if repo.to_thread_local().is_bare() => return Ok(repo),
@@ -265,6 +271,20 @@ fn open_or_init(dir: &Path, rebuild_on_failure: bool) -> Result<gix::ThreadSafeR
         Err(e) => return Err(StorageError::Local(format!("cannot create {}: {e}", dir.display()))),
     }
     open().map_err(|e| StorageError::Local(format!("cannot open {}: {e}", dir.display())))
+}
+
+/// A cache with more packs than this is rebuilt before the next fetch (a depth-1 cache is cheap to refill).
+const MAX_CACHE_PACKS: usize = 64;
+
+/// Whether the cache at `dir` must be rebuilt before use: gone, or grown too many packs.
+fn cache_needs_rebuild(dir: &Path) -> bool {
+    if !dir.join("objects").is_dir() || !dir.join("HEAD").is_file() {
+        return true;
+    }
+    std::fs::read_dir(dir.join("objects/pack"))
+        .map(|entries| entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".idx")).count())
+        .unwrap_or(0)
+        > MAX_CACHE_PACKS
 }
 
 fn cache_path(cache_dir: &Path, url: &str) -> PathBuf {

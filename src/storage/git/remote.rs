@@ -189,7 +189,12 @@ fn fetch_tips_once(
         }
     }
     if missing(repo, &tips) {
-        return Err(StorageError::Protocol(format!("{} did not send all requested tips", redacted(url))).into());
+        // Usually our cache, not the host: unreadable packs look like missing objects.
+        return Err(StorageError::Local(format!(
+            "{} did not send all requested tips, or the cache cannot read them",
+            redacted(url)
+        ))
+        .into());
     }
     Ok(tips)
 }
