@@ -417,15 +417,34 @@ fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> 
             field("Operation")
         ));
     }
-    if let Some(state) = content.and_then(|c| serde_json::from_slice::<serde_json::Value>(c).ok()) {
-        if let Some(serial) = state.get("serial").and_then(|s| s.as_u64()) {
+    if let Some(state) = content.and_then(StateHead::parse) {
+        if let Some(serial) = state.serial {
             m.push_str(&format!("Serial: {serial}\n"));
         }
-        if let Some(lineage) = state.get("lineage").and_then(|s| s.as_str()) {
-            m.push_str(&format!("Lineage: {}\n", one_line(lineage)));
+        if let Some(lineage) = state.lineage {
+            m.push_str(&format!("Lineage: {}\n", one_line(&lineage)));
         }
     }
     m
+}
+
+/// The fields of a state the guard and the trailers need, read without building the whole document.
+#[derive(serde::Deserialize)]
+struct StateHead {
+    serial: Option<u64>,
+    lineage: Option<String>,
+}
+
+impl StateHead {
+    fn parse(state: &[u8]) -> Option<Self> {
+        serde_json::from_slice(state).ok()
+    }
+}
+
+/// Equal as JSON (formatting aside). Only reached for two states of the same serial.
+fn same_json(a: &[u8], b: &[u8]) -> bool {
+    let parse = |x: &[u8]| serde_json::from_slice::<serde_json::Value>(x).ok();
+    matches!((parse(a), parse(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// What the lineage/serial guard says about writing `incoming` over `stored`.
@@ -440,22 +459,19 @@ enum Verdict {
 /// Terraform's own rule for a persistent state manager: never replace a state of another
 /// lineage or a newer serial. Bodies without both fields (e.g. an encrypted envelope) pass.
 fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
-    let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
-    let (Some(old), Some(new)) = (parse(stored), parse(incoming)) else { return Verdict::Write };
-    let lineage = |v: &serde_json::Value| v.get("lineage").and_then(|l| l.as_str()).map(str::to_string);
-    let serial = |v: &serde_json::Value| v.get("serial").and_then(|s| s.as_u64());
-    if let (Some(a), Some(b)) = (lineage(&old), lineage(&new)) {
+    let (Some(old), Some(new)) = (StateHead::parse(stored), StateHead::parse(incoming)) else { return Verdict::Write };
+    if let (Some(a), Some(b)) = (&old.lineage, &new.lineage) {
         if a != b {
             return Verdict::Refuse(format!(
                 "lineage mismatch: the stored state has lineage {a:?}, the new one {b:?}; this is another state (use ?force=true for a deliberate `state push -force`)"
             ));
         }
     }
-    match (serial(&old), serial(&new)) {
+    match (old.serial, new.serial) {
         (Some(a), Some(b)) if b < a => Verdict::Refuse(format!(
             "stale serial: the stored state has serial {a}, the new one {b}; someone else wrote in between (use ?force=true for a deliberate `state push -force`)"
         )),
-        (Some(a), Some(b)) if a == b && old != new => Verdict::Refuse(format!(
+        (Some(a), Some(b)) if a == b && !same_json(stored, incoming) => Verdict::Refuse(format!(
             "serial {a} is already stored with different content; a new state needs a higher serial"
         )),
         (Some(a), Some(b)) if a == b => Verdict::AlreadyStored,
