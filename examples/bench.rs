@@ -114,9 +114,11 @@ async fn big_state(url: &str, tmp: &Path, mib: usize) -> (f64, f64, f64) {
 }
 
 fn new_app(url: &str, tmp: &Path, n: usize) -> Arc<App> {
-    let mut c = Config::default();
-    c.repository = Some(url.to_string());
-    c.cache_dir = tmp.join(format!("cache-{}-{n}", fastrand::u64(..)));
+    let c = Config {
+        repository: Some(url.to_string()),
+        cache_dir: tmp.join(format!("cache-{}-{n}", fastrand::u64(..))),
+        ..Config::default()
+    };
     Arc::new(App::new(c).unwrap())
 }
 

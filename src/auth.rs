@@ -173,10 +173,12 @@ mod tests {
 
     #[test]
     fn env_mode_checks_backend_auth_and_uses_its_own_git_credentials() {
-        let mut c = Config::default();
-        c.auth = AuthMode::Env;
-        c.backend_credentials = Some(Credentials { username: "tf".into(), password: "pw".into() });
-        c.git_credentials = Some(Credentials { username: "git".into(), password: "token".into() });
+        let c = Config {
+            auth: AuthMode::Env,
+            backend_credentials: Some(Credentials { username: "tf".into(), password: "pw".into() }),
+            git_credentials: Some(Credentials { username: "git".into(), password: "token".into() }),
+            ..Config::default()
+        };
         let auth = Auth::from_config(&c).unwrap();
         assert_eq!(auth.authorize(&HeaderMap::new()), Err(AuthError::Missing));
         assert_eq!(auth.authorize(&headers("tf", "nope")), Err(AuthError::Wrong));
@@ -186,8 +188,10 @@ mod tests {
 
     #[test]
     fn passthrough_refuses_backend_credentials() {
-        let mut c = Config::default();
-        c.backend_credentials = Some(Credentials { username: "tf".into(), password: "pw".into() });
+        let c = Config {
+            backend_credentials: Some(Credentials { username: "tf".into(), password: "pw".into() }),
+            ..Config::default()
+        };
         assert!(Auth::from_config(&c).is_err());
     }
 }

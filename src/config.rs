@@ -84,8 +84,7 @@ impl Config {
 
     /// Like [`Config::from_env`] over any lookup (tests use a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut c = Config::default();
-        c.repository = get("GITSTATE_REPOSITORY");
+        let mut c = Config { repository: get("GITSTATE_REPOSITORY"), ..Config::default() };
         if let Some(b) = get("GITSTATE_REF") {
             c.branch = b;
         }

@@ -13,23 +13,6 @@ use crate::error::Error;
 /// The largest response Lambda returns from a synchronous invocation, less room for headers and JSON framing.
 pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 - 64 * 1024;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_size_counts_json_escaping() {
-        assert_eq!(serialized_len(b"ab"), 2);
-        assert_eq!(serialized_len(b"\"a\"\n"), 7);
-        assert_eq!(serialized_len(&[0xff, 0xfe, 0xfd]), 4);
-        // A state just under the raw limit but over it once escaped is refused with a clear 413.
-        let line = "    \"key\": \"value\",\n";
-        let body = line.repeat(MAX_RESPONSE_BYTES / line.len());
-        assert!(body.len() <= MAX_RESPONSE_BYTES);
-        let r = into_lambda_response(http::Response::new(Bytes::from(body)));
-        assert_eq!(r.status(), 413);
-    }
-}
 
 /// Serve Lambda invocations until the runtime stops the process.
 pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
@@ -107,4 +90,22 @@ pub fn into_lambda_response(response: http::Response<Bytes>) -> Response<Body> {
         }
     };
     Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_size_counts_json_escaping() {
+        assert_eq!(serialized_len(b"ab"), 2);
+        assert_eq!(serialized_len(b"\"a\"\n"), 7);
+        assert_eq!(serialized_len(&[0xff, 0xfe, 0xfd]), 4);
+        // A state just under the raw limit but over it once escaped is refused with a clear 413.
+        let line = "    \"key\": \"value\",\n";
+        let body = line.repeat(MAX_RESPONSE_BYTES / line.len());
+        assert!(body.len() <= MAX_RESPONSE_BYTES);
+        let r = into_lambda_response(http::Response::new(Bytes::from(body)));
+        assert_eq!(r.status(), 413);
+    }
 }

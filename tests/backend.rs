@@ -39,8 +39,7 @@ impl Fixture {
     fn app(&self) -> Arc<App> {
         let n = self.instances.get();
         self.instances.set(n + 1);
-        let mut config = Config::default();
-        config.cache_dir = self.tmp.path().join(format!("cache-{n}"));
+        let mut config = Config { cache_dir: self.tmp.path().join(format!("cache-{n}")), ..Config::default() };
         match &self.backing {
             Backing::Embedded { data_dir } => config.data_dir = data_dir.clone(),
             Backing::Daemon { url, .. } => config.repository = Some(url.clone()),

@@ -181,14 +181,16 @@ pub fn rev_parse(repo: &Path, rev: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 that was free a moment ago (shared by every harness).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("find a free port")
         .port()
 }
 
-fn wait_until_listening(child: &mut Child, port: u16) -> bool {
+/// Wait until `port` accepts connections; false if `child` exits or the start timeout passes.
+pub fn wait_until_listening(child: &mut Child, port: u16) -> bool {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

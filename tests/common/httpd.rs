@@ -10,13 +10,15 @@
 //! fcgiwrap as a second daemon).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::gitd::{free_port, wait_until_listening};
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to wait for lighttpd to flush its (buffered) access log.
@@ -325,20 +327,3 @@ fn git_plain(cwd: &Path, args: &[&str]) -> Output {
         .expect("run git (install the test tools with `bash scripts/test.sh`)")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port()
-}
-
-fn wait_until_listening(child: &mut Child, port: u16) -> bool {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}

@@ -6,13 +6,15 @@
 //! The emulator (and the function it started) is stopped on drop.
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::gitd::free_port;
 
 /// How long the emulator may take to answer its first request: it runs
 /// `cargo run`, which may have to build the binary first.
@@ -254,6 +256,3 @@ fn signal_group(pgid: u32, signal: &str) {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
-}

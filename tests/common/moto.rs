@@ -4,12 +4,14 @@
 //! HTTP API (the same JSON protocol the AWS SDK speaks).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::gitd::free_port;
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -192,6 +194,3 @@ fn wait_ready(child: &mut Child, port: u16) -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port()
-}
