@@ -99,7 +99,8 @@ fn peak_rss_mib() -> f64 {
 /// Write and read back a state of `mib` MiB; returns (peak RSS before, after) in MiB.
 async fn big_state(url: &str, tmp: &Path, mib: usize) -> (f64, f64, f64) {
     let app = new_app(url, tmp, 999_999);
-    let mut state = String::from("{\n  \"version\": 4,\n  \"serial\": 1,\n  \"lineage\": \"big\",\n  \"resources\": [\n");
+    let mut state =
+        String::from("{\n  \"version\": 4,\n  \"serial\": 1,\n  \"lineage\": \"big\",\n  \"resources\": [\n");
     let mut i = 0;
     while state.len() < mib << 20 {
         state.push_str(&format!("    {{\"name\": \"r{i}\", \"value\": \"{:032x}\"}},\n", fastrand::u128(..)));

@@ -13,7 +13,6 @@ use crate::error::Error;
 /// The largest response Lambda returns from a synchronous invocation, less room for headers and JSON framing.
 pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 - 64 * 1024;
 
-
 /// Serve Lambda invocations until the runtime stops the process.
 pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
     lambda_http::run(lambda_http::service_fn(move |event: Request| {

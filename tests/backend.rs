@@ -94,7 +94,9 @@ async fn lockers_race(f: &Fixture) {
     let mut tasks = Vec::new();
     for (i, app) in apps.iter().enumerate() {
         let app = Arc::clone(app);
-        tasks.push(tokio::spawn(async move { (i, call(&app, "LOCK", "/state/race.tfstate", &lock_info(&format!("locker-{i}"))).await) }));
+        tasks.push(tokio::spawn(async move {
+            (i, call(&app, "LOCK", "/state/race.tfstate", &lock_info(&format!("locker-{i}"))).await)
+        }));
     }
     let mut winners = Vec::new();
     let mut holders = Vec::new();
@@ -157,7 +159,14 @@ async fn lock_rules(f: &Fixture) {
     assert_eq!(call(&b, "DELETE", l, &lock_info("C")).await.0, 200);
     // Trailers of the locked write.
     let log = git_out(&f.server_repo(), &["log", "-1", "--format=%B", "main", "--", "envs/prod/terraform.tfstate"]);
-    for needle in ["Update envs/prod/terraform.tfstate", "Lock-ID: A", "Who: A@test", "Operation: OperationTypeApply", "Serial: 1", "Lineage: lin-1"] {
+    for needle in [
+        "Update envs/prod/terraform.tfstate",
+        "Lock-ID: A",
+        "Who: A@test",
+        "Operation: OperationTypeApply",
+        "Serial: 1",
+        "Lineage: lin-1",
+    ] {
         assert!(log.contains(needle), "commit message lacks {needle:?}:\n{log}");
     }
 }
@@ -172,7 +181,8 @@ async fn reads_writes_and_rejections(f: &Fixture) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.body(), state(1, "one").as_bytes());
     assert_eq!(r.headers()["content-md5"], content_md5(state(1, "one").as_bytes()).as_str());
-    let commits = |f: &Fixture| git_out(&f.server_repo(), &["rev-list", "--count", "main"]).trim().parse::<u32>().unwrap();
+    let commits =
+        |f: &Fixture| git_out(&f.server_repo(), &["rev-list", "--count", "main"]).trim().parse::<u32>().unwrap();
     let before = commits(f);
     // Retried identical write: no new commit.
     assert_eq!(call(&a, "POST", p, &state(1, "one")).await.0, 200);

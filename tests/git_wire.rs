@@ -11,7 +11,6 @@ use common::gitd::{git_out, rev_parse, GitDaemon};
 use gitstate::storage::git::{pack, push, remote};
 use gitstate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
 
-
 /// Anonymous access: the daemon asks for no credentials.
 fn push_(
     repo: &gix::Repository,
@@ -48,9 +47,7 @@ fn commit(repo: &gix::Repository, parent: Option<ObjectId>, path: &str, content:
     };
     let blob = repo.write_blob(content.as_bytes()).unwrap().detach();
     let mut editor = repo.edit_tree(base).unwrap();
-    editor
-        .upsert(path, gix::object::tree::EntryKind::Blob, blob)
-        .unwrap();
+    editor.upsert(path, gix::object::tree::EntryKind::Blob, blob).unwrap();
     let tree = editor.write().unwrap().detach();
     let sig = gix::actor::Signature {
         name: "gitstate test".into(),
@@ -70,11 +67,7 @@ fn commit(repo: &gix::Repository, parent: Option<ObjectId>, path: &str, content:
 }
 
 fn update(name: &str, old: Option<ObjectId>, new: Option<ObjectId>) -> RefUpdate {
-    RefUpdate {
-        name: name.into(),
-        old,
-        new,
-    }
+    RefUpdate { name: name.into(), old, new }
 }
 
 fn server_ref(daemon: &GitDaemon, repo: &str, name: &str) -> Option<ObjectId> {
@@ -82,10 +75,7 @@ fn server_ref(daemon: &GitDaemon, repo: &str, name: &str) -> Option<ObjectId> {
 }
 
 fn fsck(daemon: &GitDaemon, repo: &str) {
-    git_out(
-        &daemon.repo_dir(repo),
-        &["fsck", "--strict", "--no-dangling"],
-    );
+    git_out(&daemon.repo_dir(repo), &["fsck", "--strict", "--no-dangling"]);
 }
 
 fn assert_rejected(outcome: UpdateOutcome, name: &str) -> String {
@@ -114,11 +104,7 @@ fn fetch_tips_of_an_empty_remote_is_empty() {
 #[test]
 fn unreachable_host_is_unavailable() {
     // A port nobody listens on: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
     let u = url(&format!("git://127.0.0.1:{port}/x.git"));
@@ -169,65 +155,37 @@ fn push_create_update_delete_with_compare_and_swap() {
     let repo = cache(dir.path());
 
     // Create.
-    let c1 = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate",
-        "{\"serial\": 1}\n",
-    );
+    let c1 = commit(&repo, None, "envs/prod/terraform.tfstate", "{\"serial\": 1}\n");
     let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
     fsck(&daemon, "states.git");
 
     // Creating again (old = must not exist) loses.
-    let other = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate",
-        "{\"serial\": 99}\n",
-    );
+    let other = commit(&repo, None, "envs/prod/terraform.tfstate", "{\"serial\": 99}\n");
     let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(other))]).unwrap();
     assert_rejected(out, MAIN);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
 
     // Update from the right tip: only the new objects travel (the parent is on the remote).
-    let c2 = commit(
-        &repo,
-        Some(c1),
-        "envs/dev/terraform.tfstate",
-        "{\"serial\": 1}\n",
-    );
+    let c2 = commit(&repo, Some(c1), "envs/dev/terraform.tfstate", "{\"serial\": 1}\n");
     let out = push_(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c2))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
     fsck(&daemon, "states.git");
     assert_eq!(
-        git_out(
-            &daemon.repo_dir("states.git"),
-            &["show", "main:envs/prod/terraform.tfstate"]
-        ),
+        git_out(&daemon.repo_dir("states.git"), &["show", "main:envs/prod/terraform.tfstate"]),
         "{\"serial\": 1}"
     );
 
     // Update from a stale tip loses and leaves the server alone.
-    let c3 = commit(
-        &repo,
-        Some(c1),
-        "envs/prod/terraform.tfstate",
-        "{\"serial\": 2}\n",
-    );
+    let c3 = commit(&repo, Some(c1), "envs/prod/terraform.tfstate", "{\"serial\": 2}\n");
     let out = push_(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c3))]).unwrap();
     assert_rejected(out, MAIN);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
 
     // Deleting with a wrong old id loses (receive-pack would not check it: we do).
-    let lock = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate.lock",
-        "{\"ID\": \"a\"}\n",
-    );
+    let lock = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
     let out = push_(&repo, &remote_url, &[update(LOCK, None, Some(lock))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     let out = push_(&repo, &remote_url, &[update(LOCK, Some(c1), None)]).unwrap();
@@ -254,34 +212,15 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
     let state = "envs/prod/terraform.tfstate";
 
     let base = commit(&repo, None, state, "{\"serial\": 1}\n");
-    let lock_a = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate.lock",
-        "{\"ID\": \"a\"}\n",
-    );
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, None, Some(base)),
-            update(LOCK, None, Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
 
     // A write under lock A with the guard, when the lock is still A: applied together.
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, Some(base), Some(w1)),
-            update(LOCK, Some(lock_a), Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let out =
+        push_(&repo, &remote_url, &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))])
+            .unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "atomic.git", MAIN), Some(w1));
     assert_eq!(server_ref(&daemon, "atomic.git", LOCK), Some(lock_a));
@@ -291,35 +230,20 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
     let clone_dir = clone.path().join("w");
     git_out(
         clone.path(),
-        &[
-            "clone",
-            "-q",
-            daemon.repo_dir("atomic.git").to_str().unwrap(),
-            clone_dir.to_str().unwrap(),
-        ],
+        &["clone", "-q", daemon.repo_dir("atomic.git").to_str().unwrap(), clone_dir.to_str().unwrap()],
     );
     git_out(&clone_dir, &["checkout", "-q", "--orphan", "lockb"]);
     std::fs::write(clone_dir.join("x.lock"), "{\"ID\": \"b\"}\n").unwrap();
     git_out(&clone_dir, &["add", "x.lock"]);
     git_out(&clone_dir, &["commit", "-q", "-m", "lock b"]);
-    git_out(
-        &clone_dir,
-        &["push", "-q", "--force", "origin", &format!("HEAD:{LOCK}")],
-    );
+    git_out(&clone_dir, &["push", "-q", "--force", "origin", &format!("HEAD:{LOCK}")]);
     let lock_b = server_ref(&daemon, "atomic.git", LOCK).unwrap();
     assert_ne!(lock_b, lock_a);
 
     // Check-first catches the moved guard from the advertisement.
     let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, Some(w1), Some(w2)),
-            update(LOCK, Some(lock_a), Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let out = push_(&repo, &remote_url, &[update(MAIN, Some(w1), Some(w2)), update(LOCK, Some(lock_a), Some(lock_a))])
+        .unwrap();
     assert_rejected(out, LOCK);
     assert_eq!(server_ref(&daemon, "atomic.git", MAIN), Some(w1));
     assert_eq!(server_ref(&daemon, "atomic.git", LOCK), Some(lock_b));
@@ -338,21 +262,8 @@ fn atomic_guard_is_checked_by_receive_pack_itself() {
     let state = "envs/prod/terraform.tfstate";
 
     let base = commit(&repo, None, state, "{\"serial\": 1}\n");
-    let lock_a = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate.lock",
-        "{\"ID\": \"a\"}\n",
-    );
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, None, Some(base)),
-            update(LOCK, None, Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
 
     // pre-receive runs after the advertisement and before the ref transaction:
@@ -361,9 +272,7 @@ fn atomic_guard_is_checked_by_receive_pack_itself() {
     let hook = server.join("hooks").join("pre-receive");
     std::fs::write(
         &hook,
-        format!(
-            "#!/bin/sh\ncat >/dev/null\nunset GIT_QUARANTINE_PATH\ngit update-ref {LOCK} {base}\n"
-        ),
+        format!("#!/bin/sh\ncat >/dev/null\nunset GIT_QUARANTINE_PATH\ngit update-ref {LOCK} {base}\n"),
     )
     .unwrap();
     #[cfg(unix)]
@@ -373,27 +282,13 @@ fn atomic_guard_is_checked_by_receive_pack_itself() {
     }
 
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, Some(base), Some(w1)),
-            update(LOCK, Some(lock_a), Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let out =
+        push_(&repo, &remote_url, &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))])
+            .unwrap();
     let reason = assert_rejected(out, LOCK);
     eprintln!("guard rejected with: {reason}");
-    assert_eq!(
-        server_ref(&daemon, "race.git", MAIN),
-        Some(base),
-        "main must not move"
-    );
-    assert_eq!(
-        server_ref(&daemon, "race.git", LOCK),
-        Some(base),
-        "the hook moved the lock"
-    );
+    assert_eq!(server_ref(&daemon, "race.git", MAIN), Some(base), "main must not move");
+    assert_eq!(server_ref(&daemon, "race.git", LOCK), Some(base), "the hook moved the lock");
 }
 
 #[test]
@@ -406,31 +301,16 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     let c2 = commit(&writer, Some(c1), "b/terraform.tfstate", "two\n");
     let lock = commit(&writer, None, "a/terraform.tfstate.lock", "{}\n");
     // Two pushes so the server has the history c1 <- c2.
+    assert_eq!(push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(), UpdateOutcome::Applied);
     assert_eq!(
-        push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
-        UpdateOutcome::Applied
-    );
-    assert_eq!(
-        push_(
-            &writer,
-            &remote_url,
-            &[
-                update(MAIN, Some(c1), Some(c2)),
-                update(LOCK, None, Some(lock))
-            ]
-        )
-        .unwrap(),
+        push_(&writer, &remote_url, &[update(MAIN, Some(c1), Some(c2)), update(LOCK, None, Some(lock))]).unwrap(),
         UpdateOutcome::Applied
     );
     fsck(&daemon, "fetch.git");
 
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
-    let wanted = [
-        MAIN.to_owned(),
-        LOCK.to_owned(),
-        "refs/heads/absent".to_owned(),
-    ];
+    let wanted = [MAIN.to_owned(), LOCK.to_owned(), "refs/heads/absent".to_owned()];
     let tips = fetch_(&repo, &remote_url, &wanted).unwrap();
     assert_eq!(tips.len(), 2, "{tips:?}");
     assert_eq!(tips[MAIN], c2);
@@ -438,18 +318,11 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
 
     // Readable: the tip, its tree and blobs; not the parent (depth 1).
     let tree = repo.find_commit(c2).unwrap().tree().unwrap();
-    let entry = tree
-        .lookup_entry_by_path("b/terraform.tfstate")
-        .unwrap()
-        .unwrap();
+    let entry = tree.lookup_entry_by_path("b/terraform.tfstate").unwrap().unwrap();
     assert_eq!(repo.find_blob(entry.object_id()).unwrap().data, b"two\n");
     assert!(!repo.has_object(c1), "the parent must not be fetched");
     assert!(repo.is_shallow().unwrap());
-    assert_eq!(
-        repo.references().unwrap().all().unwrap().count(),
-        0,
-        "no refs written"
-    );
+    assert_eq!(repo.references().unwrap().all().unwrap().count(), 0, "no refs written");
 
     // Warm: nothing missing, no fetch.
     let again = fetch_(&repo, &remote_url, &wanted).unwrap();
@@ -460,13 +333,7 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     let out = push_(&repo, &remote_url, &[update(MAIN, Some(c2), Some(c3))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     fsck(&daemon, "fetch.git");
-    assert_eq!(
-        git_out(
-            &daemon.repo_dir("fetch.git"),
-            &["show", "main:a/terraform.tfstate"]
-        ),
-        "three"
-    );
+    assert_eq!(git_out(&daemon.repo_dir("fetch.git"), &["show", "main:a/terraform.tfstate"]), "three");
 
     // The new tip arrives in the cache on the next call.
     let tips = fetch_(&repo, &remote_url, &[MAIN.to_owned()]).unwrap();
@@ -484,10 +351,7 @@ fn warm_fetch_sends_only_ls_refs() {
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
     let c1 = commit(&repo, None, "a/terraform.tfstate", "one\n");
-    assert_eq!(
-        push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
-        UpdateOutcome::Applied
-    );
+    assert_eq!(push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(), UpdateOutcome::Applied);
 
     let cold_dir = tempfile::tempdir().unwrap();
     let cold = cache(cold_dir.path());
@@ -500,20 +364,9 @@ fn warm_fetch_sends_only_ls_refs() {
     assert_eq!(tips[MAIN], c1);
     let log = std::fs::read_to_string(&trace).unwrap();
     assert!(log.contains("command=ls-refs"), "{log}");
-    assert!(
-        !log.contains("command=fetch"),
-        "a warm call must not fetch:\n{log}"
-    );
-    let prefixes: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split("ref-prefix ").nth(1))
-        .map(str::trim)
-        .collect();
-    assert_eq!(
-        prefixes,
-        vec![MAIN],
-        "ls-refs asks for exactly our refs:\n{log}"
-    );
+    assert!(!log.contains("command=fetch"), "a warm call must not fetch:\n{log}");
+    let prefixes: Vec<&str> = log.lines().filter_map(|l| l.split("ref-prefix ").nth(1)).map(str::trim).collect();
+    assert_eq!(prefixes, vec![MAIN], "ls-refs asks for exactly our refs:\n{log}");
 }
 
 /// A server without `atomic`: guards are checked against the advertisement only,
@@ -522,69 +375,31 @@ fn warm_fetch_sends_only_ls_refs() {
 fn without_atomic_guards_are_checked_then_dropped() {
     let daemon = GitDaemon::start();
     let remote_url = url(&daemon.create_repo("plain.git"));
-    git_out(
-        &daemon.repo_dir("plain.git"),
-        &["config", "receive.advertiseAtomic", "false"],
-    );
+    git_out(&daemon.repo_dir("plain.git"), &["config", "receive.advertiseAtomic", "false"]);
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
     let state = "envs/prod/terraform.tfstate";
 
     let base = commit(&repo, None, state, "{\"serial\": 1}\n");
-    let lock_a = commit(
-        &repo,
-        None,
-        "envs/prod/terraform.tfstate.lock",
-        "{\"ID\": \"a\"}\n",
-    );
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, None, Some(base)),
-            update(LOCK, None, Some(lock_a)),
-        ],
-    )
-    .unwrap();
-    assert_eq!(
-        out,
-        UpdateOutcome::Applied,
-        "several updates go without atomic too"
-    );
+    let lock_a = commit(&repo, None, "envs/prod/terraform.tfstate.lock", "{\"ID\": \"a\"}\n");
+    let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(base)), update(LOCK, None, Some(lock_a))]).unwrap();
+    assert_eq!(out, UpdateOutcome::Applied, "several updates go without atomic too");
 
     let w1 = commit(&repo, Some(base), state, "{\"serial\": 2}\n");
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, Some(base), Some(w1)),
-            update(LOCK, Some(lock_a), Some(lock_a)),
-        ],
-    )
-    .unwrap();
+    let out =
+        push_(&repo, &remote_url, &[update(MAIN, Some(base), Some(w1)), update(LOCK, Some(lock_a), Some(lock_a))])
+            .unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
 
     let w2 = commit(&repo, Some(w1), state, "{\"serial\": 3}\n");
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[
-            update(MAIN, Some(w1), Some(w2)),
-            update(LOCK, Some(base), Some(base)),
-        ],
-    )
-    .unwrap();
+    let out =
+        push_(&repo, &remote_url, &[update(MAIN, Some(w1), Some(w2)), update(LOCK, Some(base), Some(base))]).unwrap();
     assert_rejected(out, LOCK);
     assert_eq!(server_ref(&daemon, "plain.git", MAIN), Some(w1));
 
     // Only a guard: nothing to send once it checked out.
-    let out = push_(
-        &repo,
-        &remote_url,
-        &[update(LOCK, Some(lock_a), Some(lock_a))],
-    )
-    .unwrap();
+    let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock_a), Some(lock_a))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     fsck(&daemon, "plain.git");
 }
@@ -596,10 +411,7 @@ fn concurrent_fetches_into_one_cache() {
     let writer_dir = tempfile::tempdir().unwrap();
     let writer = cache(writer_dir.path());
     let c1 = commit(&writer, None, "a/terraform.tfstate", "one\n");
-    assert_eq!(
-        push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(),
-        UpdateOutcome::Applied
-    );
+    assert_eq!(push_(&writer, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap(), UpdateOutcome::Applied);
 
     let dir = tempfile::tempdir().unwrap();
     cache(dir.path());
@@ -637,12 +449,7 @@ fn twenty_concurrent_creators_one_winner() {
             std::thread::spawn(move || {
                 let dir = tempfile::tempdir().unwrap();
                 let repo = cache(dir.path());
-                let c = commit(
-                    &repo,
-                    None,
-                    "x/terraform.tfstate.lock",
-                    &format!("{{\"ID\": \"{i}\"}}\n"),
-                );
+                let c = commit(&repo, None, "x/terraform.tfstate.lock", &format!("{{\"ID\": \"{i}\"}}\n"));
                 barrier.wait();
                 let out = push_(&repo, &remote_url, &[update(LOCK, None, Some(c))]);
                 (c, out)

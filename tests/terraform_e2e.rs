@@ -27,9 +27,7 @@ impl LockMode {
     fn backend(self, serve: &Serve, path: &str) -> HttpBackend {
         match self {
             LockMode::LockUnlock => HttpBackend::lock_unlock(serve.state_url(path)),
-            LockMode::PostDelete => {
-                HttpBackend::post_delete(serve.state_url(path), serve.lock_url(path))
-            }
+            LockMode::PostDelete => HttpBackend::post_delete(serve.state_url(path), serve.lock_url(path)),
         }
     }
 
@@ -59,11 +57,7 @@ fn state_path(mode: LockMode) -> String {
 
 /// Commits on `main` that touch `path`, newest first.
 fn state_commits(serve: &Serve, path: &str) -> Vec<String> {
-    serve
-        .git_ok(&["log", "--format=%H", "main", "--", path])
-        .lines()
-        .map(str::to_string)
-        .collect()
+    serve.git_ok(&["log", "--format=%H", "main", "--", path]).lines().map(str::to_string).collect()
 }
 
 /// The trailers of `commit` as (key, value) pairs.
@@ -82,19 +76,11 @@ fn trailer<'a>(t: &'a [(String, String)], key: &str) -> Option<&'a str> {
 
 /// The lock branch `locks/<path>` exists in the repository.
 fn lock_branch_exists(serve: &Serve, path: &str) -> bool {
-    let out = serve.git(&[
-        "show-ref",
-        "--verify",
-        "--quiet",
-        &format!("refs/heads/locks/{path}"),
-    ]);
+    let out = serve.git(&["show-ref", "--verify", "--quiet", &format!("refs/heads/locks/{path}")]);
     match out.status.code() {
         Some(0) => true,
         Some(1) => false,
-        _ => panic!(
-            "git show-ref failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        _ => panic!("git show-ref failed: {}", String::from_utf8_lossy(&out.stderr)),
     }
 }
 
@@ -103,35 +89,21 @@ fn lock_branch_exists(serve: &Serve, path: &str) -> bool {
 #[track_caller]
 fn assert_stored_state(serve: &Serve, tf: &TfWorkdir, path: &str, expect_x: &str) -> Value {
     let stored = serve.git_ok(&["show", &format!("main:{path}")]);
-    let stored_json: Value = serde_json::from_str(&stored)
-        .unwrap_or_else(|e| panic!("main:{path} is not JSON ({e}):\n{stored}"));
-    assert_eq!(
-        stored_json["outputs"]["x"]["value"], expect_x,
-        "stored state:\n{stored}"
-    );
+    let stored_json: Value =
+        serde_json::from_str(&stored).unwrap_or_else(|e| panic!("main:{path} is not JSON ({e}):\n{stored}"));
+    assert_eq!(stored_json["outputs"]["x"]["value"], expect_x, "stored state:\n{stored}");
 
     let pulled = tf.state_pull();
     pulled.assert_success();
-    let pulled_json: Value = serde_json::from_str(&pulled.stdout)
-        .unwrap_or_else(|e| panic!("state pull printed no JSON ({e}):\n{pulled}"));
-    assert_eq!(
-        stored_json, pulled_json,
-        "git show main:{path} and `terraform state pull` differ"
-    );
+    let pulled_json: Value =
+        serde_json::from_str(&pulled.stdout).unwrap_or_else(|e| panic!("state pull printed no JSON ({e}):\n{pulled}"));
+    assert_eq!(stored_json, pulled_json, "git show main:{path} and `terraform state pull` differ");
 
     let got = http("GET", &serve.state_url(path), &[], None);
     assert_eq!(got.status, 200, "GET /state/{path}: {}", got.text());
-    assert_eq!(
-        got.text(),
-        stored,
-        "GET /state/{path} is not byte-equal to the blob on main"
-    );
+    assert_eq!(got.text(), stored, "GET /state/{path} is not byte-equal to the blob on main");
     let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(&got.body));
-    assert_eq!(
-        got.header("Content-MD5"),
-        Some(md5.as_str()),
-        "GET /state/{path}: Content-MD5"
-    );
+    assert_eq!(got.header("Content-MD5"), Some(md5.as_str()), "GET /state/{path}: Content-MD5");
     stored_json
 }
 
@@ -140,11 +112,7 @@ fn assert_stored_state(serve: &Serve, tf: &TfWorkdir, path: &str, expect_x: &str
 #[track_caller]
 fn assert_apply_commit(serve: &Serve, commit: &str, path: &str, state: &Value) {
     let subject = serve.git_ok(&["log", "-1", "--format=%s", commit]);
-    assert_eq!(
-        subject.trim(),
-        format!("Update {path}"),
-        "commit {commit} subject"
-    );
+    assert_eq!(subject.trim(), format!("Update {path}"), "commit {commit} subject");
     let t = trailers(serve, commit);
     let msg = serve.git_ok(&["log", "-1", "--format=%B", commit]);
     let lock_id = trailer(&t, "Lock-ID").unwrap_or_else(|| panic!("no Lock-ID trailer in:\n{msg}"));
@@ -154,47 +122,23 @@ fn assert_apply_commit(serve: &Serve, commit: &str, path: &str, state: &Value) {
         "Lock-ID trailer {lock_id:?} is not Terraform's lock ID (a UUID):\n{msg}"
     );
     let who = trailer(&t, "Who").unwrap_or_else(|| panic!("no Who trailer in:\n{msg}"));
-    assert!(
-        who.contains('@'),
-        "Who trailer {who:?} is not Terraform's user@host:\n{msg}"
-    );
-    assert_eq!(
-        trailer(&t, "Operation"),
-        Some("OperationTypeApply"),
-        "Operation trailer in:\n{msg}"
-    );
-    assert_eq!(
-        trailer(&t, "Serial"),
-        Some(state["serial"].to_string().as_str()),
-        "Serial trailer in:\n{msg}"
-    );
-    assert_eq!(
-        trailer(&t, "Lineage"),
-        state["lineage"].as_str(),
-        "Lineage trailer in:\n{msg}"
-    );
+    assert!(who.contains('@'), "Who trailer {who:?} is not Terraform's user@host:\n{msg}");
+    assert_eq!(trailer(&t, "Operation"), Some("OperationTypeApply"), "Operation trailer in:\n{msg}");
+    assert_eq!(trailer(&t, "Serial"), Some(state["serial"].to_string().as_str()), "Serial trailer in:\n{msg}");
+    assert_eq!(trailer(&t, "Lineage"), state["lineage"].as_str(), "Lineage trailer in:\n{msg}");
 }
 
 /// `git fsck --strict` finds nothing wrong and no lock branch is left.
 #[track_caller]
 fn assert_repo_clean(serve: &Serve, path: &str) {
     let fsck = serve.git(&["fsck", "--strict", "--no-dangling", "--no-progress"]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
     assert!(fsck.status.success(), "git fsck --strict failed:\n{text}");
     assert!(
-        !text
-            .lines()
-            .any(|l| l.starts_with("error") || l.starts_with("warning")),
+        !text.lines().any(|l| l.starts_with("error") || l.starts_with("warning")),
         "git fsck --strict complained:\n{text}"
     );
-    assert!(
-        !lock_branch_exists(serve, path),
-        "branch locks/{path} is left behind"
-    );
+    assert!(!lock_branch_exists(serve, path), "branch locks/{path} is left behind");
     let locks = serve.git_ok(&["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks.trim(), "", "lock branches left behind");
 }
@@ -218,16 +162,9 @@ fn apply_history(mode: LockMode) {
     assert!(!tf.has_errored_state(), "Terraform wrote errored.tfstate");
     let first_state = assert_stored_state(&serve, &tf, &path, "one");
     let commits = state_commits(&serve, &path);
-    assert_eq!(
-        commits.len(),
-        1,
-        "commits touching {path} after the first apply: {commits:?}"
-    );
+    assert_eq!(commits.len(), 1, "commits touching {path} after the first apply: {commits:?}");
     assert_apply_commit(&serve, &commits[0], &path, &first_state);
-    assert!(
-        !lock_branch_exists(&serve, &path),
-        "lock left after the first apply"
-    );
+    assert!(!lock_branch_exists(&serve, &path), "lock left after the first apply");
 
     tf.set_outputs(&[("x", "two")]);
     let out = tf.apply();
@@ -236,23 +173,14 @@ fn apply_history(mode: LockMode) {
     assert!(!tf.has_errored_state(), "Terraform wrote errored.tfstate");
     let second_state = assert_stored_state(&serve, &tf, &path, "two");
     let commits = state_commits(&serve, &path);
-    assert_eq!(
-        commits.len(),
-        2,
-        "commits touching {path} after the second apply: {commits:?}"
-    );
+    assert_eq!(commits.len(), 2, "commits touching {path} after the second apply: {commits:?}");
     assert_apply_commit(&serve, &commits[0], &path, &second_state);
     assert_eq!(
-        serve
-            .git_ok(&["rev-parse", &format!("{}^", commits[0])])
-            .trim(),
+        serve.git_ok(&["rev-parse", &format!("{}^", commits[0])]).trim(),
         commits[1],
         "the second write's parent is the first"
     );
-    assert_eq!(
-        second_state["lineage"], first_state["lineage"],
-        "lineage changed"
-    );
+    assert_eq!(second_state["lineage"], first_state["lineage"], "lineage changed");
     assert!(
         second_state["serial"].as_u64() > first_state["serial"].as_u64(),
         "serial did not grow: {} then {}",
@@ -266,29 +194,16 @@ fn apply_history(mode: LockMode) {
     // plan: locks (OperationTypePlan), reads, unlocks, writes nothing.
     let tip = serve.git_ok(&["rev-parse", "main"]);
     let out = tf.plan();
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "plan should report no changes (exit 0):\n{out}"
-    );
+    assert_eq!(out.code(), Some(0), "plan should report no changes (exit 0):\n{out}");
     assert!(out.stdout.contains("No changes"), "plan output:\n{out}");
     assert_eq!(serve.git_ok(&["rev-parse", "main"]), tip, "plan moved main");
     let got = http("GET", &serve.lock_url(&path), &[], None);
-    assert_eq!(
-        got.status,
-        404,
-        "GET /lock/{path} after plan: {}",
-        got.text()
-    );
+    assert_eq!(got.status, 404, "GET /lock/{path} after plan: {}", got.text());
 
     // An apply with no change writes nothing either.
     let out = tf.apply();
     out.assert_success();
-    assert_eq!(
-        serve.git_ok(&["rev-parse", "main"]),
-        tip,
-        "an apply without changes moved main"
-    );
+    assert_eq!(serve.git_ok(&["rev-parse", "main"]), tip, "an apply without changes moved main");
 
     serve.assert_running();
     assert_repo_clean(&serve, &path);
@@ -310,42 +225,24 @@ fn lock_conflict(mode: LockMode) {
     let got = mode.lock(&serve, &path, &held);
     assert_eq!(got.status, 200, "taking a free lock: {}", got.text());
     let got = http("GET", &serve.lock_url(&path), &[], None);
-    assert_eq!(
-        got.status,
-        200,
-        "GET /lock/{path} while held: {}",
-        got.text()
-    );
+    assert_eq!(got.status, 200, "GET /lock/{path} while held: {}", got.text());
     assert_eq!(got.json()["ID"], "held-by-test");
     assert_eq!(got.json()["Who"], "tester");
     // ... and it is the branch locks/<path> holding <path>.lock.
-    assert!(
-        lock_branch_exists(&serve, &path),
-        "no branch locks/{path} while the lock is held"
-    );
+    assert!(lock_branch_exists(&serve, &path), "no branch locks/{path} while the lock is held");
     let file = serve.git_ok(&["show", &format!("refs/heads/locks/{path}:{path}.lock")]);
-    let file: Value = serde_json::from_str(&file)
-        .unwrap_or_else(|e| panic!("{path}.lock is not JSON ({e}): {file}"));
+    let file: Value = serde_json::from_str(&file).unwrap_or_else(|e| panic!("{path}.lock is not JSON ({e}): {file}"));
     assert_eq!(file["ID"], "held-by-test", "{path}.lock: {file}");
     assert_eq!(file["Who"], "tester", "{path}.lock: {file}");
 
     // Taking it again with the same LockInfo (a retry after a lost answer) succeeds.
     let got = mode.lock(&serve, &path, &held);
-    assert_eq!(
-        got.status,
-        200,
-        "re-taking a lock with the holder's own LockInfo: {}",
-        got.text()
-    );
+    assert_eq!(got.status, 200, "re-taking a lock with the holder's own LockInfo: {}", got.text());
     // Another ID is refused with the holder's LockInfo.
     let other = lock_info("someone-else", "other", "OperationTypeApply");
     let got = mode.lock(&serve, &path, &other);
     assert_eq!(got.status, 423, "taking a held lock: {}", got.text());
-    assert_eq!(
-        got.json()["ID"],
-        "held-by-test",
-        "the 423 body names the holder"
-    );
+    assert_eq!(got.json()["ID"], "held-by-test", "the 423 body names the holder");
     // Releasing with another ID is refused and the lock stays.
     let got = mode.unlock(&serve, &path, &other);
     assert!(
@@ -355,31 +252,16 @@ fn lock_conflict(mode: LockMode) {
         got.text()
     );
     let got = http("GET", &serve.lock_url(&path), &[], None);
-    assert_eq!(
-        got.status,
-        200,
-        "lock gone after an unlock with the wrong ID: {}",
-        got.text()
-    );
+    assert_eq!(got.status, 200, "lock gone after an unlock with the wrong ID: {}", got.text());
     assert_eq!(got.json()["ID"], "held-by-test");
 
     // Terraform cannot apply and names the holder.
     tf.set_outputs(&[("x", "two")]);
     let out = tf.apply();
     out.assert_failure();
-    assert!(
-        out.stderr.contains("held-by-test"),
-        "apply should name the lock holder:\n{out}"
-    );
-    assert!(
-        out.stderr.contains("lock"),
-        "apply should say it is about the lock:\n{out}"
-    );
-    assert_eq!(
-        serve.git_ok(&["rev-parse", "main"]),
-        tip,
-        "a refused apply moved main"
-    );
+    assert!(out.stderr.contains("held-by-test"), "apply should name the lock holder:\n{out}");
+    assert!(out.stderr.contains("lock"), "apply should say it is about the lock:\n{out}");
+    assert_eq!(serve.git_ok(&["rev-parse", "main"]), tip, "a refused apply moved main");
     assert_stored_state(&serve, &tf, &path, "one");
 
     // force-unlock from a fresh Terraform process in another directory: an
@@ -389,21 +271,10 @@ fn lock_conflict(mode: LockMode) {
     other_tf.init().assert_success();
     let out = other_tf.force_unlock("held-by-test");
     out.assert_success();
-    assert!(
-        out.stdout.contains("successfully unlocked"),
-        "force-unlock output:\n{out}"
-    );
+    assert!(out.stdout.contains("successfully unlocked"), "force-unlock output:\n{out}");
     let got = http("GET", &serve.lock_url(&path), &[], None);
-    assert_eq!(
-        got.status,
-        404,
-        "GET /lock/{path} after force-unlock: {}",
-        got.text()
-    );
-    assert!(
-        !lock_branch_exists(&serve, &path),
-        "branch locks/{path} survived force-unlock"
-    );
+    assert_eq!(got.status, 404, "GET /lock/{path} after force-unlock: {}", got.text());
+    assert!(!lock_branch_exists(&serve, &path), "branch locks/{path} survived force-unlock");
 
     // Now the apply goes through.
     let out = tf.apply();

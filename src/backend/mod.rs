@@ -266,10 +266,12 @@ impl Backend {
             }
             let message = commit_message(path, content.as_deref(), guard.as_ref());
             let commit = match self.storage.commit(base, path, content.as_deref(), &message) {
-                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => match decided(Err(BackendError::PathConflict(e))) {
-                    Some(answer) => return answer,
-                    None => continue,
-                },
+                Err(StorageError::Local(e)) if e.starts_with(PATH_CONFLICT) => {
+                    match decided(Err(BackendError::PathConflict(e))) {
+                        Some(answer) => return answer,
+                        None => continue,
+                    }
+                }
                 other => other?,
             };
             let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];

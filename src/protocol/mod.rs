@@ -86,7 +86,8 @@ struct LockInfoJson {
 impl LockInfo {
     /// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
     pub fn parse(raw: Bytes) -> Result<Self, ProtocolError> {
-        let not_lock_info = || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
+        let not_lock_info =
+            || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
         // Via Value: serde's derived reader would also take a JSON array as the struct.
         let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
         if !value.is_object() {

@@ -32,8 +32,7 @@ impl GitDaemon {
         // Another process may grab the port between our probe and the daemon's bind: retry.
         for _ in 0..5 {
             let port = free_port();
-            let log =
-                std::fs::File::create(dir.path().join("daemon.log")).expect("create daemon.log");
+            let log = std::fs::File::create(dir.path().join("daemon.log")).expect("create daemon.log");
             // `git daemon` forks `git-daemon`; killing the wrapper would strand the real daemon,
             // so start `git-daemon` itself.
             let mut child = Command::new(daemon_program())
@@ -58,26 +57,13 @@ impl GitDaemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!(
-            "git daemon did not start; see {}",
-            dir.path().join("daemon.log").display()
-        );
+        panic!("git daemon did not start; see {}", dir.path().join("daemon.log").display());
     }
 
     /// Create the bare repository `name` (e.g. `states.git`) and return its git:// URL.
     pub fn create_repo(&self, name: &str) -> String {
         let path = self.repo_dir(name);
-        git(
-            self.dir.path(),
-            &[
-                "init",
-                "--bare",
-                "-q",
-                "-b",
-                "main",
-                &path.display().to_string(),
-            ],
-        );
+        git(self.dir.path(), &["init", "--bare", "-q", "-b", "main", &path.display().to_string()]);
         // Make the server check every object we push, as hosting services do.
         git_out(&path, &["config", "receive.fsckObjects", "true"]);
         self.url(name)
@@ -176,17 +162,12 @@ pub fn git_try(repo: &Path, args: &[&str]) -> Output {
 /// The id `rev` resolves to in `repo`, or `None` when it does not exist.
 pub fn rev_parse(repo: &Path, rev: &str) -> Option<String> {
     let out = git_try(repo, &["rev-parse", "--verify", "-q", rev]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (shared by every harness).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("find a free port")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("find a free port").port()
 }
 
 /// Wait until `port` accepts connections; false if `child` exits or the start timeout passes.

@@ -326,4 +326,3 @@ fn git_plain(cwd: &Path, args: &[&str]) -> Output {
         .output()
         .expect("run git (install the test tools with `bash scripts/test.sh`)")
 }
-

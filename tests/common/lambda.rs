@@ -255,4 +255,3 @@ fn signal_group(pgid: u32, signal: &str) {
             .status();
     }
 }
-

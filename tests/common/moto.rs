@@ -193,4 +193,3 @@ fn wait_ready(child: &mut Child, port: u16) -> bool {
     }
     false
 }
-

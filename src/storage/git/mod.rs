@@ -282,7 +282,9 @@ fn cache_needs_rebuild(dir: &Path) -> bool {
         return true;
     }
     std::fs::read_dir(dir.join("objects/pack"))
-        .map(|entries| entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".idx")).count())
+        .map(|entries| {
+            entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".idx")).count()
+        })
         .unwrap_or(0)
         > MAX_CACHE_PACKS
 }

@@ -66,7 +66,9 @@ pub fn connect(
 fn is_loopback(url: &gix::Url) -> bool {
     match url.host() {
         Some("localhost") => true,
-        Some(h) => h.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
+        Some(h) => {
+            h.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
         None => false,
     }
 }
