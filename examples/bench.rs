@@ -5,28 +5,27 @@
 //! Run: `cargo run --release --example bench [-- ROUNDS]` (needs `git` for the daemon
 //! and the comparison; gitstate itself never runs it).
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use gitstate::{app::App, config::Config, protocol::content_md5};
+use gitstate::app::App;
+use gitstate::testkit::gitd::{git, git_with_input, GitDaemon};
+use gitstate::testkit::races;
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(tmp.path());
-    println!("gitstate benchmark: {rounds} rounds per figure, git daemon on 127.0.0.1:{}", daemon.port);
+    let daemon = GitDaemon::start();
+    println!("gitstate benchmark: {rounds} rounds per figure, git daemon on 127.0.0.1:{}", daemon.port());
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms"
     );
     for history in [10usize, 1_000, 10_000] {
         let name = format!("h{history}.git");
-        let url = daemon.repo_with_history(&name, history);
+        let url = repo_with_history(&daemon, &name, history);
         for cold in [false, true] {
             let figures = rt.block_on(run(&url, tmp.path(), rounds, cold));
             let cli = git_cli_cycle(&url, tmp.path(), rounds.min(10));
@@ -42,7 +41,7 @@ fn main() {
             );
         }
     }
-    let (before, after, took) = rt.block_on(big_state(&daemon.repo_with_history("big.git", 10), tmp.path(), 5));
+    let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
     println!(
         "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
         after - before
@@ -114,23 +113,14 @@ async fn big_state(url: &str, tmp: &Path, mib: usize) -> (f64, f64, f64) {
     (before, peak_rss_mib(), ms(t.elapsed()))
 }
 
+/// A new App over `url` with a cache directory of its own (fresh for every `n`).
 fn new_app(url: &str, tmp: &Path, n: usize) -> Arc<App> {
-    let c = Config {
-        repository: Some(url.to_string()),
-        cache_dir: tmp.join(format!("cache-{}-{n}", fastrand::u64(..))),
-        ..Config::default()
-    };
-    Arc::new(App::new(c).unwrap())
+    races::new_app(url, tmp.join(format!("cache-{}-{n}", fastrand::u64(..))))
 }
 
+/// One request through `App::handle` as Terraform sends it; the status.
 async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> u16 {
-    let req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("Content-MD5", content_md5(body.as_bytes()))
-        .body(Bytes::from(body.to_string()))
-        .unwrap();
-    app.handle(req).await.status().as_u16()
+    races::call(app, method, uri, body).await.0
 }
 
 /// The same git work with the CLI: shallow fetch, commit, push; create and delete a lock branch.
@@ -144,7 +134,12 @@ fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
         git(&work, &["fetch", "-q", "--depth", "1", "origin", "main"]);
         git(&work, &["reset", "-q", "--hard", "FETCH_HEAD"]);
         std::fs::create_dir_all(work.join("bench")).unwrap();
-        std::fs::write(work.join("bench/cli.tfstate"), format!("{{\"serial\": {i}}}\n")).unwrap();
+        // Unique content: every call commits something, even with one round per call.
+        std::fs::write(
+            work.join("bench/cli.tfstate"),
+            format!("{{\"serial\": {i}, \"run\": {}}}\n", fastrand::u64(..)),
+        )
+        .unwrap();
         git(&work, &["add", "bench/cli.tfstate"]);
         git(&work, &["-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "Update bench/cli.tfstate"]);
         git(&work, &["push", "-q", "origin", "HEAD:main"]);
@@ -152,11 +147,6 @@ fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
         samples.push(ms(t.elapsed()));
     }
     median(&mut samples)
-}
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().expect("git CLI");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn ms(d: Duration) -> f64 {
@@ -172,66 +162,23 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-struct Daemon {
-    child: Child,
-    port: u16,
-    base: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn start(tmp: &Path) -> Self {
-        let base = tmp.join("srv");
-        std::fs::create_dir_all(&base).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("git")
-            .args(["daemon", "--export-all", "--enable=receive-pack", "--reuseaddr", "--listen=127.0.0.1"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", base.display()))
-            .arg(&base)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("git daemon");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Daemon { child, port, base }
+/// A bare repository `name` of `daemon` whose `main` has `commits` commits, built with
+/// fast-import; returns its URL. (Not `GitDaemon::create_repo`: no `receive.fsckObjects`,
+/// so that the figures stay comparable with earlier runs.)
+fn repo_with_history(daemon: &GitDaemon, name: &str, commits: usize) -> String {
+    let dir = daemon.repo_dir(name);
+    git(daemon.base_dir(), &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
+    let mut script = String::new();
+    for i in 0..commits {
+        let content = format!("{{\"history\": {i}}}\n");
+        script.push_str(&format!(
+            "commit refs/heads/main\ncommitter b <b@b> {} +0000\ndata 7\nhistory\nM 100644 inline history/{}.json\ndata {}\n{}\n",
+            1_700_000_000 + i,
+            i % 100,
+            content.len(),
+            content
+        ));
     }
-
-    /// A bare repository whose `main` has `commits` commits, built with fast-import.
-    fn repo_with_history(&self, name: &str, commits: usize) -> String {
-        let dir = self.base.join(name);
-        git(&self.base, &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
-        let mut script = String::new();
-        for i in 0..commits {
-            let content = format!("{{\"history\": {i}}}\n");
-            script.push_str(&format!(
-                "commit refs/heads/main\ncommitter b <b@b> {} +0000\ndata 7\nhistory\nM 100644 inline history/{}.json\ndata {}\n{}\n",
-                1_700_000_000 + i,
-                i % 100,
-                content.len(),
-                content
-            ));
-        }
-        let mut child = Command::new("git")
-            .arg("--git-dir")
-            .arg(&dir)
-            .args(["fast-import", "--quiet"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
-        format!("git://127.0.0.1:{}/{name}", self.port)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    git_with_input(&dir, &["fast-import", "--quiet"], script.as_bytes());
+    daemon.url(name)
 }

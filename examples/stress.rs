@@ -16,19 +16,14 @@
 //! 1,000 lock trials); `GITSTATE_WRITE_RETRIES` sets the retry budget of the writers. Needs `git` (for the daemon and to inspect the server repository).
 //! Prints a table of figures; exits non-zero when any invariant broke.
 
-#[allow(dead_code)]
-#[path = "../tests/common/gitd.rs"]
-mod gitd;
-#[allow(dead_code)]
-#[path = "../tests/safety/races.rs"]
-mod races;
-
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gitstate::app::App;
+use gitstate::testkit::gitd::{self, git_try};
+use gitstate::testkit::races;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -178,8 +173,7 @@ fn main() -> ExitCode {
     }
     let pair_time = t.elapsed();
 
-    let fsck =
-        std::process::Command::new("git").arg("--git-dir").arg(&server).args(["fsck", "--strict"]).output().unwrap();
+    let fsck = git_try(&server, &["fsck", "--strict"]);
     if !fsck.status.success() {
         violations.push(format!("git fsck --strict: {}", String::from_utf8_lossy(&fsck.stderr)));
     }

@@ -1,73 +1,100 @@
-//! `App::handle`: the one function both entry points (Lambda and `gitstate serve`)
-//! call. Decodes, picks the repository, runs the backend on the blocking pool
-//! (gix's network calls block) and turns every outcome into a response.
+//! `App::handle`: the one function both entry points (Lambda and `gitstate serve`) call.
+//! Authorizes, decodes, picks the repository, runs the backend on the blocking pool under
+//! the request's deadline, and turns every outcome into a response.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::auth::{Auth, LoadError};
-use crate::backend::{Backend, Rules};
-use crate::config::{normalize_url, Config};
+use crate::backend::{Backend, BackendSettings, Outcome};
+use crate::config::{AuthMode, Config};
+use crate::context::{Deadline, RequestContext};
 use crate::error::Error;
-use crate::protocol::{self, ProtocolError};
-use crate::storage::git::GitStore;
-use crate::storage::{Storage, StorageError};
+use crate::protocol::{self, BackendRequest, ProtocolError};
+use crate::storage::git::{EmbeddedStore, RemoteStore};
+use crate::storage::{RepoUrl, Storage, StorageError};
 
-/// The backend application: configuration and the stores, built once per process.
+/// How long the blocking work may overrun the deadline before the answer goes out without it
+/// (its sockets time out at the deadline, so this is only a safety net).
+const DEADLINE_GRACE: Duration = Duration::from_millis(500);
+
+/// The backend application: configuration, access rules and the stores, built once per process.
 pub struct App {
     config: Config,
     auth: Auth,
     /// The configured repository (or the embedded one).
+    default: Arc<Repository>,
+    /// Other allowed repositories, one store (and cache directory) each, opened on first use;
+    /// the least recently used is closed (and its cache deleted) when there are too many.
+    other_repositories: Mutex<LruCache<RepoUrl, Arc<Repository>>>,
+}
+
+/// One repository being served: its backend, and the bulkhead that bounds the requests
+/// working on it at once.
+struct Repository {
+    bulkhead: Arc<Semaphore>,
+    /// Opened on the blocking pool by the first request that needs it.
+    opened: OnceLock<Opened>,
+}
+
+struct Opened {
     backend: Arc<Backend>,
-    /// Other allowed repositories, opened on first use and kept for the life of the process.
-    others: Mutex<HashMap<String, Arc<Backend>>>,
+    /// Set for a remote opened on request, whose cache goes when it is evicted.
+    remote: Option<Arc<RemoteStore>>,
+}
+
+impl Repository {
+    fn new(concurrency: usize) -> Self {
+        Repository { bulkhead: Arc::new(Semaphore::new(concurrency)), opened: OnceLock::new() }
+    }
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        if let Some(remote) = self.opened.get().and_then(|o| o.remote.as_ref()) {
+            tracing::info!(repository = %remote.url(), "closing a repository; its cache goes once unused");
+            remote.discard_cache();
+        }
+    }
 }
 
 impl App {
-    /// Load the access rules (reading the secret in `secret` mode) and open the configured repository.
+    /// The one constructor: settings, access rules and the store of the default repository.
+    pub fn new(config: Config, auth: Auth, storage: Arc<dyn Storage>) -> Self {
+        let default = Repository::new(config.repository_concurrency);
+        let _ =
+            default.opened.set(Opened { backend: Arc::new(Backend::new(storage, settings(&config))), remote: None });
+        let capacity = NonZeroUsize::new(config.max_repositories).unwrap_or(NonZeroUsize::MIN);
+        App { config, auth, default: Arc::new(default), other_repositories: Mutex::new(LruCache::new(capacity)) }
+    }
+
+    /// Read the access rules (the secret in `secret` mode) and open the configured repository.
     pub async fn load(config: Config) -> Result<Self, StartError> {
         let auth = Auth::load(&config).await?;
-        let app = tokio::task::spawn_blocking(move || Self::new(config))
-            .await
-            .map_err(|e| StartError::Storage(StorageError::Local(e.to_string())))??;
-        Ok(app.with_auth(auth))
-    }
-
-    /// Replace the access rules.
-    pub fn with_auth(mut self, auth: Auth) -> Self {
-        self.auth = auth;
-        self
-    }
-
-    /// Open the configured repository: a remote through its cache, or the embedded one under the
-    /// data directory. Access rules come from the configuration (`secret` mode needs [`App::load`]).
-    pub fn new(config: Config) -> Result<Self, StartError> {
-        let store: Arc<dyn Storage> = match &config.repository {
-            Some(url) => Arc::new(GitStore::open_remote(url, &config.cache_dir, config.commit_author.clone())?),
-            None => Arc::new(GitStore::open_embedded(&config.data_dir.join("repo.git"), config.commit_author.clone())?),
+        let opened = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || open_default_storage(&config))
+                .await
+                .map_err(|e| StartError::Storage(StorageError::Local(e.to_string())))??
         };
-        let auth = match config.auth {
-            // Replaced by `load` once the secret is read; until then nobody gets in.
-            crate::config::AuthMode::Secret => Auth::deny_all(),
-            _ => Auth::from_config(&config)?,
-        };
-        Ok(Self::with_storage(config, store).with_auth(auth))
+        Ok(Self::new(config, auth, opened))
     }
 
-    /// An App over a given store (used by `new` and by tests).
-    pub fn with_storage(config: Config, storage: Arc<dyn Storage>) -> Self {
-        let backend = Arc::new(Backend::new(storage, Self::rules(&config)));
-        // Until a caller sets other rules: passthrough, which lets everyone in and hands on what they send.
-        let auth = Auth::from_config(&Config::default()).expect("the default access rules are valid");
-        App { backend, config, auth, others: Mutex::new(HashMap::new()) }
-    }
-
-    fn rules(config: &Config) -> Rules {
-        Rules { branch: config.branch.clone(), write_retries: config.write_retries }
+    /// [`App::load`] without a runtime, for modes whose access rules need no network (not `secret`).
+    pub fn open(config: Config) -> Result<Self, StartError> {
+        if config.auth == AuthMode::Secret {
+            return Err(StartError::Auth(LoadError("secret mode needs App::load".into())));
+        }
+        let auth = Auth::from_config(&config)?;
+        let storage = open_default_storage(&config)?;
+        Ok(Self::new(config, auth, storage))
     }
 
     pub fn config(&self) -> &Config {
@@ -76,15 +103,32 @@ impl App {
 
     /// Where states are kept, for logs and the start-up banner (no credentials).
     pub fn describe_storage(&self) -> String {
-        self.backend.storage().describe()
+        self.default.opened.get().map(|o| o.backend.storage().describe()).unwrap_or_default()
     }
 
-    /// Handle one HTTP request. Never fails: every outcome is a response with its status.
+    /// Refuse a request whose headers do not authorize it, before its body is read: the
+    /// response to send instead. [`App::handle`] checks again; this only lets an entry
+    /// point avoid reading a body for a caller who is refused anyway.
+    pub fn refuse_unauthorized(&self, headers: &http::HeaderMap) -> Option<http::Response<Bytes>> {
+        self.auth.authorize(headers).err().map(|e| Error::from(e).into_response())
+    }
+
+    /// Handle one HTTP request within the configured request budget.
     pub async fn handle(self: &Arc<Self>, req: http::Request<Bytes>) -> http::Response<Bytes> {
+        self.handle_until(req, Deadline::after(self.config.request_timeout)).await
+    }
+
+    /// Handle one HTTP request that must be answered by `deadline`. Never fails: every
+    /// outcome is a response with its status.
+    pub async fn handle_until(
+        self: &Arc<Self>,
+        req: http::Request<Bytes>,
+        deadline: Deadline,
+    ) -> http::Response<Bytes> {
         let started = Instant::now();
         let span = tracing::info_span!(
             "request",
-            method = %req.method(),
+            method = %req.method().as_str().escape_debug(),
             operation = tracing::field::Empty,
             path = tracing::field::Empty,
             git_round_trips = tracing::field::Empty,
@@ -92,11 +136,10 @@ impl App {
         );
         let this = Arc::clone(self);
         async move {
-            let response = match this.run(req).await {
+            let response = match this.run(req, deadline).await {
                 Ok(outcome) => protocol::encode(outcome),
                 Err(e) => {
-                    let status = e.status();
-                    if status.is_server_error() {
+                    if e.status().is_server_error() {
                         tracing::error!(error = %e, "request failed");
                     } else {
                         tracing::info!(error = %e, "request refused");
@@ -115,67 +158,118 @@ impl App {
         .await
     }
 
-    async fn run(self: &Arc<Self>, req: http::Request<Bytes>) -> Result<protocol::Outcome, Error> {
+    async fn run(self: &Arc<Self>, req: http::Request<Bytes>, deadline: Deadline) -> Result<Outcome, Error> {
         let (parts, body) = req.into_parts();
-        let creds = self.auth.authorize(&parts.headers)?;
+        let credentials = self.auth.authorize(&parts.headers)?;
         if body.len() > self.config.max_body_bytes {
             return Err(ProtocolError::PayloadTooLarge { limit: self.config.max_body_bytes }.into());
         }
-        let request = protocol::decode(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, body)?;
+        // The body checks (MD5, a JSON scan of up to the body limit) are CPU work: off the async workers.
+        let request = tokio::task::spawn_blocking(move || {
+            protocol::decode(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, body)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("decoding task failed: {e}")))??;
         let span = tracing::Span::current();
         span.record("operation", request.op.name());
         span.record("path", request.target.path.as_str());
         if let Some(url) = &request.target.repository {
-            if crate::storage::git::url_has_credentials(url) {
-                return Err(ProtocolError::BadRequest("the repository URL must not carry credentials".into()).into());
-            }
             if !self.config.repository_allowed(url) {
-                tracing::warn!(repository = %redact_for_log(url), "repository not in the allowlist");
+                tracing::warn!(repository = %url, "repository not in the allowlist");
                 return Err(Error::RepositoryNotAllowed);
             }
         }
 
-        let this = Arc::clone(self);
-        let blocking_span = span.clone();
-        tokio::task::spawn_blocking(move || {
-            let _enter = blocking_span.enter();
-            crate::storage::git::take_git_calls();
-            let backend = this.backend_for(request.target.repository.as_deref())?;
-            let result = backend
-                .handle(creds.as_ref(), request.target.branch.as_deref(), &request.target.path, request.op)
-                .map_err(Error::from);
-            let (round_trips, time) = crate::storage::git::take_git_calls();
-            blocking_span.record("git_round_trips", round_trips);
-            blocking_span.record("git_ms", time.as_millis() as u64);
-            result
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("backend task failed: {e}")))?
+        let ctx = RequestContext::new(credentials, deadline);
+        let result = self.run_backend(request, &ctx, &span).await;
+        span.record("git_round_trips", ctx.counters.round_trips());
+        span.record("git_ms", ctx.counters.time().as_millis() as u64);
+        result
     }
 
-    /// The backend of an allowed repository (checked by the caller). Blocking: may create a cache.
-    fn backend_for(&self, repository: Option<&str>) -> Result<Arc<Backend>, Error> {
-        let Some(url) = repository else { return Ok(Arc::clone(&self.backend)) };
-        if let Some(default) = &self.config.repository {
-            if normalize_url(default) == normalize_url(url) {
-                return Ok(Arc::clone(&self.backend));
+    /// The backend call on the blocking pool, once the repository's bulkhead lets it in.
+    /// When the deadline passes, gix is interrupted; the answer goes out at the latest a grace
+    /// period later.
+    async fn run_backend(
+        self: &Arc<Self>,
+        request: BackendRequest,
+        ctx: &RequestContext,
+        span: &tracing::Span,
+    ) -> Result<Outcome, Error> {
+        let repository = self.repository(request.target.repository.as_ref());
+        let deadline = tokio::time::Instant::from(ctx.deadline.instant());
+        let permit = match tokio::time::timeout_at(deadline, Arc::clone(&repository.bulkhead).acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(Error::Internal("the repository's bulkhead closed".into())),
+            Err(_) => {
+                tracing::warn!("too many requests in flight on this repository until the deadline");
+                return Err(Error::DeadlineExceeded);
             }
-        }
-        let key = normalize_url(url);
-        let mut others = self.others.lock().expect("others poisoned");
-        if let Some(b) = others.get(&key) {
-            return Ok(Arc::clone(b));
-        }
-        let store = GitStore::open_remote(url, &self.config.cache_dir, self.config.commit_author.clone()).map_err(
-            |e| match e {
-                StorageError::Local(why) if why.contains("URL") => Error::Protocol(ProtocolError::BadRequest(why)),
-                other => other.into(),
-            },
-        )?;
-        let backend = Arc::new(Backend::new(Arc::new(store), Self::rules(&self.config)));
-        others.insert(key, Arc::clone(&backend));
-        Ok(backend)
+        };
+        let this = Arc::clone(self);
+        let work_ctx = ctx.clone();
+        let work_span = span.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let _enter = work_span.enter();
+            let _permit = permit;
+            let backend = this.backend_of(&repository, request.target.repository.as_ref())?;
+            backend
+                .handle(&work_ctx, request.target.branch.as_deref(), &request.target.path, &request.op)
+                .map_err(Error::from)
+        });
+        tokio::pin!(work);
+        let joined = tokio::select! {
+            joined = &mut work => joined,
+            () = tokio::time::sleep_until(deadline) => {
+                ctx.interrupt.store(true, Ordering::Relaxed);
+                match tokio::time::timeout(DEADLINE_GRACE, &mut work).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        tracing::warn!("deadline passed with the git work still running; answering without it");
+                        return Err(Error::DeadlineExceeded);
+                    }
+                }
+            }
+        };
+        joined.map_err(|e| Error::Internal(format!("backend task failed: {e}")))?
     }
+
+    /// The entry of an allowed repository (checked by the caller). Never blocks on I/O.
+    fn repository(&self, url: Option<&RepoUrl>) -> Arc<Repository> {
+        let Some(url) = url else { return Arc::clone(&self.default) };
+        if self.config.repository.as_ref().is_some_and(|default| default.same_repository(url)) {
+            return Arc::clone(&self.default);
+        }
+        let mut others = self.other_repositories.lock().expect("other_repositories poisoned");
+        Arc::clone(others.get_or_insert(url.clone(), || Arc::new(Repository::new(self.config.repository_concurrency))))
+    }
+
+    /// The backend of `repository`, opening its store on first use. Blocking: may create a cache.
+    fn backend_of(&self, repository: &Repository, url: Option<&RepoUrl>) -> Result<Arc<Backend>, Error> {
+        if let Some(opened) = repository.opened.get() {
+            return Ok(Arc::clone(&opened.backend));
+        }
+        let url = url.ok_or_else(|| Error::Internal("the default repository was not opened".into()))?;
+        let store =
+            Arc::new(RemoteStore::open(url.clone(), &self.config.cache_dir, self.config.commit_author.clone().into())?);
+        let backend = Arc::new(Backend::new(Arc::clone(&store) as Arc<dyn Storage>, settings(&self.config)));
+        // Two first requests may race here: one store wins, the other is dropped unused.
+        let opened = repository.opened.get_or_init(|| Opened { backend, remote: Some(store) });
+        Ok(Arc::clone(&opened.backend))
+    }
+}
+
+fn settings(config: &Config) -> BackendSettings {
+    BackendSettings { branch: config.branch.clone(), write_retries: config.write_retries }
+}
+
+/// The configured repository through its cache, or the embedded one under the data directory.
+fn open_default_storage(config: &Config) -> Result<Arc<dyn Storage>, StorageError> {
+    let author = config.commit_author.clone().into();
+    Ok(match &config.repository {
+        Some(url) => Arc::new(RemoteStore::open(url.clone(), &config.cache_dir, author)?),
+        None => Arc::new(EmbeddedStore::open(&config.data_dir.join("repo.git"), author)?),
+    })
 }
 
 /// Why the App could not start.
@@ -185,16 +279,4 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Auth(#[from] LoadError),
-}
-
-/// A URL as it may appear in a log line: everything before `@` in the authority is dropped.
-fn redact_for_log(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            format!("{scheme}://{host}{path}")
-        }
-        None => "<unparsable URL>".into(),
-    }
 }

@@ -68,17 +68,6 @@ impl Auth {
         }
     }
 
-    /// Rules that let nobody in (a `secret` App before its secret is read).
-    pub fn deny_all() -> Self {
-        // No basic auth can equal credentials nobody knows.
-        let unguessable = || format!("{:032x}{:032x}", fastrand::u128(..), fastrand::u128(..));
-        Auth {
-            mode: AuthMode::Secret,
-            backend: Some(Credentials { username: unguessable(), password: unguessable() }),
-            git: None,
-        }
-    }
-
     /// Rules for any mode; in `secret` mode, reads the secret once from AWS Secrets Manager.
     pub async fn load(config: &Config) -> Result<Self, LoadError> {
         if config.auth != AuthMode::Secret {

@@ -3,8 +3,9 @@
 //! template.yaml list the same names.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::storage::Credentials;
+use crate::storage::{Credentials, RepoUrl, UrlPattern};
 
 /// Where the credentials for the git host come from (`GITSTATE_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub enum AuthMode {
 pub struct Config {
     /// `GITSTATE_REPOSITORY`: URL of the default git repository. `None` means the
     /// embedded bare repository under `data_dir` (only for `gitstate serve`).
-    pub repository: Option<String>,
+    pub repository: Option<RepoUrl>,
     /// `GITSTATE_REF`: branch that holds the states (default `main`).
     pub branch: String,
     /// `GITSTATE_CACHE_DIR`: where bare cache repositories of remotes live (default `/tmp/gitstate`).
@@ -34,8 +35,8 @@ pub struct Config {
     /// `GITSTATE_MAX_BODY_BYTES`: largest request body accepted (default 64 MiB).
     pub max_body_bytes: usize,
     /// `GITSTATE_ALLOWED_REPOSITORIES`: comma-separated URL patterns a `repository` query
-    /// parameter must match (`*` matches within one path segment). Empty: only `repository`.
-    pub allowed_repositories: Vec<String>,
+    /// parameter must match (`*` matches within one path segment or host label). Empty: only `repository`.
+    pub allowed_repositories: Vec<UrlPattern>,
     /// `GITSTATE_AUTH`: `passthrough` (default), `env` or `secret`.
     pub auth: AuthMode,
     /// `GITSTATE_GIT_USERNAME`/`GITSTATE_GIT_PASSWORD`: git credentials for `env` mode.
@@ -47,6 +48,17 @@ pub struct Config {
     /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 16:
     /// 8 left some of 16 concurrent writers on one repository without a turn).
     pub write_retries: u32,
+    /// `GITSTATE_REQUEST_TIMEOUT`: seconds a request may take under `serve` (default 25); under
+    /// Lambda the invocation's own deadline, less a margin, is used.
+    pub request_timeout: Duration,
+    /// `GITSTATE_MAX_REPOSITORIES`: repositories other than the default kept open (default 16);
+    /// the least recently used one is closed and its cache deleted to make room.
+    pub max_repositories: usize,
+    /// `GITSTATE_REPOSITORY_CONCURRENCY`: requests per repository worked on at once (default 8);
+    /// more wait, within their deadline, so one slow host cannot take every worker thread.
+    pub repository_concurrency: usize,
+    /// `GITSTATE_LISTEN`: where `gitstate serve` listens (default `127.0.0.1:6061`).
+    pub listen: std::net::SocketAddr,
 }
 
 impl Default for Config {
@@ -64,6 +76,10 @@ impl Default for Config {
             git_credentials_secret: None,
             backend_credentials: None,
             write_retries: 16,
+            request_timeout: Duration::from_secs(25),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 6061)),
+            max_repositories: 16,
+            repository_concurrency: 8,
         }
     }
 }
@@ -84,12 +100,21 @@ impl Config {
 
     /// Like [`Config::from_env`] over any lookup (tests use a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut c = Config { repository: get("GITSTATE_REPOSITORY"), ..Config::default() };
+        let mut c = Config::default();
+        if let Some(url) = get("GITSTATE_REPOSITORY") {
+            c.repository = Some(parse_repository(&url)?);
+        }
         if let Some(b) = get("GITSTATE_REF") {
             c.branch = b;
         }
         if let Some(d) = get("GITSTATE_CACHE_DIR") {
             c.cache_dir = d.into();
+        }
+        if let Some(l) = get("GITSTATE_LISTEN") {
+            c.listen = l.parse().map_err(|_| ConfigError {
+                name: "GITSTATE_LISTEN",
+                reason: "expected an address like 127.0.0.1:6061".into(),
+            })?;
         }
         if let Some(d) = get("GITSTATE_DATA_DIR") {
             c.data_dir = d.into();
@@ -107,8 +132,17 @@ impl Config {
             })?;
         }
         if let Some(list) = get("GITSTATE_ALLOWED_REPOSITORIES") {
-            c.allowed_repositories =
-                list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+            c.allowed_repositories = list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    UrlPattern::parse(p).map_err(|e| ConfigError {
+                        name: "GITSTATE_ALLOWED_REPOSITORIES",
+                        reason: format!("{}: {e}", crate::storage::url::redact_raw(p)),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
         }
         c.auth = match get("GITSTATE_AUTH").as_deref() {
             None | Some("passthrough") => AuthMode::Passthrough,
@@ -133,61 +167,61 @@ impl Config {
                 .parse()
                 .map_err(|_| ConfigError { name: "GITSTATE_WRITE_RETRIES", reason: "expected a number".into() })?;
         }
+        let count = |name: &'static str, value: String| -> Result<usize, ConfigError> {
+            value
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ConfigError { name, reason: "expected a number above 0".into() })
+        };
+        if let Some(n) = get("GITSTATE_MAX_REPOSITORIES") {
+            c.max_repositories = count("GITSTATE_MAX_REPOSITORIES", n)?;
+        }
+        if let Some(n) = get("GITSTATE_REPOSITORY_CONCURRENCY") {
+            c.repository_concurrency = count("GITSTATE_REPOSITORY_CONCURRENCY", n)?;
+        }
+        if let Some(n) = get("GITSTATE_REQUEST_TIMEOUT") {
+            let secs: f64 =
+                n.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 900.0).ok_or(ConfigError {
+                    name: "GITSTATE_REQUEST_TIMEOUT",
+                    reason: "expected seconds, above 0 and at most 900".into(),
+                })?;
+            c.request_timeout = Duration::from_secs_f64(secs);
+        }
         c.validate()?;
         Ok(c)
     }
 
     /// True when a caller may name `url` as its repository: the default repository, or a match of the allowlist.
-    pub fn repository_allowed(&self, url: &str) -> bool {
-        let url = normalize_url(url);
-        self.repository.as_deref().is_some_and(|r| normalize_url(r) == url)
-            || self.allowed_repositories.iter().any(|p| glob_match(&normalize_url(p), &url))
+    pub fn repository_allowed(&self, url: &RepoUrl) -> bool {
+        self.repository.as_ref().is_some_and(|r| r.same_repository(url))
+            || self.allowed_repositories.iter().any(|p| p.matches(url))
     }
 
     /// Checks that hold whatever the source of the settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !crate::protocol::path::is_valid_ref_component_path(&self.branch) {
-            return Err(ConfigError { name: "GITSTATE_REF", reason: "not a valid branch name".into() });
+        crate::protocol::path::check_branch(&self.branch)
+            .map_err(|reason| ConfigError { name: "GITSTATE_REF", reason })?;
+        // A mode that holds git credentials of its own hands them to whoever may call: only
+        // callers who authenticate to the backend. (`secret` mode checks this once its secret is read.)
+        if self.auth == AuthMode::Env && self.backend_credentials.is_none() {
+            return Err(ConfigError {
+                name: "GITSTATE_USERNAME",
+                reason: "GITSTATE_AUTH=env holds git credentials of its own and requires backend basic auth: set GITSTATE_USERNAME and GITSTATE_PASSWORD".into(),
+            });
         }
-        if let Some(url) = &self.repository {
-            if crate::storage::git::url_has_credentials(url) {
-                return Err(ConfigError {
-                    name: "GITSTATE_REPOSITORY",
-                    reason: "must not embed credentials in the URL".into(),
-                });
-            }
+        if self.auth == AuthMode::Env && self.git_credentials.is_none() {
+            return Err(ConfigError {
+                name: "GITSTATE_GIT_USERNAME",
+                reason: "GITSTATE_AUTH=env needs GITSTATE_GIT_USERNAME and GITSTATE_GIT_PASSWORD".into(),
+            });
         }
         Ok(())
     }
 }
 
-/// Equal repositories compare equal: no trailing slash, no `.git` suffix.
-pub fn normalize_url(url: &str) -> String {
-    let u = url.trim().trim_end_matches('/');
-    u.strip_suffix(".git").unwrap_or(u).to_string()
-}
-
-/// `*` matches any run of characters other than `/`, so a pattern never reaches another host or a parent path.
-fn glob_match(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match p.split_first() {
-            None => t.is_empty(),
-            Some((b'*', rest)) => {
-                let mut i = 0;
-                loop {
-                    if go(rest, &t[i..]) {
-                        return true;
-                    }
-                    if i == t.len() || t[i] == b'/' {
-                        return false;
-                    }
-                    i += 1;
-                }
-            }
-            Some((c, rest)) => t.first() == Some(c) && go(rest, &t[1..]),
-        }
-    }
-    go(pattern.as_bytes(), text.as_bytes())
+fn parse_repository(url: &str) -> Result<RepoUrl, ConfigError> {
+    RepoUrl::parse(url).map_err(|e| ConfigError { name: "GITSTATE_REPOSITORY", reason: e.to_string() })
 }
 
 fn parse_author(s: &str) -> Option<(String, String)> {
@@ -214,8 +248,41 @@ mod tests {
         assert_eq!(c.commit_author, ("Robot".to_string(), "robot@example.com".to_string()));
         let bad = |k: &str| (k == "GITSTATE_COMMIT_AUTHOR").then(|| "nobody".to_string());
         assert!(Config::from_lookup(bad).is_err());
-        let bad_ref = |k: &str| (k == "GITSTATE_REF").then(|| "a..b".to_string());
-        assert!(Config::from_lookup(bad_ref).is_err());
+        for branch in ["a..b", "locks", "locks/main"] {
+            let bad_ref = |k: &str| (k == "GITSTATE_REF").then(|| branch.to_string());
+            assert!(Config::from_lookup(bad_ref).is_err(), "{branch}");
+        }
+    }
+
+    #[test]
+    fn modes_holding_credentials_refuse_to_start_without_backend_auth() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let no_auth = Config::from_lookup(env(&[
+            ("GITSTATE_AUTH", "env"),
+            ("GITSTATE_GIT_USERNAME", "git"),
+            ("GITSTATE_GIT_PASSWORD", "token"),
+        ]));
+        let e = no_auth.unwrap_err();
+        assert!(e.to_string().contains("GITSTATE_USERNAME") && !e.to_string().contains("token"), "{e}");
+        assert!(
+            Config::from_lookup(env(&[
+                ("GITSTATE_AUTH", "env"),
+                ("GITSTATE_USERNAME", "u"),
+                ("GITSTATE_PASSWORD", "p")
+            ]))
+            .is_err(),
+            "env mode without git credentials"
+        );
+        assert!(Config::from_lookup(env(&[
+            ("GITSTATE_AUTH", "env"),
+            ("GITSTATE_GIT_USERNAME", "git"),
+            ("GITSTATE_GIT_PASSWORD", "token"),
+            ("GITSTATE_USERNAME", "u"),
+            ("GITSTATE_PASSWORD", "p"),
+        ]))
+        .is_ok());
     }
 
     #[test]
@@ -228,14 +295,26 @@ mod tests {
             _ => None,
         };
         let c = Config::from_lookup(env).unwrap();
-        assert!(c.repository_allowed("https://git.example.com/team/states"));
-        assert!(c.repository_allowed("https://git.example.com/team/states.git/"));
-        assert!(c.repository_allowed("https://git.example.com/org/infra.git"));
-        assert!(c.repository_allowed("git://127.0.0.1:9418/x.git"));
-        assert!(!c.repository_allowed("https://git.example.com/org/a/b.git"));
-        assert!(!c.repository_allowed("https://git.example.com.evil.net/org/x"));
-        assert!(!c.repository_allowed("https://evil.net/org/x"));
-        assert!(!c.repository_allowed("https://git.example.com/team/other"));
-        assert!(!Config::default().repository_allowed("https://git.example.com/team/states"));
+        let allowed = |s: &str| c.repository_allowed(&RepoUrl::parse(s).unwrap());
+        assert!(allowed("https://git.example.com/team/states"));
+        assert!(allowed("https://git.example.com/team/states.git"));
+        assert!(allowed("https://git.example.com/org/infra.git"));
+        assert!(allowed("git://127.0.0.1:9418/x.git"));
+        assert!(allowed("git://127.0.0.1/x.git"), "9418 is git's default port");
+        assert!(!allowed("https://git.example.com/org/a/b.git"));
+        assert!(!allowed("https://git.example.com.evil.net/org/x"));
+        assert!(!allowed("https://evil.net/org/x"));
+        assert!(!allowed("https://git.example.com/team/other"));
+        assert!(!Config::default().repository_allowed(&RepoUrl::parse("https://git.example.com/team/states").unwrap()));
+        // Settings that cannot be read refuse to start.
+        for (k, v) in [
+            ("GITSTATE_REPOSITORY", "https://u:p@h/x"),
+            ("GITSTATE_REPOSITORY", "file:///tmp/x"),
+            ("GITSTATE_ALLOWED_REPOSITORIES", "https://h/a**"),
+            ("GITSTATE_REQUEST_TIMEOUT", "0"),
+            ("GITSTATE_REQUEST_TIMEOUT", "soon"),
+        ] {
+            assert!(Config::from_lookup(|name| (name == k).then(|| v.to_string())).is_err(), "{k}={v}");
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! The one table from error to HTTP status. Rejections are 4xx, trouble with
-//! the git host is 502/503 (Terraform retries those), our own failures 500.
-//! Internal detail is logged here, never put in a response body.
+//! The one table from error to HTTP status. Rejections are 4xx; trouble with the git
+//! host that may pass is 503 with `Retry-After`; a host that refuses for good or answers
+//! nonsense is 4xx/502 without it; our own failures 500. Internal detail is logged, never
+//! put in a response body.
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
@@ -25,6 +26,9 @@ pub enum Error {
     /// The answer would exceed what the entry point can return (Lambda: 6 MB).
     #[error("the state is {size} bytes, above this deployment's response limit of {limit} bytes; serve it with `gitstate serve` (no limit) or split the state")]
     ResponseTooLarge { size: usize, limit: usize },
+    /// The request's deadline passed before the work finished.
+    #[error("the request ran out of time; retry later")]
+    DeadlineExceeded,
     /// A bug or an unexpected local failure (e.g. a panicked worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -36,119 +40,216 @@ impl From<StorageError> for Error {
     }
 }
 
+/// How a caller should treat an answer besides its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A plain rejection or failure: the body says why.
+    Plain,
+    /// Transient: `Retry-After`.
+    Retry,
+    /// Asks for (other) basic auth: `WWW-Authenticate`.
+    Challenge,
+    /// Carries the holder's LockInfo JSON, as Terraform expects.
+    Holder,
+    /// Lists the allowed methods.
+    Allow,
+}
+
 impl Error {
     /// The status of this error: the only place where one is chosen.
     pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    fn classify(&self) -> (StatusCode, Kind) {
         use BackendError as B;
+        use Kind::*;
         use ProtocolError as P;
+        use StatusCode as S;
+        use StorageError as St;
         match self {
-            Error::Protocol(P::BadRequest(_)) => StatusCode::BAD_REQUEST,
-            Error::Protocol(P::NotFound(_)) => StatusCode::NOT_FOUND,
-            Error::Protocol(P::MethodNotAllowed { .. }) => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Protocol(P::PayloadTooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RepositoryNotAllowed => StatusCode::FORBIDDEN,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Backend(B::Locked { .. }) => StatusCode::LOCKED,
-            Error::Backend(B::WrongLockId { .. } | B::NotLocked(_) | B::PathConflict(_) | B::StaleState(_)) => {
-                StatusCode::CONFLICT
-            }
-            Error::Backend(B::NoLock) => StatusCode::NOT_FOUND,
-            Error::Backend(B::Contended { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Backend(B::Storage(StorageError::Unavailable(_))) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Backend(B::Storage(StorageError::Protocol(_))) => StatusCode::BAD_GATEWAY,
-            Error::Backend(B::Storage(StorageError::AuthRejected)) => StatusCode::UNAUTHORIZED,
-            Error::Backend(B::Storage(StorageError::Local(_))) | Error::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::Protocol(P::BadRequest(_)) => (S::BAD_REQUEST, Plain),
+            Error::Protocol(P::NotFound(_)) => (S::NOT_FOUND, Plain),
+            Error::Protocol(P::MethodNotAllowed { .. }) => (S::METHOD_NOT_ALLOWED, Allow),
+            Error::Protocol(P::PayloadTooLarge { .. }) => (S::PAYLOAD_TOO_LARGE, Plain),
+            Error::RepositoryNotAllowed => (S::FORBIDDEN, Plain),
+            Error::Unauthorized(_) => (S::UNAUTHORIZED, Challenge),
+            Error::ResponseTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, Plain),
+            Error::DeadlineExceeded => (S::SERVICE_UNAVAILABLE, Retry),
+            Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, Plain),
+            Error::Backend(b) => match b {
+                B::Locked { .. } => (S::LOCKED, Holder),
+                B::WrongLockId { .. } => (S::CONFLICT, Holder),
+                B::NotLocked(_) | B::StaleState(_) => (S::CONFLICT, Plain),
+                B::NoLock => (S::NOT_FOUND, Plain),
+                B::Contended { .. } | B::DeadlineExceeded { .. } => (S::SERVICE_UNAVAILABLE, Retry),
+                B::Storage(st) => match st {
+                    St::PathConflict { .. } => (S::CONFLICT, Plain),
+                    St::HostUnavailable(_) | St::DeadlineExceeded(_) => (S::SERVICE_UNAVAILABLE, Retry),
+                    St::CredentialsRefused => (S::UNAUTHORIZED, Challenge),
+                    // The host refused this change by its own rules: trying again changes nothing.
+                    St::PushRefused { .. } => (S::CONFLICT, Plain),
+                    St::RepositoryNotFound(_) | St::Protocol(_) => (S::BAD_GATEWAY, Plain),
+                    St::CacheCorrupt(_) | St::Local(_) => (S::INTERNAL_SERVER_ERROR, Plain),
+                },
+            },
         }
     }
 
-    /// The response for this error. Lock conflicts carry the holder's LockInfo, as Terraform expects.
+    /// The response for this error.
     pub fn into_response(self) -> Response<Bytes> {
-        let status = self.status();
+        let (status, kind) = self.classify();
         let mut b = Response::builder().status(status);
-        let mut content_type = "text/plain; charset=utf-8";
-        let body = match self {
-            Error::Backend(BackendError::Locked { holder } | BackendError::WrongLockId { holder }) => {
-                content_type = "application/json";
-                holder
+        match kind {
+            Kind::Plain => {}
+            Kind::Retry => b = b.header(header::RETRY_AFTER, "1"),
+            Kind::Challenge => b = b.header(header::WWW_AUTHENTICATE, "Basic realm=\"gitstate\", charset=\"UTF-8\""),
+            Kind::Allow => {
+                if let Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) = &self {
+                    b = b.header(header::ALLOW, *allow);
+                }
             }
-            Error::Unauthorized(_) | Error::Backend(BackendError::Storage(StorageError::AuthRejected)) => {
-                b = b.header(header::WWW_AUTHENTICATE, "Basic realm=\"gitstate\", charset=\"UTF-8\"");
-                Bytes::from(format!("{}\n", public_text(&self)))
+            Kind::Holder => {
+                if let Error::Backend(BackendError::Locked { holder } | BackendError::WrongLockId { holder }) = self {
+                    return b
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(holder)
+                        .expect("static response parts are valid");
+                }
             }
-            Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) => {
-                b = b.header(header::ALLOW, allow);
-                Bytes::from(format!("method not allowed on this address; allowed: {allow}\n"))
-            }
-            Error::Backend(BackendError::Contended { .. })
-            | Error::Backend(BackendError::Storage(StorageError::Unavailable(_))) => {
-                b = b.header(header::RETRY_AFTER, "1");
-                Bytes::from(format!("{}\n", public_text(&self)))
-            }
-            other => Bytes::from(format!("{}\n", public_text(&other))),
-        };
-        b.header(header::CONTENT_TYPE, content_type).body(body).expect("static response parts are valid")
+        }
+        b.header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Bytes::from(format!("{}\n", public_text(&self))))
+            .expect("static response parts are valid")
     }
 }
 
 /// What a caller may read. Storage and internal detail stays in the log.
 fn public_text(e: &Error) -> String {
-    match e {
-        Error::Backend(BackendError::Storage(StorageError::Unavailable(_))) => {
-            "the git host is unavailable; try again".into()
-        }
-        Error::Backend(BackendError::Storage(StorageError::Protocol(_))) => {
-            "the git host gave an unexpected answer; try again".into()
-        }
-        Error::Backend(BackendError::Storage(StorageError::AuthRejected)) => {
-            "the git host refused these credentials".into()
-        }
-        Error::Backend(BackendError::Storage(StorageError::Local(_))) | Error::Internal(_) => {
-            "internal error; see the server log".into()
-        }
-        other => other.to_string(),
+    use StorageError as St;
+    let Error::Backend(BackendError::Storage(st)) = e else {
+        return match e {
+            Error::Internal(_) => "internal error; see the server log".into(),
+            Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) => {
+                format!("method not allowed on this address; allowed: {allow}")
+            }
+            other => other.to_string(),
+        };
+    };
+    match st {
+        St::PathConflict { .. } => st.to_string(),
+        St::HostUnavailable(_) => "the git host is unavailable; try again".into(),
+        St::DeadlineExceeded(_) => "the git host did not answer in time; try again".into(),
+        St::CredentialsRefused => "the git host refused these credentials".into(),
+        St::RepositoryNotFound(_) => "the repository does not exist on the git host (or these credentials cannot see it); check the repository URL".into(),
+        St::PushRefused { reference, .. } => format!(
+            "the git host refused to update {reference} (a hook, a protected branch or a deletion rule); see the server log"
+        ),
+        St::Protocol(_) => "the git host gave an unexpected answer; see the server log".into(),
+        St::CacheCorrupt(_) | St::Local(_) => "internal error; see the server log".into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Stale;
+
+    /// One row per variant. Adding a variant without a row fails to compile in `row`'s match
+    /// (every variant must be named there), and the table checks status, headers and leaks.
+    fn row(e: &Error) -> &'static str {
+        use BackendError as B;
+        use ProtocolError as P;
+        use StorageError as St;
+        match e {
+            Error::Protocol(P::BadRequest(_)) => "bad request",
+            Error::Protocol(P::NotFound(_)) => "no such address",
+            Error::Protocol(P::MethodNotAllowed { .. }) => "method",
+            Error::Protocol(P::PayloadTooLarge { .. }) => "body too large",
+            Error::RepositoryNotAllowed => "not allowed",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::ResponseTooLarge { .. } => "response too large",
+            Error::DeadlineExceeded => "deadline",
+            Error::Internal(_) => "internal",
+            Error::Backend(B::Locked { .. }) => "locked",
+            Error::Backend(B::WrongLockId { .. }) => "wrong id",
+            Error::Backend(B::NotLocked(_)) => "not locked",
+            Error::Backend(B::StaleState(_)) => "stale",
+            Error::Backend(B::NoLock) => "no lock",
+            Error::Backend(B::Contended { .. }) => "contended",
+            Error::Backend(B::DeadlineExceeded { .. }) => "backend deadline",
+            Error::Backend(B::Storage(St::PathConflict { .. })) => "path conflict",
+            Error::Backend(B::Storage(St::CacheCorrupt(_))) => "cache corrupt",
+            Error::Backend(B::Storage(St::HostUnavailable(_))) => "host unavailable",
+            Error::Backend(B::Storage(St::CredentialsRefused)) => "credentials refused",
+            Error::Backend(B::Storage(St::RepositoryNotFound(_))) => "repository not found",
+            Error::Backend(B::Storage(St::PushRefused { .. })) => "push refused",
+            Error::Backend(B::Storage(St::Protocol(_))) => "protocol",
+            Error::Backend(B::Storage(St::DeadlineExceeded(_))) => "storage deadline",
+            Error::Backend(B::Storage(St::Local(_))) => "local",
+        }
+    }
 
     #[test]
     fn every_error_has_its_status_and_no_internal_text_leaks() {
         let holder = Bytes::from_static(br#"{"ID":"x"}"#);
-        let cases: Vec<(Error, u16)> = vec![
-            (ProtocolError::BadRequest("bad".into()).into(), 400),
-            (ProtocolError::NotFound("x".into()).into(), 404),
-            (ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET" }.into(), 405),
-            (ProtocolError::PayloadTooLarge { limit: 1 }.into(), 413),
-            (Error::RepositoryNotAllowed, 403),
-            (Error::ResponseTooLarge { size: 9, limit: 1 }, 413),
-            (BackendError::Locked { holder: holder.clone() }.into(), 423),
-            (BackendError::WrongLockId { holder: holder.clone() }.into(), 409),
-            (BackendError::NotLocked("x".into()).into(), 409),
-            (BackendError::NoLock.into(), 404),
-            (BackendError::StaleState("x".into()).into(), 409),
-            (BackendError::Contended { attempts: 3 }.into(), 503),
-            (StorageError::Unavailable("secret-host detail".into()).into(), 503),
-            (StorageError::Protocol("secret-host detail".into()).into(), 502),
-            (StorageError::AuthRejected.into(), 401),
-            (crate::auth::AuthError::Missing.into(), 401),
-            (StorageError::Local("secret-host detail".into()).into(), 500),
+        let secret = "secret-host detail";
+        // (error, status, Retry-After, WWW-Authenticate)
+        let cases: Vec<(Error, u16, bool, bool)> = vec![
+            (ProtocolError::BadRequest("bad".into()).into(), 400, false, false),
+            (ProtocolError::NotFound("x".into()).into(), 404, false, false),
+            (ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET" }.into(), 405, false, false),
+            (ProtocolError::PayloadTooLarge { limit: 1 }.into(), 413, false, false),
+            (Error::RepositoryNotAllowed, 403, false, false),
+            (crate::auth::AuthError::Missing.into(), 401, false, true),
+            (Error::ResponseTooLarge { size: 9, limit: 1 }, 413, false, false),
+            (Error::DeadlineExceeded, 503, true, false),
+            (Error::Internal(secret.into()), 500, false, false),
+            (BackendError::Locked { holder: holder.clone() }.into(), 423, false, false),
+            (BackendError::WrongLockId { holder: holder.clone() }.into(), 409, false, false),
+            (BackendError::NotLocked("x".into()).into(), 409, false, false),
+            (BackendError::StaleState(Stale::SameSerial { serial: 1 }).into(), 409, false, false),
+            (BackendError::NoLock.into(), 404, false, false),
+            (BackendError::Contended { attempts: 3 }.into(), 503, true, false),
+            (BackendError::DeadlineExceeded { pushes: 1 }.into(), 503, true, false),
+            (
+                StorageError::PathConflict { path: "a/b".into(), blocker: "a".into(), blocker_is_state: true }.into(),
+                409,
+                false,
+                false,
+            ),
+            (StorageError::CacheCorrupt(secret.into()).into(), 500, false, false),
+            (StorageError::HostUnavailable(secret.into()).into(), 503, true, false),
+            (StorageError::CredentialsRefused.into(), 401, false, true),
+            (StorageError::RepositoryNotFound(secret.into()).into(), 502, false, false),
+            (
+                StorageError::PushRefused { reference: "refs/heads/main".into(), reason: secret.into() }.into(),
+                409,
+                false,
+                false,
+            ),
+            (StorageError::Protocol(secret.into()).into(), 502, false, false),
+            (StorageError::DeadlineExceeded("while reading").into(), 503, true, false),
+            (StorageError::Local(secret.into()).into(), 500, false, false),
         ];
-        for (e, code) in cases {
+        let mut rows: Vec<&str> = cases.iter().map(|(e, ..)| row(e)).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        assert_eq!(rows.len(), cases.len(), "every variant has exactly one row");
+        for (e, code, retry, challenge) in cases {
+            let name = row(&e);
             let r = e.into_response();
-            assert_eq!(r.status().as_u16(), code);
-            assert!(!String::from_utf8_lossy(r.body()).contains("secret-host"));
+            assert_eq!(r.status().as_u16(), code, "{name}");
+            assert_eq!(r.headers().contains_key("retry-after"), retry, "{name}: Retry-After");
+            assert_eq!(r.headers().contains_key("www-authenticate"), challenge, "{name}: WWW-Authenticate");
+            assert!(!String::from_utf8_lossy(r.body()).contains("secret-host"), "{name} leaks");
+            assert!(!r.body().is_empty(), "{name} says why");
         }
         let r = Error::from(BackendError::Locked { holder: holder.clone() }).into_response();
         assert_eq!(r.body(), &holder);
+        assert_eq!(r.headers()["content-type"], "application/json");
         let r =
             Error::from(ProtocolError::MethodNotAllowed { method: "PATCH".into(), allow: "GET, POST" }).into_response();
         assert_eq!(r.headers()["allow"], "GET, POST");
-        let r = Error::from(BackendError::Contended { attempts: 3 }).into_response();
-        assert!(r.headers().contains_key("retry-after"));
     }
 }

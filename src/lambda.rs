@@ -3,11 +3,13 @@
 //! execution environment, so the `/tmp` cache and what is known in memory survive warm invocations.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lambda_http::{Body, Request, RequestExt, Response};
 
 use crate::app::App;
+use crate::context::Deadline;
 use crate::error::Error;
 
 /// The largest response Lambda returns from a synchronous invocation, less room for headers and JSON framing.
@@ -24,14 +26,30 @@ pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
 
 /// One invocation: never an `Err` (API Gateway would turn it into an opaque 502 and Terraform would retry).
 pub async fn handle_event(app: &Arc<App>, event: Request) -> Response<Body> {
-    let request_id = event.lambda_context_ref().map(|c| c.request_id.clone()).unwrap_or_default();
+    let context = event.lambda_context_ref();
+    let request_id = context.map(|c| c.request_id.clone()).unwrap_or_default();
+    let deadline = context
+        .map(|c| invocation_deadline(c.deadline))
+        .unwrap_or_else(|| Deadline::after(app.config().request_timeout));
     let span = tracing::info_span!("invocation", aws_request_id = %request_id);
     let _guard = span.enter();
     let request = into_app_request(event);
     drop(_guard);
-    let response = tracing::Instrument::instrument(app.handle(request), span.clone()).await;
+    let response = tracing::Instrument::instrument(app.handle_until(request, deadline), span.clone()).await;
     let _guard = span.enter();
     into_lambda_response(response)
+}
+
+/// Time kept back from the invocation's deadline: the answer must reach the runtime before
+/// Lambda stops the instance (the app's grace after its own deadline fits in here).
+const DEADLINE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// The invocation's deadline (milliseconds since the epoch) as our own, less the margin.
+fn invocation_deadline(deadline_ms: u64) -> Deadline {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms)).saturating_sub(DEADLINE_MARGIN);
+    // Never less than a moment: a request that arrives late still gets its 503 rather than nothing.
+    Deadline::after(left.max(Duration::from_millis(100)))
 }
 
 /// Route on the path without a REST v1 stage (`raw_http_path`); read the body whatever its variant.

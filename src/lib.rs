@@ -1,18 +1,21 @@
 //! gitstate: a Terraform `http` state backend that keeps every state in a git repository.
 //!
-//! Request flow: an entry point (Lambda in `main.rs`, or `gitstate serve`) hands an
-//! `http::Request` to [`app::App::handle`]; [`protocol`] decodes it into a backend
-//! request; [`backend`] applies the state and lock rules over a [`storage::Storage`];
-//! [`storage::git`] keeps files on branches and settles every race with a
-//! compare-and-swap ref update (our own receive-pack push, or a gix ref transaction).
-//! [`error`] is the one table from failure to HTTP status.
+//! Request flow: an entry point ([`lambda`] or [`serve`]) hands an `http::Request` to
+//! [`app::App::handle`], which authorizes it ([`auth`]); [`protocol`] decodes it into a
+//! [`backend`] operation; the backend applies the state and lock rules over a
+//! [`storage::Storage`], whose git stores keep files on branches and settle every race with
+//! a compare-and-swap ref update. A [`context::RequestContext`] (credentials, deadline,
+//! counters) travels the whole way down; [`error`] is the one table from failure to status.
 
 pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod context;
 pub mod error;
 pub mod lambda;
 pub mod protocol;
 pub mod serve;
 pub mod storage;
+#[cfg(feature = "testkit")]
+pub mod testkit;

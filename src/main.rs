@@ -21,19 +21,22 @@ enum Command {
     /// Serve AWS Lambda invocations (the default when AWS_LAMBDA_RUNTIME_API is set).
     Lambda,
     /// Serve the backend over HTTP on this machine.
+    ///
+    /// Every flag overrides the environment variable of the same setting (README, "Configuration").
     Serve {
-        /// Address to listen on.
-        #[arg(long, env = "GITSTATE_LISTEN", default_value = "127.0.0.1:6061")]
-        listen: SocketAddr,
-        /// Git repository URL (git://, http://, https://); default: an embedded bare repository in the data directory.
-        #[arg(long, env = "GITSTATE_REPOSITORY")]
+        /// Address to listen on [GITSTATE_LISTEN; default 127.0.0.1:6061].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Git repository URL (git://, http://, https://) [GITSTATE_REPOSITORY; default: an embedded
+        /// bare repository in the data directory].
+        #[arg(long)]
         repository: Option<String>,
-        /// Branch that holds the states.
-        #[arg(long = "ref", env = "GITSTATE_REF", default_value = "main")]
-        branch: String,
-        /// Directory of the embedded repository and of the caches.
-        #[arg(long, env = "GITSTATE_DATA_DIR", default_value = "./.gitstate")]
-        data_dir: PathBuf,
+        /// Branch that holds the states [GITSTATE_REF; default main].
+        #[arg(long = "ref")]
+        branch: Option<String>,
+        /// Directory of the embedded repository and of the caches [GITSTATE_DATA_DIR; default ./.gitstate].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -87,12 +90,22 @@ fn main() -> std::process::ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            config.repository = repository.filter(|r| !r.is_empty());
-            config.branch = branch;
-            if std::env::var_os("GITSTATE_CACHE_DIR").is_none() {
-                config.cache_dir = data_dir.join("cache");
+            if let Some(url) = repository.filter(|r| !r.is_empty()) {
+                match gitstate::storage::RepoUrl::parse(&url) {
+                    Ok(url) => config.repository = Some(url),
+                    Err(e) => return fail(format!("--repository: {e}")),
+                }
             }
-            config.data_dir = data_dir;
+            if let Some(branch) = branch {
+                config.branch = branch;
+            }
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            if std::env::var_os("GITSTATE_CACHE_DIR").is_none() {
+                config.cache_dir = config.data_dir.join("cache");
+            }
+            let listen = listen.unwrap_or(config.listen);
             if let Err(e) = config.validate() {
                 return fail(e);
             }

@@ -2,13 +2,13 @@
 //! a real `git daemon` (push enabled): lock races, concurrent writers from separate
 //! instances, re-lock, force-unlock, rejected writes, commit trailers, fsck.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::gitd::{git, git_out, GitDaemon};
+use gitstate::testkit::fixtures::{fsck_clean, lock_info, state};
+use gitstate::testkit::gitd::{git, git_out, GitDaemon};
+use gitstate::testkit::races::{call, request};
 use gitstate::{app::App, config::Config, protocol::content_md5};
 
 /// Where a test's repository lives and how to build more App instances over it.
@@ -42,9 +42,9 @@ impl Fixture {
         let mut config = Config { cache_dir: self.tmp.path().join(format!("cache-{n}")), ..Config::default() };
         match &self.backing {
             Backing::Embedded { data_dir } => config.data_dir = data_dir.clone(),
-            Backing::Daemon { url, .. } => config.repository = Some(url.clone()),
+            Backing::Daemon { url, .. } => config.repository = Some(gitstate::storage::RepoUrl::parse(url).unwrap()),
         }
-        Arc::new(App::new(config).expect("open the store"))
+        Arc::new(App::open(config).expect("open the store"))
     }
 
     fn server_repo(&self) -> PathBuf {
@@ -55,38 +55,8 @@ impl Fixture {
     }
 }
 
-fn request(method: &str, uri: &str, body: &str) -> http::Request<Bytes> {
-    let mut b = http::Request::builder().method(method).uri(uri);
-    if method == "POST" && uri.starts_with("/state/") {
-        b = b.header("Content-MD5", content_md5(body.as_bytes()));
-    }
-    b.body(Bytes::from(body.to_string())).unwrap()
-}
-
-async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> (u16, String) {
-    let r = app.handle(request(method, uri, body)).await;
-    (r.status().as_u16(), String::from_utf8_lossy(r.body()).into_owned())
-}
-
-fn lock_info(id: &str) -> String {
-    format!(
-        r#"{{"ID":"{id}","Operation":"OperationTypeApply","Info":"","Who":"{id}@test","Version":"1.0.3","Created":"2026-11-22T00:00:00Z","Path":""}}"#
-    )
-}
-
-fn state(serial: u64, value: &str) -> String {
-    format!(
-        "{{\n  \"version\": 4,\n  \"terraform_version\": \"1.0.3\",\n  \"serial\": {serial},\n  \"lineage\": \"lin-1\",\n  \"outputs\": {{\"x\": {{\"value\": \"{value}\", \"type\": \"string\"}}}},\n  \"resources\": []\n}}\n"
-    )
-}
-
 fn show(repo: &Path, spec: &str) -> String {
     String::from_utf8_lossy(&git(repo, &["show", spec]).stdout).into_owned()
-}
-
-fn fsck_clean(repo: &Path) {
-    let out = std::process::Command::new("git").arg("--git-dir").arg(repo).args(["fsck", "--strict"]).output().unwrap();
-    assert!(out.status.success(), "git fsck --strict failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 async fn lockers_race(f: &Fixture) {

@@ -6,8 +6,6 @@
 //! a few cases also go through `gitstate serve` over raw TCP, to cover hyper's side
 //! (a chunked body above the limit, an unknown method, traversal in the request line).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -15,21 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::gitd::{git_out, GitDaemon};
-use common::serve::{Serve, ServeOpts};
+use gitstate::testkit::fixtures::{lock_info, state};
+use gitstate::testkit::gitd::{git_out, GitDaemon};
+use gitstate::testkit::serve::{http, Serve, ServeOpts};
 use gitstate::{app::App, config::Config, protocol::content_md5};
 
 const LIMIT: usize = 1024;
-
-fn lock_info(id: &str) -> String {
-    format!(
-        r#"{{"ID":"{id}","Operation":"OperationTypeApply","Info":"","Who":"{id}@bad","Version":"1.0.3","Created":"2026-01-01T00:00:00Z","Path":""}}"#
-    )
-}
-
-fn state(serial: u64) -> String {
-    format!("{{\n  \"version\": 4,\n  \"serial\": {serial},\n  \"lineage\": \"bad-input\",\n  \"outputs\": {{}},\n  \"resources\": []\n}}\n")
-}
 
 /// One bad request and what must come back.
 struct Case {
@@ -62,7 +51,7 @@ fn case(
 
 /// The table of bad requests. `good.tfstate` exists and `held.tfstate` is locked by `A`.
 fn cases() -> Vec<Case> {
-    let valid = state(7);
+    let valid = state(7, "bad input");
     let mut c = vec![
         // Bodies of writes.
         case("malformed JSON", "POST", "/state/good.tfstate", "{\"version\": 4, \"serial\": ", 400, "not JSON"),
@@ -199,13 +188,27 @@ fn cases() -> Vec<Case> {
     c.push(case("UNLOCK with a foreign ID", "UNLOCK", "/state/held.tfstate", lock_info("B"), 409, "\"ID\":\"A\""));
     c.push(case("DELETE /lock with a foreign ID", "DELETE", "/lock/held.tfstate", lock_info("B"), 409, "\"ID\":\"A\""));
     c.push(case("LOCK of a held lock", "LOCK", "/state/held.tfstate", lock_info("B"), 423, "\"ID\":\"A\""));
-    c.push(case("write under a foreign ID", "POST", "/state/held.tfstate?ID=B", state(1), 423, "\"ID\":\"A\""));
-    c.push(case("write without ID to a held state", "POST", "/state/held.tfstate", state(1), 423, "\"ID\":\"A\""));
+    c.push(case(
+        "write under a foreign ID",
+        "POST",
+        "/state/held.tfstate?ID=B",
+        state(1, "bad input"),
+        423,
+        "\"ID\":\"A\"",
+    ));
+    c.push(case(
+        "write without ID to a held state",
+        "POST",
+        "/state/held.tfstate",
+        state(1, "bad input"),
+        423,
+        "\"ID\":\"A\"",
+    ));
     c.push(case(
         "write under an ID that holds nothing",
         "POST",
         "/state/good.tfstate?ID=nobody",
-        state(8),
+        state(8, "bad input"),
         409,
         "nobody",
     ));
@@ -257,7 +260,7 @@ fn refs(repo: &Path) -> String {
 
 async fn run_table(app: &Arc<App>, server_repo: &Path, store: &str) {
     // Something to protect: a state, and a lock held by A.
-    let r = app.handle(post("/state/good.tfstate", &state(7))).await;
+    let r = app.handle(post("/state/good.tfstate", &state(7, "bad input"))).await;
     assert_eq!(r.status(), 200);
     let r = app.handle(req("LOCK", "/state/held.tfstate", &[], lock_info("A").into_bytes())).await;
     assert_eq!(r.status(), 200);
@@ -316,7 +319,7 @@ async fn run_table(app: &Arc<App>, server_repo: &Path, store: &str) {
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
     // The good state and the lock are still there and usable.
     let r = app.handle(req("GET", "/state/good.tfstate", &[], Vec::new())).await;
-    assert_eq!((r.status().as_u16(), r.body().as_ref()), (200, state(7).as_bytes()));
+    assert_eq!((r.status().as_u16(), r.body().as_ref()), (200, state(7, "bad input").as_bytes()));
     let r = app.handle(req("UNLOCK", "/state/held.tfstate", &[], lock_info("A").into_bytes())).await;
     assert_eq!(r.status(), 200);
 }
@@ -342,7 +345,7 @@ async fn bad_requests_on_the_embedded_store() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = config(tmp.path().join("cache"));
     c.data_dir = tmp.path().join("data");
-    let app = Arc::new(App::new(c).unwrap());
+    let app = Arc::new(App::open(c).unwrap());
     run_table(&app, &tmp.path().join("data/repo.git"), "embedded").await;
 }
 
@@ -352,8 +355,8 @@ async fn bad_requests_on_a_git_daemon() {
     let url = daemon.create_repo("bad.git");
     let tmp = tempfile::tempdir().unwrap();
     let mut c = config(tmp.path().join("cache"));
-    c.repository = Some(url);
-    let app = Arc::new(App::new(c).unwrap());
+    c.repository = Some(gitstate::storage::RepoUrl::parse(&url).unwrap());
+    let app = Arc::new(App::open(c).unwrap());
     run_table(&app, &daemon.repo_dir("bad.git"), "git daemon").await;
 }
 
@@ -392,8 +395,8 @@ fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
 #[test]
 fn bad_requests_through_gitstate_serve() {
     let serve = Serve::start(ServeOpts::new().env("GITSTATE_MAX_BODY_BYTES", LIMIT.to_string()));
-    let good = state(3);
-    let r = common::serve::http(
+    let good = state(3, "bad input");
+    let r = http(
         "POST",
         &serve.state_url("good.tfstate"),
         &[("Content-MD5", &content_md5(good.as_bytes()))],
@@ -404,7 +407,7 @@ fn bad_requests_through_gitstate_serve() {
 
     let big = format!("{{\"serial\": 9, \"lineage\": \"x\", \"pad\": \"{}\"}}", "x".repeat(4 * LIMIT));
     let huge = format!("{{\"serial\": 9, \"lineage\": \"x\", \"pad\": \"{}\"}}", "x".repeat(256 * LIMIT));
-    let traversal_body = state(9);
+    let traversal_body = state(9, "bad input");
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
         (
             "chunked body above the limit",
@@ -501,6 +504,6 @@ fn bad_requests_through_gitstate_serve() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Still serving, state intact.
-    let r = common::serve::http("GET", &serve.state_url("good.tfstate"), &[], None);
+    let r = http("GET", &serve.state_url("good.tfstate"), &[], None);
     assert_eq!((r.status, r.text()), (200, good));
 }

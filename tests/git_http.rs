@@ -1,6 +1,6 @@
 //! gitstate over smart HTTP with credentials (issue 4), against a real git
 //! host: `git http-backend` behind lighttpd with basic auth
-//! (tests/common/httpd.rs), driven by a real Terraform 1.0.3 and by plain
+//! (`gitstate::testkit::httpd`), driven by a real Terraform 1.0.3 and by plain
 //! HTTP requests, and checked with the git CLI on the server's repository
 //! and with lighttpd's access log.
 //!
@@ -15,16 +15,16 @@
 //!
 //! Each test starts its own lighttpd and `gitstate serve`.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use base64::Engine as _;
-use common::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
-use common::serve::{git_cli, git_ok, http, lock_info, HttpResponse, Serve, ServeOpts};
-use common::terraform::{HttpBackend, TfWorkdir};
+use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate::testkit::gitd::{git_command, git_out, rev_parse};
+use gitstate::testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+use gitstate::testkit::serve::{http, HttpResponse, Serve, ServeOpts};
+use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
 use serde_json::Value;
 
 const STATE: &str = "envs/http/terraform.tfstate";
@@ -55,18 +55,17 @@ fn tf_for(serve: &Serve, creds: Option<(&str, &str)>) -> TfWorkdir {
 
 /// The commit `main` points at on the git host, if any.
 fn main_tip(httpd: &GitHttpServer, repo: &str) -> Option<String> {
-    let out = git_cli(&httpd.repo_dir(repo), &["rev-parse", "--verify", "-q", "refs/heads/main"]);
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    rev_parse(&httpd.repo_dir(repo), "refs/heads/main")
 }
 
 /// Commits on `main` of the git host's `repo` touching `path`, newest first.
 fn state_commits(httpd: &GitHttpServer, repo: &str, path: &str) -> Vec<String> {
-    git_ok(&httpd.repo_dir(repo), &["log", "--format=%H", "main", "--", path]).lines().map(str::to_string).collect()
+    git_out(&httpd.repo_dir(repo), &["log", "--format=%H", "main", "--", path]).lines().map(str::to_string).collect()
 }
 
 /// Every ref of the git host's `repo`.
 fn refs(httpd: &GitHttpServer, repo: &str) -> String {
-    git_ok(&httpd.repo_dir(repo), &["for-each-ref", "--format=%(objectname) %(refname)"])
+    git_out(&httpd.repo_dir(repo), &["for-each-ref", "--format=%(objectname) %(refname)"])
 }
 
 /// The state on `main` of the git host is `Update <path>`'s content, equal to
@@ -74,9 +73,9 @@ fn refs(httpd: &GitHttpServer, repo: &str) -> String {
 #[track_caller]
 fn assert_stored_state(httpd: &GitHttpServer, repo: &str, tf: &TfWorkdir, expect_x: &str) {
     let dir = httpd.repo_dir(repo);
-    let subject = git_ok(&dir, &["log", "-1", "--format=%s", "main"]);
+    let subject = git_out(&dir, &["log", "-1", "--format=%s", "main"]);
     assert_eq!(subject.trim(), format!("Update {STATE}"), "subject of main's tip on the git host");
-    let stored = git_ok(&dir, &["show", &format!("main:{STATE}")]);
+    let stored = git_out(&dir, &["show", &format!("main:{STATE}")]);
     let stored_json: Value = serde_json::from_str(&stored)
         .unwrap_or_else(|e| panic!("main:{STATE} on the git host is not JSON ({e}):\n{stored}"));
     assert_eq!(stored_json["outputs"]["x"]["value"], expect_x, "stored state:\n{stored}");
@@ -85,10 +84,9 @@ fn assert_stored_state(httpd: &GitHttpServer, repo: &str, tf: &TfWorkdir, expect
     let pulled_json: Value =
         serde_json::from_str(&pulled.stdout).unwrap_or_else(|e| panic!("state pull printed no JSON ({e}):\n{pulled}"));
     assert_eq!(stored_json, pulled_json, "git show main:{STATE} and `terraform state pull` differ");
-    let locks = git_ok(&dir, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
+    let locks = git_out(&dir, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks.trim(), "", "lock branches left on the git host");
-    let fsck = git_cli(&dir, &["fsck", "--strict", "--no-dangling", "--no-progress"]);
-    assert!(fsck.status.success(), "git fsck --strict on the git host: {fsck:?}");
+    fsck_clean(&dir);
 }
 
 /// Requests in `after` that were not in `before` (the access log only grows).
@@ -119,25 +117,15 @@ fn summarize(label: &str, reqs: &[AccessEntry]) -> String {
     )
 }
 
-/// The git CLI as a client of the test git host (isolated configuration,
-/// never prompting for credentials).
+/// The git CLI as a client of the test git host ([`git_command`], never prompting for
+/// credentials), with extra environment.
 fn git_client(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new("git")
-        .arg("-C")
-        .arg(cwd)
+    git_command(cwd)
         .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ASKPASS", "/bin/false")
         .env("SSH_ASKPASS", "/bin/false")
-        .env("GIT_AUTHOR_NAME", "test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .env_remove("GIT_DIR")
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .output()
         .expect("run git")
 }
@@ -324,7 +312,8 @@ fn passthrough_wrong_credentials_fail_and_commit_nothing() {
     let body = serde_json::to_vec_pretty(&state).unwrap();
     let md5 = base64::engine::general_purpose::STANDARD.encode(<md5::Md5 as md5::Digest>::digest(&body));
     let lock =
-        serde_json::to_vec(&lock_info("aaaaaaaa-0000-0000-0000-000000000001", "x@y", "OperationTypeApply")).unwrap();
+        serde_json::to_vec(&lock_info_value("aaaaaaaa-0000-0000-0000-000000000001", "x@y", "OperationTypeApply"))
+            .unwrap();
     let anon_get = http("GET", &serve.state_url(STATE), &[], None);
     assert_eq!(anon_get.status, 401, "GET without credentials (passthrough): {}", anon_get.text());
     for (method, target, body) in [
@@ -384,7 +373,7 @@ fn passthrough_wrong_credentials_fail_and_commit_nothing() {
 
     assert_eq!(main_tip(&httpd, "states.git").as_deref(), Some(tip.as_str()), "main moved");
     assert_eq!(refs(&httpd, "states.git"), refs_before, "refs changed after refused applies");
-    let stored = git_ok(&httpd.repo_dir("states.git"), &["show", &format!("main:{STATE}")]);
+    let stored = git_out(&httpd.repo_dir("states.git"), &["show", &format!("main:{STATE}")]);
     assert!(!stored.contains("evil"), "the refused apply's state is stored:\n{stored}");
 }
 
@@ -488,7 +477,8 @@ fn allowlist_default_refuses_other_repositories_without_network_access() {
     let auth = basic(DEFAULT_USER, DEFAULT_PASSWORD);
     let before = httpd.access_log();
     let lock =
-        serde_json::to_vec(&lock_info("dddddddd-0000-0000-0000-000000000004", "x@y", "OperationTypeApply")).unwrap();
+        serde_json::to_vec(&lock_info_value("dddddddd-0000-0000-0000-000000000004", "x@y", "OperationTypeApply"))
+            .unwrap();
 
     let other = httpd.url("other.git");
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
@@ -641,7 +631,7 @@ fn passthrough_full_cycle_leaks_no_secret() {
 
     // A lock taken by someone else: Terraform reports the conflict, then
     // force-unlocks it.
-    let held = lock_info("bbbbbbbb-0000-0000-0000-000000000002", "other@host", "OperationTypeApply");
+    let held = lock_info_value("bbbbbbbb-0000-0000-0000-000000000002", "other@host", "OperationTypeApply");
     let got = record(
         "LOCK held".into(),
         http("LOCK", &serve.state_url(STATE), &[("Authorization", &auth)], Some(&serde_json::to_vec(&held).unwrap())),
@@ -691,7 +681,7 @@ fn passthrough_full_cycle_leaks_no_secret() {
         "expected a log at trace level, got {} lines and none at TRACE:\n{stderr}",
         stderr.lines().count()
     );
-    let commits = git_ok(&httpd.repo_dir("states.git"), &["log", "--all", "--format=%H%n%an <%ae>%n%cn <%ce>%n%B"]);
+    let commits = git_out(&httpd.repo_dir("states.git"), &["log", "--all", "--format=%H%n%an <%ae>%n%cn <%ce>%n%B"]);
     let mut hay: Vec<(String, Vec<u8>)> = vec![
         ("server stderr".into(), stderr.clone().into_bytes()),
         ("server stdout".into(), stdout.into_bytes()),

@@ -2,37 +2,37 @@
 //! into a bare cache, and our receive-pack push with its compare-and-swap
 //! semantics (stale old ids, creations, deletions, atomic guards, races).
 
-mod common;
-
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
-use common::gitd::{git_out, rev_parse, GitDaemon};
+use gitstate::context::RequestContext;
 use gitstate::storage::git::{pack, push, remote};
-use gitstate::storage::{ObjectId, RefUpdate, StorageError, UpdateOutcome};
+use gitstate::storage::{ObjectId, RefUpdate, RepoUrl, StorageError, UpdateOutcome};
+use gitstate::testkit::fixtures::fsck_clean;
+use gitstate::testkit::gitd::{git_out, rev_parse, GitDaemon};
 
 /// Anonymous access: the daemon asks for no credentials.
 fn push_(
     repo: &gix::Repository,
-    url: &gix::Url,
+    url: &RepoUrl,
     updates: &[gitstate::storage::RefUpdate],
 ) -> Result<gitstate::storage::UpdateOutcome, gitstate::storage::StorageError> {
-    push::push(repo, url, updates, None)
+    push::push(repo, url, updates, &RequestContext::unbounded())
 }
 
 fn fetch_(
     repo: &gix::Repository,
-    url: &gix::Url,
+    url: &RepoUrl,
     refs: &[String],
 ) -> Result<gitstate::storage::Tips, gitstate::storage::StorageError> {
-    remote::fetch_tips(repo, url, refs, None)
+    remote::fetch_tips(repo, url, refs, &RequestContext::unbounded(), &std::sync::Mutex::new(()))
 }
 
 const MAIN: &str = "refs/heads/main";
 const LOCK: &str = "refs/heads/locks/envs/prod/terraform.tfstate";
 
-fn url(s: &str) -> gix::Url {
-    gix::url::parse(s.as_bytes()).expect("valid URL")
+fn url(s: &str) -> RepoUrl {
+    RepoUrl::parse(s).expect("valid URL")
 }
 
 fn cache(dir: &Path) -> gix::Repository {
@@ -74,10 +74,6 @@ fn server_ref(daemon: &GitDaemon, repo: &str, name: &str) -> Option<ObjectId> {
     rev_parse(&daemon.repo_dir(repo), name).map(|hex| ObjectId::from_hex(hex.as_bytes()).unwrap())
 }
 
-fn fsck(daemon: &GitDaemon, repo: &str) {
-    git_out(&daemon.repo_dir(repo), &["fsck", "--strict", "--no-dangling"]);
-}
-
 fn assert_rejected(outcome: UpdateOutcome, name: &str) -> String {
     match outcome {
         UpdateOutcome::Rejected(refs) => {
@@ -109,18 +105,32 @@ fn unreachable_host_is_unavailable() {
     let repo = cache(dir.path());
     let u = url(&format!("git://127.0.0.1:{port}/x.git"));
     let err = fetch_(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
-    assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, StorageError::HostUnavailable(_)), "{err:?}");
     let err = push_(&repo, &u, &[update(MAIN, None, None)]).unwrap_err();
-    assert!(matches!(err, StorageError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, StorageError::HostUnavailable(_)), "{err:?}");
 }
 
+/// Only git://, http:// and https:// can be named at all: anything else would make gix spawn git.
 #[test]
-fn file_urls_are_refused() {
+fn file_and_ssh_urls_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for u in [format!("file://{}", dir.path().display()), "ssh://h/x.git".into(), dir.path().display().to_string()] {
+        assert_eq!(RepoUrl::parse(&u), Err(gitstate::storage::UrlError::Scheme), "{u}");
+    }
+}
+
+/// A repository the daemon does not have is a permanent "not found", not "try again".
+#[test]
+fn missing_repository_is_not_found() {
+    let daemon = GitDaemon::start();
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
-    let u = url(&format!("file://{}", dir.path().display()));
-    assert!(fetch_(&repo, &u, &[MAIN.to_owned()]).is_err());
-    assert!(remote::connect(&u, gix::protocol::transport::Protocol::V1, None).is_err());
+    let u = url(&daemon.url("nope.git"));
+    let err = fetch_(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
+    assert!(matches!(err, StorageError::RepositoryNotFound(_)), "{err:?}");
+    assert!(!err.is_spurious());
+    let err = push_(&repo, &u, &[update(MAIN, None, None)]).unwrap_err();
+    assert!(matches!(err, StorageError::RepositoryNotFound(_)), "{err:?}");
 }
 
 #[test]
@@ -159,7 +169,7 @@ fn push_create_update_delete_with_compare_and_swap() {
     let out = push_(&repo, &remote_url, &[update(MAIN, None, Some(c1))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c1));
-    fsck(&daemon, "states.git");
+    fsck_clean(&daemon.repo_dir("states.git"));
 
     // Creating again (old = must not exist) loses.
     let other = commit(&repo, None, "envs/prod/terraform.tfstate", "{\"serial\": 99}\n");
@@ -172,7 +182,7 @@ fn push_create_update_delete_with_compare_and_swap() {
     let out = push_(&repo, &remote_url, &[update(MAIN, Some(c1), Some(c2))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", MAIN), Some(c2));
-    fsck(&daemon, "states.git");
+    fsck_clean(&daemon.repo_dir("states.git"));
     assert_eq!(
         git_out(&daemon.repo_dir("states.git"), &["show", "main:envs/prod/terraform.tfstate"]),
         "{\"serial\": 1}"
@@ -196,7 +206,7 @@ fn push_create_update_delete_with_compare_and_swap() {
     let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
     assert_eq!(server_ref(&daemon, "states.git", LOCK), None);
-    fsck(&daemon, "states.git");
+    fsck_clean(&daemon.repo_dir("states.git"));
 
     // Deleting what does not exist loses.
     let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock), None)]).unwrap();
@@ -247,7 +257,7 @@ fn atomic_guard_on_a_moved_ref_rejects_everything() {
     assert_rejected(out, LOCK);
     assert_eq!(server_ref(&daemon, "atomic.git", MAIN), Some(w1));
     assert_eq!(server_ref(&daemon, "atomic.git", LOCK), Some(lock_b));
-    fsck(&daemon, "atomic.git");
+    fsck_clean(&daemon.repo_dir("atomic.git"));
 }
 
 /// The guard must hold at the moment the refs move, not only at advertisement
@@ -306,7 +316,7 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
         push_(&writer, &remote_url, &[update(MAIN, Some(c1), Some(c2)), update(LOCK, None, Some(lock))]).unwrap(),
         UpdateOutcome::Applied
     );
-    fsck(&daemon, "fetch.git");
+    fsck_clean(&daemon.repo_dir("fetch.git"));
 
     let dir = tempfile::tempdir().unwrap();
     let repo = cache(dir.path());
@@ -332,7 +342,7 @@ fn fetch_tips_into_a_fresh_cache_at_depth_one() {
     let c3 = commit(&repo, Some(c2), "a/terraform.tfstate", "three\n");
     let out = push_(&repo, &remote_url, &[update(MAIN, Some(c2), Some(c3))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
-    fsck(&daemon, "fetch.git");
+    fsck_clean(&daemon.repo_dir("fetch.git"));
     assert_eq!(git_out(&daemon.repo_dir("fetch.git"), &["show", "main:a/terraform.tfstate"]), "three");
 
     // The new tip arrives in the cache on the next call.
@@ -401,7 +411,7 @@ fn without_atomic_guards_are_checked_then_dropped() {
     // Only a guard: nothing to send once it checked out.
     let out = push_(&repo, &remote_url, &[update(LOCK, Some(lock_a), Some(lock_a))]).unwrap();
     assert_eq!(out, UpdateOutcome::Applied);
-    fsck(&daemon, "plain.git");
+    fsck_clean(&daemon.repo_dir("plain.git"));
 }
 
 #[test]
@@ -467,5 +477,5 @@ fn twenty_concurrent_creators_one_winner() {
         .collect();
     assert_eq!(winners.len(), 1, "exactly one creator wins: {results:?}");
     assert_eq!(server_ref(&daemon, "race20.git", LOCK), Some(winners[0]));
-    fsck(&daemon, "race20.git");
+    fsck_clean(&daemon.repo_dir("race20.git"));
 }

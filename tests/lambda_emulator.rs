@@ -7,17 +7,16 @@
 //! a warm invocation reuses the `/tmp` cache and what the process knows, so a
 //! second read of an unchanged state is one request to the git host and no fetch.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use common::gitd::{git, git_out, rev_parse, GitDaemon};
-use common::lambda::{repo_root, Emulator};
-use common::serve::{http, http_json, lock_info, HttpResponse};
-use common::terraform::{HttpBackend, TfWorkdir};
+use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate::testkit::gitd::{git, git_out, rev_parse, GitDaemon};
+use gitstate::testkit::lambda::{repo_root, Emulator};
+use gitstate::testkit::serve::{http, http_json, HttpResponse};
+use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
 use md5::{Digest, Md5};
 use serde_json::Value;
 
@@ -129,7 +128,7 @@ fn terraform_cycle(mode: LockMode, path: &str) {
     assert_eq!(got.header("Content-MD5"), Some(md5.as_str()));
 
     // Someone else holds the lock: Terraform fails and names the holder.
-    let held = lock_info("held-by-test", "tester@elsewhere", "OperationTypeApply");
+    let held = lock_info_value("held-by-test", "tester@elsewhere", "OperationTypeApply");
     let got = mode.lock(&s.emu, path, &held);
     assert_eq!(got.status, 200, "taking a free lock: {}", got.text());
     assert!(s.lock_branch(path).is_some(), "no branch locks/{path} while held");
@@ -157,7 +156,7 @@ fn terraform_cycle(mode: LockMode, path: &str) {
 
     let locks = git_out(&s.repo, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks, "", "lock branches left behind");
-    git(&s.repo, &["fsck", "--strict", "--no-dangling", "--no-progress"]);
+    fsck_clean(&s.repo);
     // The function logged JSON lines with the request span.
     let log = s.emu.log();
     assert!(

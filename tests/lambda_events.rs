@@ -9,16 +9,15 @@
 //! rejected request, lock B refused (POST /lock), unlock A, lock B, force-unlock
 //! (empty body), delete, read. Every file in `events/` belongs to exactly one step.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
-use common::gitd::{git, git_out, git_try, rev_parse, GitDaemon};
 use gitstate::app::App;
 use gitstate::config::Config;
+use gitstate::testkit::fixtures::fsck_clean;
+use gitstate::testkit::gitd::{git_out, git_try, rev_parse, GitDaemon};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, RequestExt};
 use md5::{Digest, Md5};
@@ -56,8 +55,12 @@ impl Fixture {
         let daemon = GitDaemon::start();
         let url = daemon.create_repo("states.git");
         let cache = tempfile::Builder::new().prefix("gitstate-lambda-cache-").tempdir().unwrap();
-        let config = Config { repository: Some(url), cache_dir: cache.path().to_path_buf(), ..Config::default() };
-        let app = Arc::new(App::new(config).expect("open the git daemon's repository"));
+        let config = Config {
+            repository: Some(gitstate::storage::RepoUrl::parse(&url).unwrap()),
+            cache_dir: cache.path().to_path_buf(),
+            ..Config::default()
+        };
+        let app = Arc::new(App::open(config).expect("open the git daemon's repository"));
         Fixture { daemon, app, _cache: cache }
     }
 
@@ -268,7 +271,7 @@ async fn replay(source: &str) {
     f.send(source, "get").await.expect(204);
 
     // The server's repository is sound and no lock is left.
-    git(&repo, &["fsck", "--strict", "--no-dangling", "--no-progress"]);
+    fsck_clean(&repo);
     assert_eq!(git_out(&repo, &["for-each-ref", "refs/heads/locks/"]), "", "lock branches left");
 }
 

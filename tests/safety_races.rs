@@ -1,6 +1,6 @@
 //! Safety under races (issue 5), against a real `git daemon`, every racer its own
 //! `App` with its own cache: a small round of the stress command's scenarios
-//! (`tests/safety/races.rs`, the same code `examples/stress.rs` runs 1,000 times),
+//! (`gitstate::testkit::races`, the same code `examples/stress.rs` runs 1,000 times),
 //! and lock/write atomicity: a write under a lock that was force-unlocked and
 //! taken by someone else is refused and leaves the state exactly as the new
 //! holder left it, on a server with receive-pack's `atomic` and on one without
@@ -9,16 +9,12 @@
 //!
 //! Run: `cargo test --test safety_races -- --nocapture`.
 
-mod common;
-#[path = "safety/races.rs"]
-mod races;
-
-use std::path::Path;
 use std::sync::Arc;
 
-use common::gitd::{git_out, GitDaemon};
 use gitstate::app::App;
-use races::{call, lock_info, new_app, server_commits, server_file, state};
+use gitstate::testkit::fixtures::{fsck_clean, lock_info, state, state_with_lineage};
+use gitstate::testkit::gitd::{git_out, git_with_input, GitDaemon};
+use gitstate::testkit::races::{self, call, new_app, server_commits, server_file};
 
 /// Separate instances over one daemon repository.
 struct Fleet {
@@ -66,11 +62,6 @@ fn init_log() {
     }
 }
 
-fn fsck_clean(repo: &Path) {
-    let out = std::process::Command::new("git").arg("--git-dir").arg(repo).args(["fsck", "--strict"]).output().unwrap();
-    assert!(out.status.success(), "git fsck --strict failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// 5 rounds × 10 lockers, fresh instances (cold caches) every round: exactly one winner each round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_race_exactly_one_winner_every_round() {
@@ -102,7 +93,7 @@ async fn sixteen_writers_on_distinct_states_all_land() {
     // Every landed write is one commit: nothing was rebuilt into a duplicate or dropped.
     assert_eq!(server_commits(&f.server_repo(), "main"), 32);
     for i in 0..16 {
-        let want = state(&format!("writer-{i}"), 2, &format!("writer {i}, round 1"));
+        let want = state_with_lineage(&format!("writer-{i}"), 2, &format!("writer {i}, round 1"));
         assert_eq!(
             server_file(&f.server_repo(), "main", &format!("team/{i}.tfstate")).as_deref(),
             Some(want.as_bytes())
@@ -132,7 +123,7 @@ async fn force_unlocked_writer_is_refused(f: &Fleet) {
     let (a, b, operator) = (f.app(), f.app(), f.app());
     let p = "/state/envs/prod/terraform.tfstate";
     let file = "envs/prod/terraform.tfstate";
-    let base = state("lin", 1, "base");
+    let base = state(1, "base");
     assert_eq!(call(&a, "POST", p, &base).await.0, 200);
     assert_eq!(call(&a, "LOCK", p, &lock_info("A")).await.0, 200);
     assert_eq!(call(&a, "GET", p, "").await, (200, base.clone()));
@@ -142,16 +133,16 @@ async fn force_unlocked_writer_is_refused(f: &Fleet) {
 
     // B holds the lock and has written nothing yet: A's write (a newer serial, so only the lock can refuse it).
     let commits = server_commits(&f.server_repo(), "main");
-    let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state("lin", 2, "A's stale plan")).await;
+    let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state(2, "A's stale plan")).await;
     assert!(s == 423 || s == 409, "A's write under a lost lock answered {s}: {body}");
     assert_eq!(server_file(&f.server_repo(), "main", file).as_deref(), Some(base.as_bytes()));
     assert_eq!(server_commits(&f.server_repo(), "main"), commits);
 
     // B writes its view; A tries again, even with a higher serial.
-    let b_view = state("lin", 2, "B's view");
+    let b_view = state(2, "B's view");
     assert_eq!(call(&b, "POST", &format!("{p}?ID=B"), &b_view).await.0, 200);
     for serial in [2, 3] {
-        let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state("lin", serial, "A's stale plan")).await;
+        let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state(serial, "A's stale plan")).await;
         assert!(s == 423 || s == 409, "A's write (serial {serial}) answered {s}: {body}");
         if s == 423 {
             assert!(body.contains("\"ID\":\"B\""), "423 names the holder: {body}");
@@ -189,40 +180,15 @@ async fn lock_taken_inside_the_push_window_is_refused() {
     let f = Fleet::new("window.git");
     let a = f.app();
     let p = "/state/window.tfstate";
-    let base = state("lin", 1, "base");
+    let base = state(1, "base");
     assert_eq!(call(&a, "POST", p, &base).await.0, 200);
     assert_eq!(call(&a, "LOCK", p, &lock_info("A")).await.0, 200);
     let server = f.server_repo();
     let lock_a = git_out(&server, &["rev-parse", "refs/heads/locks/window.tfstate"]);
 
     // B's lock commit, made on the server the way gitstate makes one: `window.tfstate.lock` = LockInfo.
-    let blob = {
-        let mut child = std::process::Command::new("git")
-            .arg("--git-dir")
-            .arg(&server)
-            .args(["hash-object", "-w", "--stdin"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(lock_info("B").as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let tree = {
-        let mut child = std::process::Command::new("git")
-            .arg("--git-dir")
-            .arg(&server)
-            .arg("mktree")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(format!("100644 blob {blob}\twindow.tfstate.lock\n").as_bytes()).unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap().trim().to_string()
-    };
+    let blob = git_with_input(&server, &["hash-object", "-w", "--stdin"], lock_info("B").as_bytes());
+    let tree = git_with_input(&server, &["mktree"], format!("100644 blob {blob}\twindow.tfstate.lock\n").as_bytes());
     let lock_b = git_out(
         &server,
         &["-c", "user.name=B", "-c", "user.email=b@race", "commit-tree", &tree, "-m", "Lock window.tfstate"],
@@ -244,7 +210,7 @@ async fn lock_taken_inside_the_push_window_is_refused() {
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
-    let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state("lin", 2, "A's write")).await;
+    let (s, body) = call(&a, "POST", &format!("{p}?ID=A"), &state(2, "A's write")).await;
     assert!(marker.exists(), "the hook ran inside A's push");
     assert!(s == 423 || s == 409, "a write whose lock moved inside the push answered {s}: {body}");
     if s == 423 {

@@ -1,6 +1,6 @@
 //! `GITSTATE_AUTH=secret` against a real AWS API emulator (`moto_server`,
-//! tests/common/moto.rs) and a real smart-HTTP git host (lighttpd +
-//! `git http-backend`, tests/common/httpd.rs):
+//! `gitstate::testkit::moto`) and a real smart-HTTP git host (lighttpd +
+//! `git http-backend`, `gitstate::testkit::httpd`):
 //!
 //! - the git credentials come from a Secrets Manager secret created in moto;
 //! - the backend requires basic auth (here from the same secret's
@@ -10,13 +10,13 @@
 //!   and only the secret's git user ever reaches the git host;
 //! - the secret is read once per process.
 
-mod common;
-
 use base64::Engine as _;
-use common::httpd::GitHttpServer;
-use common::moto::Moto;
-use common::serve::{git_cli, git_ok, http, Serve, ServeOpts};
-use common::terraform::{HttpBackend, TfWorkdir};
+use gitstate::testkit::fixtures::lock_info_value;
+use gitstate::testkit::gitd::{git_out, rev_parse};
+use gitstate::testkit::httpd::GitHttpServer;
+use gitstate::testkit::moto::Moto;
+use gitstate::testkit::serve::{http, Serve, ServeOpts};
+use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
 use serde_json::Value;
 
 const STATE: &str = "envs/secret/terraform.tfstate";
@@ -80,8 +80,7 @@ fn moto_requests(moto: &Moto) -> Vec<String> {
 }
 
 fn main_tip(httpd: &GitHttpServer) -> Option<String> {
-    let out = git_cli(&httpd.repo_dir("states.git"), &["rev-parse", "--verify", "-q", "refs/heads/main"]);
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    rev_parse(&httpd.repo_dir("states.git"), "refs/heads/main")
 }
 
 /// Backend basic auth in secret mode: missing → 401 with a Basic challenge,
@@ -127,12 +126,9 @@ fn secret_mode_enforces_backend_basic_auth() {
     assert_eq!(got.status, 204, "GET with the right backend credentials, no state yet: {}", got.text());
     let got = http("GET", &s.serve.lock_url(STATE), &[("Authorization", &right)], None);
     assert_eq!(got.status, 404, "GET lock with the right backend credentials, no lock: {}", got.text());
-    let body = serde_json::to_vec(&common::serve::lock_info(
-        "cccccccc-0000-0000-0000-000000000003",
-        "t@h",
-        "OperationTypeApply",
-    ))
-    .unwrap();
+    let body =
+        serde_json::to_vec(&lock_info_value("cccccccc-0000-0000-0000-000000000003", "t@h", "OperationTypeApply"))
+            .unwrap();
     let got = http("LOCK", &url, &[("Authorization", &right)], Some(&body));
     assert_eq!(got.status, 200, "LOCK with the right backend credentials: {}", got.text());
     let got = http("UNLOCK", &url, &[("Authorization", &right)], Some(&body));
@@ -171,9 +167,9 @@ fn secret_mode_terraform_apply_lands_a_commit() {
     tf.apply().assert_success();
 
     let dir = s.httpd.repo_dir("states.git");
-    let subject = git_ok(&dir, &["log", "-1", "--format=%s", "main"]);
+    let subject = git_out(&dir, &["log", "-1", "--format=%s", "main"]);
     assert_eq!(subject.trim(), format!("Update {STATE}"), "main's tip on the git host");
-    let stored = git_ok(&dir, &["show", &format!("main:{STATE}")]);
+    let stored = git_out(&dir, &["show", &format!("main:{STATE}")]);
     let stored_json: Value = serde_json::from_str(&stored).unwrap();
     assert_eq!(stored_json["outputs"]["x"]["value"], "from-secret", "stored:\n{stored}");
     let pulled = tf.state_pull();
@@ -209,7 +205,7 @@ fn secret_mode_terraform_apply_lands_a_commit() {
     );
     tf2.run(&["apply", "-auto-approve", "-input=false", "-no-color", "-lock=false"]).assert_failure();
     assert_eq!(main_tip(&s.httpd).as_deref(), Some(tip.as_str()), "main moved");
-    let locks = git_ok(&dir, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
+    let locks = git_out(&dir, &["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks.trim(), "", "lock branches on the git host");
 
     // Read once per process: however many requests, one call to moto.

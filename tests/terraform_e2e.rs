@@ -7,11 +7,10 @@
 //! `lock_method = "POST"`, `unlock_method = "DELETE"` on `/lock/<path>`.
 //! Each test has its own server, data directory and Terraform directories.
 
-mod common;
-
 use base64::Engine as _;
-use common::serve::{http, http_json, lock_info, HttpResponse, Serve, ServeOpts};
-use common::terraform::{HttpBackend, TfWorkdir};
+use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate::testkit::serve::{http, http_json, HttpResponse, Serve, ServeOpts};
+use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
 use md5::{Digest, Md5};
 use serde_json::Value;
 
@@ -131,13 +130,7 @@ fn assert_apply_commit(serve: &Serve, commit: &str, path: &str, state: &Value) {
 /// `git fsck --strict` finds nothing wrong and no lock branch is left.
 #[track_caller]
 fn assert_repo_clean(serve: &Serve, path: &str) {
-    let fsck = serve.git(&["fsck", "--strict", "--no-dangling", "--no-progress"]);
-    let text = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
-    assert!(fsck.status.success(), "git fsck --strict failed:\n{text}");
-    assert!(
-        !text.lines().any(|l| l.starts_with("error") || l.starts_with("warning")),
-        "git fsck --strict complained:\n{text}"
-    );
+    fsck_clean(&serve.repo_git_dir());
     assert!(!lock_branch_exists(serve, path), "branch locks/{path} is left behind");
     let locks = serve.git_ok(&["for-each-ref", "--format=%(refname)", "refs/heads/locks/"]);
     assert_eq!(locks.trim(), "", "lock branches left behind");
@@ -221,7 +214,7 @@ fn lock_conflict(mode: LockMode) {
     let tip = serve.git_ok(&["rev-parse", "main"]);
 
     // Someone else takes the lock.
-    let held = lock_info("held-by-test", "tester", "OperationTypeApply");
+    let held = lock_info_value("held-by-test", "tester", "OperationTypeApply");
     let got = mode.lock(&serve, &path, &held);
     assert_eq!(got.status, 200, "taking a free lock: {}", got.text());
     let got = http("GET", &serve.lock_url(&path), &[], None);
@@ -239,7 +232,7 @@ fn lock_conflict(mode: LockMode) {
     let got = mode.lock(&serve, &path, &held);
     assert_eq!(got.status, 200, "re-taking a lock with the holder's own LockInfo: {}", got.text());
     // Another ID is refused with the holder's LockInfo.
-    let other = lock_info("someone-else", "other", "OperationTypeApply");
+    let other = lock_info_value("someone-else", "other", "OperationTypeApply");
     let got = mode.lock(&serve, &path, &other);
     assert_eq!(got.status, 423, "taking a held lock: {}", got.text());
     assert_eq!(got.json()["ID"], "held-by-test", "the 423 body names the holder");

@@ -10,11 +10,15 @@ use http::{HeaderMap, Method, StatusCode};
 use md5::{Digest, Md5};
 use percent_encoding::percent_decode_str;
 
+use crate::backend::decide::StateHead;
+use crate::backend::{LockInfo, Operation, Outcome};
+use crate::storage::RepoUrl;
+
 /// Which state (or lock) a request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// `repository` query parameter, if given.
-    pub repository: Option<String>,
+    /// `repository` query parameter, if given, parsed into its canonical form.
+    pub repository: Option<RepoUrl>,
     /// `ref` query parameter, if given (already validated as a branch name).
     pub branch: Option<String>,
     /// The validated state path.
@@ -28,51 +32,6 @@ pub struct BackendRequest {
     pub op: Operation,
 }
 
-/// The five backend operations, plus reading a lock.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Operation {
-    GetState,
-    /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
-    /// `force` (query `force=true`) skips the lineage/serial guard, for a deliberate `terraform state push -force`.
-    PutState {
-        lock_id: Option<String>,
-        body: Bytes,
-        force: bool,
-    },
-    DeleteState {
-        lock_id: Option<String>,
-    },
-    Lock(LockInfo),
-    /// `id: None` is a force-unlock (Terraform's `force-unlock` sends no body).
-    Unlock {
-        id: Option<String>,
-    },
-    GetLock,
-}
-
-impl Operation {
-    /// A short name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Operation::GetState => "get",
-            Operation::PutState { .. } => "update",
-            Operation::DeleteState { .. } => "delete",
-            Operation::Lock(_) => "lock",
-            Operation::Unlock { .. } => "unlock",
-            Operation::GetLock => "get-lock",
-        }
-    }
-}
-
-/// Terraform's LockInfo, with the bytes it arrived as (stored and shown to competitors as they are).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockInfo {
-    pub id: String,
-    pub who: String,
-    pub operation: String,
-    pub raw: Bytes,
-}
-
 #[derive(serde::Deserialize)]
 struct LockInfoJson {
     #[serde(rename = "ID")]
@@ -83,25 +42,29 @@ struct LockInfoJson {
     operation: String,
 }
 
-impl LockInfo {
-    /// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
-    pub fn parse(raw: Bytes) -> Result<Self, ProtocolError> {
-        let not_lock_info =
-            || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
-        // Via Value: serde's derived reader would also take a JSON array as the struct.
-        let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
-        if !value.is_object() {
-            return Err(not_lock_info());
-        }
-        let j: LockInfoJson = serde_json::from_value(value).map_err(|_| not_lock_info())?;
-        if j.id.trim().is_empty() {
-            return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
-        }
-        if j.id.chars().any(|c| c.is_control()) {
-            return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
-        }
-        Ok(LockInfo { id: j.id, who: j.who, operation: j.operation, raw })
+/// The largest LockInfo accepted: Terraform's are a few hundred bytes.
+pub const MAX_LOCK_INFO_BYTES: usize = 64 << 10;
+
+/// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
+pub fn parse_lock_info(raw: Bytes) -> Result<LockInfo, ProtocolError> {
+    if raw.len() > MAX_LOCK_INFO_BYTES {
+        return Err(ProtocolError::PayloadTooLarge { limit: MAX_LOCK_INFO_BYTES });
     }
+    let not_lock_info =
+        || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
+    // Via Value: serde's derived reader would also take a JSON array as the struct.
+    let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
+    if !value.is_object() {
+        return Err(not_lock_info());
+    }
+    let j: LockInfoJson = serde_json::from_value(value).map_err(|_| not_lock_info())?;
+    if j.id.trim().is_empty() {
+        return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
+    }
+    if j.id.chars().any(|c| c.is_control()) {
+        return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
+    }
+    Ok(LockInfo { id: j.id, who: j.who, operation: j.operation, raw })
 }
 
 /// Requests whose form is wrong. Statuses are assigned in `crate::error`.
@@ -117,8 +80,8 @@ pub enum ProtocolError {
     PayloadTooLarge { limit: usize },
 }
 
-const STATE_METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
-const LOCK_METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
+/// The methods both kinds of address answer.
+const METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
 
 enum Kind {
     State,
@@ -142,11 +105,12 @@ pub fn decode(
 
     let branch = param("ref").filter(|b| !b.is_empty());
     if let Some(b) = &branch {
-        if !path::is_valid_ref_component_path(b) {
-            return Err(ProtocolError::BadRequest("the `ref` parameter is not a valid branch name".into()));
-        }
+        path::check_branch(b).map_err(|why| ProtocolError::BadRequest(format!("the `ref` parameter: {why}")))?;
     }
-    let repository = param("repository").filter(|r| !r.is_empty());
+    let repository = match param("repository").filter(|r| !r.is_empty()) {
+        Some(raw) => Some(RepoUrl::parse(&raw).map_err(|e| ProtocolError::BadRequest(e.to_string()))?),
+        None => None,
+    };
     let lock_id = param("ID").filter(|id| !id.is_empty());
     let target = Target { repository, branch, path: state_path };
 
@@ -155,6 +119,7 @@ pub fn decode(
         (Kind::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
             check_state_json(&body)?;
+            StateHead::read(&body).map_err(|e| ProtocolError::BadRequest(format!("the state is malformed: {e}")))?;
             let force = match param("force").as_deref() {
                 None | Some("false") | Some("0") => false,
                 Some("true") | Some("1") => true,
@@ -164,20 +129,15 @@ pub fn decode(
         }
         (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
         (Kind::Lock, "GET") => Operation::GetLock,
-        (_, "LOCK") | (Kind::Lock, "POST" | "PUT") => Operation::Lock(LockInfo::parse(body)?),
+        (_, "LOCK") | (Kind::Lock, "POST" | "PUT") => Operation::Lock(parse_lock_info(body)?),
         (_, "UNLOCK") | (Kind::Lock, "DELETE") => {
             if body.iter().all(u8::is_ascii_whitespace) {
                 Operation::Unlock { id: None }
             } else {
-                Operation::Unlock { id: Some(LockInfo::parse(body)?.id) }
+                Operation::Unlock { id: Some(parse_lock_info(body)?.id) }
             }
         }
-        (Kind::State, m) => {
-            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: STATE_METHODS })
-        }
-        (Kind::Lock, m) => {
-            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: LOCK_METHODS })
-        }
+        (_, m) => return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: METHODS }),
     };
     Ok(BackendRequest { target, op })
 }
@@ -245,19 +205,6 @@ pub fn content_md5(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
 }
 
-/// A successful outcome, as the backend reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The stored state.
-    State(Bytes),
-    /// No state stored at this path yet.
-    NoState,
-    /// The current LockInfo of a lock.
-    LockInfo(Bytes),
-    /// Done (written, deleted, locked, unlocked).
-    Done,
-}
-
 /// Encode a successful outcome.
 pub fn encode(outcome: Outcome) -> http::Response<Bytes> {
     let mut b = http::Response::builder();
@@ -312,7 +259,7 @@ mod tests {
         let r =
             req("GET", "/", Some("type=git&repository=git%3A%2F%2Fh%2Fr&ref=main&state=x%2Fy.tfstate"), "").unwrap();
         assert_eq!(r.target.path, "x/y.tfstate");
-        assert_eq!(r.target.repository.as_deref(), Some("git://h/r"));
+        assert_eq!(r.target.repository.map(|u| u.to_string()).as_deref(), Some("git://h/r"));
         assert!(matches!(req("GET", "/other/x", None, ""), Err(ProtocolError::NotFound(_))));
     }
 

@@ -1,5 +1,6 @@
-//! Validation of state paths and branch names: whatever a caller sends must be
-//! usable both as a file path in a git tree and inside a ref name (`locks/<path>`).
+//! Validation of state paths and branch names: whatever a caller sends must be usable as
+//! a file path in a git tree that hosts' fsck accepts, inside a ref name (`locks/<path>`),
+//! and as a file name of a loose ref on disk.
 
 /// Why a path was refused, in words fit for the caller.
 pub fn check_state_path(path: &str) -> Result<(), String> {
@@ -18,9 +19,30 @@ pub fn check_state_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// True when `name` (e.g. a branch `main` or `envs/prod`) is a valid ref name below `refs/heads/`.
-pub fn is_valid_ref_component_path(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('/') && name.split('/').all(|c| check_component(c).is_ok())
+/// Why `name` cannot be a branch that holds states: it must be a valid ref name below
+/// `refs/heads/`, and outside gitstate's lock namespace (`locks` and `locks/...`).
+pub fn check_branch(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.starts_with('/') {
+        return Err("not a valid branch name".into());
+    }
+    if name.len() > 1024 {
+        return Err("the branch name is longer than 1024 bytes".into());
+    }
+    for c in name.split('/') {
+        check_component(c).map_err(|_| "not a valid branch name".to_string())?;
+    }
+    if name == "locks" || name.starts_with("locks/") {
+        return Err("`locks` and `locks/...` hold gitstate's locks and cannot hold states".into());
+    }
+    Ok(())
+}
+
+/// Longest component: a loose ref `<component>.lock` must fit the filesystem's 255-byte name limit.
+const MAX_COMPONENT_BYTES: usize = 250;
+
+/// Code points HFS+ ignores in names: git's fsck reads `\u{200c}.git` as `.git` and refuses it.
+fn is_hfs_ignorable(ch: char) -> bool {
+    matches!(ch, '\u{200c}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{206a}'..='\u{206f}' | '\u{feff}')
 }
 
 fn check_component(c: &str) -> Result<(), String> {
@@ -47,6 +69,17 @@ fn check_component(c: &str) -> Result<(), String> {
     }
     if let Some(bad) = c.chars().find(|&ch| ch.is_ascii_control() || " ~^:?*[\\".contains(ch)) {
         return Err(format!("the state path contains {:?}, which git does not allow in a ref name", bad));
+    }
+    if c.len() > MAX_COMPONENT_BYTES {
+        return Err(format!("a path component is longer than {MAX_COMPONENT_BYTES} bytes"));
+    }
+    // What git's fsck refuses in tree entries (hosts with receive.fsckObjects, e.g. GitHub and
+    // GitLab, reject such pushes): names that some filesystem reads as `.git`.
+    if c.chars().any(|ch| is_hfs_ignorable(ch) || ch.is_control()) {
+        return Err("the state path contains an invisible or control character".into());
+    }
+    if c.to_ascii_lowercase().starts_with("git~") {
+        return Err("a path component must not look like a short name of `.git` (`git~1`)".into());
     }
     Ok(())
 }
@@ -104,10 +137,34 @@ mod tests {
 
     #[test]
     fn branch_names() {
-        assert!(is_valid_ref_component_path("main"));
-        assert!(is_valid_ref_component_path("team/states"));
-        assert!(!is_valid_ref_component_path("a..b"));
-        assert!(!is_valid_ref_component_path(".hidden"));
-        assert!(!is_valid_ref_component_path("x.lock"));
+        assert!(check_branch("main").is_ok());
+        assert!(check_branch("team/states").is_ok());
+        assert!(check_branch("lockstep").is_ok());
+        assert!(check_branch("team/locks").is_ok());
+        for bad in ["a..b", ".hidden", "x.lock", "", "/x", "a//b", "@", "a/@/b", "locks", "locks/x", "locks/@/main/@/a"]
+        {
+            assert!(check_branch(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(check_branch(&"a".repeat(251)).is_err());
+        assert!(check_branch(&format!("{}/b", "a".repeat(250))).is_ok());
+    }
+
+    #[test]
+    fn names_hosts_fsck_would_refuse_are_refused_up_front() {
+        for p in [
+            "\u{200c}.git/config",
+            "a/\u{200d}.git",
+            "a/.g\u{200c}it",
+            "a/\u{feff}x",
+            "GIT~1/x",
+            "a/git~2",
+            "a/\u{202e}gnp.exe",
+            "a/x\u{85}y",
+        ] {
+            assert!(check_state_path(p).is_err(), "{p:?} should be refused");
+        }
+        assert!(check_state_path(&"a".repeat(251)).is_err());
+        assert!(check_state_path(&"a".repeat(250)).is_ok());
+        assert!(check_state_path("git/x").is_ok());
     }
 }

@@ -1,27 +1,44 @@
 //! Storage: where states and locks live. Knows refs, trees, files and commits,
-//! nothing of Terraform. The backend talks to it through [`Storage`]; the one
-//! implementation is a git repository ([`git::GitStore`]), remote or embedded.
+//! nothing of Terraform. The backend talks to it through [`Storage`]; the git
+//! implementations are a remote through a cache ([`git::RemoteStore`]) and the embedded repository ([`git::EmbeddedStore`]).
 
 pub mod git;
+pub mod url;
 
 use std::collections::HashMap;
 
+pub use crate::context::{Credentials, RequestContext};
 pub use gix::ObjectId;
+pub use url::{RepoUrl, UrlError, UrlPattern};
 
-/// Errors of the storage layer. `Unavailable` and `Protocol` are about the git
-/// host (transient for the caller); `Local` is our own disk or repository.
+/// Errors of the storage layer, by what the caller can do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// The git host could not be reached or the connection broke.
+    /// Writing `path` would turn another state's file into a directory, or the reverse.
+    #[error("path conflict: `{path}` cannot be stored because `{blocker}` {}", if *.blocker_is_state { "is a state" } else { "is a directory of other states" })]
+    PathConflict { path: String, blocker: String, blocker_is_state: bool },
+    /// The local cache of a remote is unusable (deleted, corrupt objects): rebuild it and retry.
+    #[error("the cache repository is broken: {0}")]
+    CacheCorrupt(String),
+    /// The git host could not be reached, or the connection broke: try again later.
     #[error("git host unavailable: {0}")]
-    Unavailable(String),
-    /// The git host answered something we could not understand or refused the push as a whole.
+    HostUnavailable(String),
+    /// The git host refused the credentials (401/403 or equivalent).
+    #[error("git host refused the credentials")]
+    CredentialsRefused,
+    /// The git host has no such repository (HTTP 404, git daemon's "not found").
+    #[error("repository not found on the git host: {0}")]
+    RepositoryNotFound(String),
+    /// The git host refused an update for good (hook declined, protected branch, deletes denied).
+    #[error("the git host refused to update {reference}: {reason}")]
+    PushRefused { reference: String, reason: String },
+    /// The git host answered something we could not understand.
     #[error("git protocol error: {0}")]
     Protocol(String),
-    /// The git host refused our credentials (401/403 or equivalent).
-    #[error("git host refused the credentials")]
-    AuthRejected,
-    /// The local (cache or embedded) repository failed.
+    /// The request's deadline passed while talking to the git host.
+    #[error("deadline passed {0}")]
+    DeadlineExceeded(&'static str),
+    /// The local repository (embedded store, or our own disk) failed.
     #[error("local repository error: {0}")]
     Local(String),
 }
@@ -29,6 +46,16 @@ pub enum StorageError {
 impl StorageError {
     pub fn local(e: impl std::fmt::Display) -> Self {
         StorageError::Local(e.to_string())
+    }
+
+    /// Transient: the same request may succeed later (answered 503 with `Retry-After`).
+    pub fn is_spurious(&self) -> bool {
+        matches!(self, StorageError::HostUnavailable(_) | StorageError::DeadlineExceeded(_))
+    }
+
+    /// The cache is broken and must be rebuilt; the only error that triggers a rebuild.
+    pub fn is_cache_corrupt(&self) -> bool {
+        matches!(self, StorageError::CacheCorrupt(_))
     }
 }
 
@@ -63,27 +90,15 @@ pub enum UpdateOutcome {
     Rejected(Vec<(String, String)>),
 }
 
-/// Credentials for the git host (HTTP basic auth). Never printed: `Debug` hides them.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Credentials(<redacted>)")
-    }
-}
-
 /// Tips of branches, by full ref name; a missing key means the ref does not exist.
 pub type Tips = HashMap<String, ObjectId>;
 
-/// A store of files on branches with compare-and-swap ref updates.
+/// A store of files on branches with compare-and-swap ref updates. Every call that may
+/// wait on the network is bounded by the context's deadline.
 pub trait Storage: Send + Sync {
     /// Current tips of `refs` (full names) at the source of truth, with each tip's
     /// commit made readable locally.
-    fn sync(&self, refs: &[String], creds: Option<&Credentials>) -> Result<Tips, StorageError>;
+    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError>;
     /// Contents of `path` in the tree of `commit`, `None` when absent.
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// Write a commit locally: `parent`'s tree with `path` set to `content` (removed when `None`).
@@ -95,7 +110,7 @@ pub trait Storage: Send + Sync {
         message: &str,
     ) -> Result<ObjectId, StorageError>;
     /// Apply all `updates` as one compare-and-swap: all or nothing where the store can.
-    fn update(&self, updates: &[RefUpdate], creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError>;
+    fn update(&self, ctx: &RequestContext, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError>;
     /// A name for logs (never carries credentials).
     fn describe(&self) -> String;
     /// Throw away local copies that can be fetched again (a cache found broken). Returns

@@ -29,7 +29,7 @@ pub fn build_pack(
         .clone()
         .into_inner()
         .into_arc()
-        .map_err(|e| StorageError::local(format!("cannot open object database: {e}")))?;
+        .map_err(|e| StorageError::CacheCorrupt(format!("cannot open object database: {e}")))?;
     db.prevent_pack_unload();
 
     let mut counts = if new_commits.is_empty() {
@@ -43,7 +43,9 @@ pub fn build_pack(
             &interrupt,
             ObjectExpansion::TreeAdditionsComparedToAncestor,
         )
-        .map_err(|e| StorageError::local(format!("cannot list objects to push: {}", super::remote::chain(&e))))?
+        .map_err(|e| {
+            StorageError::CacheCorrupt(format!("cannot list objects to push: {}", super::transport::chain(&e)))
+        })?
         .0
     };
     // Counting adds each parent commit and its tree (to diff against); the remote has those.
@@ -63,20 +65,24 @@ pub fn build_pack(
                 ..Default::default()
             },
         )
-        .map_err(|e| StorageError::local(format!("cannot prepare pack entries: {}", super::remote::chain(&e))))?;
+        .map_err(|e| {
+            StorageError::CacheCorrupt(format!("cannot prepare pack entries: {}", super::transport::chain(&e)))
+        })?;
         let mut entries = Vec::new();
         for chunk in InOrderIter::from(chunks) {
-            let chunk = chunk
-                .map_err(|e| StorageError::local(format!("cannot encode pack entry: {}", super::remote::chain(&e))))?;
+            let chunk = chunk.map_err(|e| {
+                StorageError::CacheCorrupt(format!("cannot encode pack entry: {}", super::transport::chain(&e)))
+            })?;
             entries.extend(chunk);
         }
         entries
     };
     if entries.iter().any(output::Entry::is_invalid) {
-        return Err(StorageError::local("an object to push is missing from the cache"));
+        return Err(StorageError::CacheCorrupt("an object to push is missing from the cache".into()));
     }
 
-    let num_entries = u32::try_from(entries.len()).map_err(|_| StorageError::local("too many objects for one pack"))?;
+    let num_entries =
+        u32::try_from(entries.len()).map_err(|_| StorageError::Local("too many objects for one pack".into()))?;
     let mut pack = Vec::new();
     let writer = output::bytes::FromEntriesIter::new(
         std::iter::once(Ok(entries)),
@@ -86,7 +92,8 @@ pub fn build_pack(
         repo.object_hash(),
     );
     for written in writer {
-        written.map_err(|e| StorageError::local(format!("cannot write pack: {}", super::remote::chain(&e))))?;
+        written
+            .map_err(|e| StorageError::CacheCorrupt(format!("cannot write pack: {}", super::transport::chain(&e))))?;
     }
     Ok(pack)
 }
@@ -117,7 +124,7 @@ fn ensure_empty_tree_stored(repo: &gix::Repository, new_commits: &[ObjectId]) ->
         .any(|id| repo.find_commit(*id).ok().and_then(|c| c.tree_id().ok()).is_some_and(|tree| tree == empty));
     if needs_it && !repo.objects.exists(&empty) {
         repo.write_object(gix::objs::Tree::empty())
-            .map_err(|e| StorageError::local(format!("cannot store the empty tree: {e}")))?;
+            .map_err(|e| StorageError::CacheCorrupt(format!("cannot store the empty tree: {e}")))?;
     }
     Ok(())
 }

@@ -10,8 +10,8 @@ use gix::protocol::transport::client::{Capabilities, MessageKind, WriteMode};
 use gix::protocol::transport::packetline::PacketLineRef;
 use gix::protocol::transport::{Protocol, Service};
 
-use super::remote::{self, redacted, Failed};
-use crate::storage::{Credentials, ObjectId, RefUpdate, StorageError, UpdateOutcome};
+use super::transport::{self, classify, HostFailure};
+use crate::storage::{ObjectId, RefUpdate, RepoUrl, RequestContext, StorageError, UpdateOutcome};
 
 /// What the server said about itself before we sent anything.
 struct Advertisement {
@@ -30,14 +30,14 @@ struct Advertisement {
 /// only checked against the advertisement (check-then-push, with a warning).
 pub fn push(
     repo: &gix::Repository,
-    url: &gix::Url,
+    url: &RepoUrl,
     updates: &[RefUpdate],
-    creds: Option<&Credentials>,
+    ctx: &RequestContext,
 ) -> Result<UpdateOutcome, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
-    let (mut transport, adv) = remote::retrying(|| {
-        let mut transport = remote::connect(url, Protocol::V1, creds)?;
-        let adv = advertisement(&mut transport, url)?;
+    let (mut transport, adv) = transport::retrying(ctx, || {
+        let mut transport = transport::connect(url, Protocol::V1, ctx)?;
+        let adv = advertisement(&mut transport, url, ctx)?;
         Ok((transport, adv))
     })?;
 
@@ -59,7 +59,7 @@ pub fn push(
     } else {
         if updates.iter().any(RefUpdate::is_guard) {
             tracing::warn!(
-                remote = %redacted(url),
+                remote = %url,
                 "the git server does not offer `atomic`: guards are only checked before the push, \
                  so atomicity with the lock is not guaranteed by this server"
             );
@@ -73,8 +73,7 @@ pub fn push(
     if !adv.report_status {
         end_without_commands(&mut transport);
         return Err(StorageError::Protocol(format!(
-            "{} does not offer report-status; cannot learn the outcome of a push",
-            redacted(url)
+            "{url} does not offer report-status; cannot learn the outcome of a push"
         )));
     }
 
@@ -89,7 +88,8 @@ pub fn push(
         // A server accepting these commits must hold their parents, and so all the parents hold.
         let mut remote_has = Vec::new();
         for id in &new_commits {
-            let commit = repo.find_commit(*id).map_err(|e| StorageError::local(format!("commit {id} to push: {e}")))?;
+            let commit =
+                repo.find_commit(*id).map_err(|e| StorageError::CacheCorrupt(format!("commit {id} to push: {e}")))?;
             remote_has.extend(commit.parent_ids().map(|p| p.detach()));
         }
         Some(super::pack::build_pack(repo, &new_commits, &remote_has)?)
@@ -97,10 +97,12 @@ pub fn push(
         None
     };
 
-    let io_err = |e: std::io::Error| StorageError::Unavailable(format!("{}: sending the push: {e}", redacted(url)));
+    // From here on the server may act: a failure is never repeated blindly, and one that
+    // ends the request says whether the push may have happened.
+    let io_err = |e: std::io::Error| after_send(classify(url, ctx, &e).error);
     let mut writer = transport
         .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
-        .map_err(|e| transport_error(url, e))?;
+        .map_err(|e| classify(url, ctx, &e).error)?;
     let null = repo.object_hash().null();
     for (i, u) in commands.iter().enumerate() {
         let mut line = format!("{} {} {}", u.old.unwrap_or(null), u.new.unwrap_or(null), u.name);
@@ -120,49 +122,38 @@ pub fn push(
     drop(raw);
     // The reader stopped at the flush ending the advertisement.
     reader.reset(Protocol::V1);
-    let report = read_report(&mut reader, adv.side_band_64k, url)?;
+    let report = read_report(&mut reader, adv.side_band_64k, url, ctx).map_err(after_send)?;
     drop(reader);
     outcome(&report, &commands, url)
 }
 
-/// Handshake for receive-pack and read the v0/v1 ref advertisement to its end.
-fn advertisement(transport: &mut Box<dyn Transport + Send>, url: &gix::Url) -> Result<Advertisement, Failed> {
-    let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| {
-        let retry =
-            matches!(&e, gix::protocol::transport::client::Error::Io(io) if remote::is_broken_connection(io.kind()));
-        Failed { error: transport_error(url, e), retry }
-    })?;
+/// Handshake for receive-pack and read the v0/v1 ref advertisement to its end, with
+/// gix-protocol's parser (peeled tags, `.have` and `shallow` lines name no ref of ours).
+fn advertisement(
+    transport: &mut Box<dyn Transport + Send>,
+    url: &RepoUrl,
+    ctx: &RequestContext,
+) -> Result<Advertisement, HostFailure> {
+    let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| classify(url, ctx, &e))?;
     if response.actual_protocol == Protocol::V2 {
-        return Err(StorageError::Protocol(format!("{} answered receive-pack with protocol v2", redacted(url))).into());
+        return Err(StorageError::Protocol(format!("{url} answered receive-pack with protocol v2")).into());
     }
     let caps: &Capabilities = &response.capabilities;
     let has = |name: &str| caps.contains(name);
     let (atomic, side_band_64k, report_status, quiet) =
         (has("atomic"), has("side-band-64k"), has("report-status"), has("quiet"));
-    let mut lines =
-        response.refs.ok_or_else(|| StorageError::Protocol(format!("{} sent no ref advertisement", redacted(url))))?;
+    let mut lines = response.refs.ok_or_else(|| StorageError::Protocol(format!("{url} sent no ref advertisement")))?;
+    let (advertised, _shallow) =
+        gix::protocol::handshake::refs::from_v1_refs_received_as_part_of_handshake_and_capabilities(
+            &mut lines,
+            caps.iter(),
+        )
+        .map_err(|e| classify(url, ctx, &e))?;
     let mut refs = HashMap::new();
-    while let Some(line) = lines.readline() {
-        let line = line
-            .map_err(|e| Failed {
-                retry: remote::is_broken_connection(e.kind()),
-                error: io_error(url, "reading the ref advertisement", e),
-            })?
-            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
-        let Some(text) = line.as_slice() else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(text);
-        // Capabilities were cut off the first line by gix; `capabilities^{}` (empty
-        // repository), `.have` and `shallow` lines name no ref of ours.
-        let Some((id, name)) = text.trim_end().split_once(' ') else {
-            return Err(garbage(url, &text).into());
-        };
-        if name == "capabilities^{}" || name.ends_with("^{}") || name == ".have" || id == "shallow" {
-            continue;
+    for r in &advertised {
+        if let (name, Some(id), _) = r.unpack() {
+            refs.insert(name.to_string(), id.to_owned());
         }
-        let id = ObjectId::from_hex(id.as_bytes()).map_err(|_| garbage(url, &text))?;
-        refs.insert(name.to_owned(), id);
     }
     Ok(Advertisement { refs, atomic, side_band_64k, report_status, quiet })
 }
@@ -195,14 +186,15 @@ fn end_without_commands(transport: &mut Box<dyn Transport + Send>) {
 fn read_report(
     reader: &mut Box<dyn ExtendedBufRead<'_> + Unpin + '_>,
     side_band: bool,
-    url: &gix::Url,
+    url: &RepoUrl,
+    ctx: &RequestContext,
 ) -> Result<Vec<String>, StorageError> {
     let mut lines = Vec::new();
     let mut band_data = Vec::new();
     while let Some(line) = reader.readline() {
         let line = line
-            .map_err(|e| io_error(url, "reading the push report", e))?
-            .map_err(|e| StorageError::Protocol(format!("{}: {}", redacted(url), remote::chain(&e))))?;
+            .map_err(|e| classify(url, ctx, &e).error)?
+            .map_err(|e| StorageError::Protocol(format!("{url}: {}", transport::chain(&e))))?;
         let PacketLineRef::Data(data) = line else {
             break;
         };
@@ -213,13 +205,12 @@ fn read_report(
         match data.split_first() {
             Some((1, rest)) => band_data.extend_from_slice(rest),
             Some((2, progress)) => {
-                tracing::debug!(remote = %redacted(url), "remote: {}", String::from_utf8_lossy(progress).trim_end());
+                tracing::debug!(remote = %url, "remote: {}", String::from_utf8_lossy(progress).trim_end().escape_debug());
             }
             Some((3, error)) => {
                 return Err(StorageError::Protocol(format!(
-                    "{}: remote error: {}",
-                    redacted(url),
-                    String::from_utf8_lossy(error).trim_end()
+                    "{url}: remote error: {}",
+                    String::from_utf8_lossy(error).trim_end().escape_debug()
                 )))
             }
             _ => return Err(garbage(url, &String::from_utf8_lossy(data))),
@@ -248,15 +239,15 @@ fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
 }
 
 /// `unpack ok`, then `ok <ref>` or `ng <ref> <reason>` for every command.
-fn outcome(report: &[String], commands: &[&RefUpdate], url: &gix::Url) -> Result<UpdateOutcome, StorageError> {
+fn outcome(report: &[String], commands: &[&RefUpdate], url: &RepoUrl) -> Result<UpdateOutcome, StorageError> {
     let mut lines = report.iter();
     match lines.next().map(String::as_str) {
         Some("unpack ok") => {}
         Some(other) => {
             let reason = other.strip_prefix("unpack ").unwrap_or(other);
-            return Err(StorageError::Protocol(format!("{} could not unpack our pack: {reason}", redacted(url))));
+            return Err(StorageError::Protocol(format!("{url} could not unpack our pack: {reason}")));
         }
-        None => return Err(StorageError::Protocol(format!("{} sent an empty report", redacted(url)))),
+        None => return Err(StorageError::Protocol(format!("{url} sent an empty report"))),
     }
     let mut ok = Vec::new();
     let mut rejected = Vec::new();
@@ -271,12 +262,39 @@ fn outcome(report: &[String], commands: &[&RefUpdate], url: &gix::Url) -> Result
         }
     }
     if !rejected.is_empty() {
+        // A ref that moved under us is a lost race; anything else is the host's policy, for good.
+        if let Some((reference, reason)) = rejected.iter().find(|(_, reason)| !is_race(reason)) {
+            return Err(StorageError::PushRefused {
+                reference: reference.clone(),
+                reason: reason.escape_debug().to_string(),
+            });
+        }
         return Ok(UpdateOutcome::Rejected(rejected));
     }
     match commands.iter().find(|u| !ok.contains(&u.name)) {
-        Some(u) => Err(StorageError::Protocol(format!("{} did not report on {}", redacted(url), u.name))),
+        Some(u) => Err(StorageError::Protocol(format!("{url} did not report on {}", u.name))),
         None => Ok(UpdateOutcome::Applied),
     }
+}
+
+/// The reasons receive-pack gives (across git versions) when a ref transaction failed
+/// because a ref was not at its expected old value or was locked by a concurrent push.
+const RACE_REASONS: &[&str] = &[
+    "failed to update ref",
+    "failed to update refs",
+    "failed to delete",
+    "failed to lock",
+    "atomic push failure",
+    "atomic transaction failed",
+    "transaction failed to start",
+    "incorrect old value provided",
+    "reference already exists",
+    "reference is missing",
+    "stale info",
+];
+
+fn is_race(reason: &str) -> bool {
+    RACE_REASONS.contains(&reason.trim())
 }
 
 fn describe_mismatch(expected: Option<ObjectId>, actual: Option<&ObjectId>) -> String {
@@ -288,33 +306,16 @@ fn describe_mismatch(expected: Option<ObjectId>, actual: Option<&ObjectId>) -> S
     }
 }
 
-fn garbage(url: &gix::Url, line: &str) -> StorageError {
-    StorageError::Protocol(format!("{} sent an unexpected line: {:?}", redacted(url), line))
+fn garbage(url: &RepoUrl, line: &str) -> StorageError {
+    StorageError::Protocol(format!("{url} sent an unexpected line: {:?}", line))
 }
 
-/// An `ERR` line from the server is a protocol answer; any other io error a broken connection.
-fn io_error(url: &gix::Url, doing: &str, err: std::io::Error) -> StorageError {
-    if remote::is_err_line(&err) {
-        StorageError::Protocol(format!("{}: {doing}: {}", redacted(url), remote::chain(&err)))
-    } else {
-        StorageError::Unavailable(format!("{}: {doing}: {err}", redacted(url)))
-    }
-}
-
-fn transport_error(url: &gix::Url, err: gix::protocol::transport::client::Error) -> StorageError {
-    use gix::protocol::transport::client::Error;
-    match err {
-        // gix's HTTP transport reports a 401 as PermissionDenied.
-        Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => StorageError::AuthRejected,
-        Error::Io(io) => io_error(url, "connecting", io),
-        Error::AuthenticationRefused(_) => StorageError::AuthRejected,
-        other => {
-            let text = format!("{}: {}", redacted(url), remote::chain(&other));
-            if gix::error::classify(&other).is_unauthenticated() {
-                StorageError::AuthRejected
-            } else {
-                StorageError::Protocol(text)
-            }
+/// Once the commands are sent, running out of time leaves the outcome unknown: say so.
+fn after_send(e: StorageError) -> StorageError {
+    match e {
+        StorageError::DeadlineExceeded(_) => {
+            StorageError::DeadlineExceeded("after the push was sent; it may or may not have been applied")
         }
+        other => other,
     }
 }

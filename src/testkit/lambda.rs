@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::gitd::free_port;
+use super::gitd::{free_port, signal_group};
+use super::serve::server_bin;
 
 /// How long the emulator may take to answer its first request: it runs
 /// `cargo run`, which may have to build the binary first.
@@ -46,7 +47,7 @@ fn target_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     // <target>/debug/gitstate (or <target>/<triple>/debug/gitstate).
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gitstate"));
+    let bin = server_bin();
     let profile_dir = bin.parent().expect("bin dir");
     let target = profile_dir.parent().expect("target dir");
     if target.join("CACHEDIR.TAG").exists() {
@@ -238,20 +239,5 @@ impl Drop for Emulator {
         if std::thread::panicking() {
             eprintln!("--- cargo lambda watch on port {} ---\n{}\n--- end of watch.log ---", self.port, self.log());
         }
-    }
-}
-
-/// Send SIGTERM/SIGKILL to the process group `pgid` (procps `kill`; Python's os.killpg where it is missing).
-fn signal_group(pgid: u32, signal: &str) {
-    let sent = Command::new("kill")
-        .args([&format!("-{signal}"), "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !sent {
-        let _ = Command::new(repo_root().join(".venv/bin/python"))
-            .args(["-c", &format!("import os, signal; os.killpg({pgid}, signal.SIG{signal})")])
-            .stderr(Stdio::null())
-            .status();
     }
 }

@@ -12,15 +12,14 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::gitd::{free_port, wait_until_listening};
+use super::gitd::{free_port, git, git_exec_path, wait_until_listening};
 
-const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long to wait for lighttpd to flush its (buffered) access log.
 const LOG_FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -49,12 +48,7 @@ pub fn lighttpd_bin() -> PathBuf {
 
 /// `$(git --exec-path)/git-http-backend`.
 fn git_http_backend() -> PathBuf {
-    let out = Command::new("git")
-        .arg("--exec-path")
-        .output()
-        .expect("run `git --exec-path` (install the test tools with `bash scripts/test.sh`)");
-    assert!(out.status.success(), "git --exec-path failed");
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("git-http-backend");
+    let p = git_exec_path().join("git-http-backend");
     assert!(p.is_file(), "{} is missing", p.display());
     p
 }
@@ -173,11 +167,9 @@ impl GitHttpServer {
     /// pushes accepted) and return its URL, without credentials.
     pub fn create_repo(&self, name: &str) -> String {
         let path = self.repo_dir(name);
-        let out = git_plain(self.dir.path(), &["init", "--bare", "-q", "-b", "main", &path.display().to_string()]);
-        assert!(out.status.success(), "git init --bare {name}: {out:?}");
+        git(self.dir.path(), &["init", "--bare", "-q", "-b", "main", &path.display().to_string()]);
         for (k, v) in [("http.receivepack", "true"), ("receive.fsckObjects", "true")] {
-            let out = git_plain(&path, &["config", k, v]);
-            assert!(out.status.success(), "git config {k} {v}: {out:?}");
+            git(&path, &["config", k, v]);
         }
         self.url(name)
     }
@@ -312,17 +304,4 @@ $HTTP["url"] =~ "^/git/" {{
         root = q(root),
         backend = q(backend),
     )
-}
-
-/// git with an isolated configuration (for server-side set-up).
-fn git_plain(cwd: &Path, args: &[&str]) -> Output {
-    Command::new("git")
-        .arg("-C")
-        .arg(cwd)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run git (install the test tools with `bash scripts/test.sh`)")
 }

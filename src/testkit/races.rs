@@ -10,11 +10,14 @@
 //! broken invariant is reported in `violations`, never silently counted.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gitstate::{app::App, config::Config, protocol::content_md5};
+
+use super::fixtures::{lock_info, state_with_lineage};
+use super::gitd::git_try;
+use crate::storage::RepoUrl;
+use crate::{app::App, config::Config, protocol::content_md5};
 
 /// A new App over the remote `url` with its own cache under `cache_dir`.
 pub fn new_app(url: &str, cache_dir: PathBuf) -> Arc<App> {
@@ -23,61 +26,41 @@ pub fn new_app(url: &str, cache_dir: PathBuf) -> Arc<App> {
 
 /// Like [`new_app`], with the other settings taken from `config`.
 pub fn new_app_with(mut config: Config, url: &str, cache_dir: PathBuf) -> Arc<App> {
-    config.repository = Some(url.to_string());
+    config.repository = Some(RepoUrl::parse(url).unwrap_or_else(|e| panic!("repository URL {url}: {e}")));
     config.cache_dir = cache_dir;
-    Arc::new(App::new(config).expect("open the store"))
+    Arc::new(App::open(config).expect("open the store"))
 }
 
-/// One request through `App::handle`, as Terraform would send it (POST of a state carries Content-MD5).
-pub async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> (u16, String) {
+/// A request as Terraform would send it (a POST of a state carries Content-MD5).
+pub fn request(method: &str, uri: &str, body: &str) -> http::Request<Bytes> {
     let mut b = http::Request::builder().method(method).uri(uri);
     if method == "POST" && uri.starts_with("/state/") {
         b = b.header("Content-MD5", content_md5(body.as_bytes()));
     }
-    let r = app.handle(b.body(Bytes::from(body.to_string())).unwrap()).await;
+    b.body(Bytes::from(body.to_string())).unwrap_or_else(|e| panic!("{method} {uri}: {e}"))
+}
+
+/// One [`request`] through `App::handle`: (status, body).
+pub async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> (u16, String) {
+    let r = app.handle(request(method, uri, body)).await;
     (r.status().as_u16(), String::from_utf8_lossy(r.body()).into_owned())
 }
 
-/// A LockInfo as Terraform 1.0.3 sends it.
-pub fn lock_info(id: &str) -> String {
-    format!(
-        r#"{{"ID":"{id}","Operation":"OperationTypeApply","Info":"","Who":"{id}@race","Version":"1.0.3","Created":"2026-01-01T00:00:00Z","Path":""}}"#
-    )
-}
-
-/// A Terraform state body (indented, trailing newline, as Terraform sends it).
-pub fn state(lineage: &str, serial: u64, value: &str) -> String {
-    format!(
-        "{{\n  \"version\": 4,\n  \"terraform_version\": \"1.0.3\",\n  \"serial\": {serial},\n  \"lineage\": \"{lineage}\",\n  \"outputs\": {{\"v\": {{\"value\": \"{value}\", \"type\": \"string\"}}}},\n  \"resources\": []\n}}\n"
-    )
-}
-
-/// `git --git-dir=<repo> show <rev>:<path>` on the server, `None` when absent.
+/// `git show <rev>:<path>` on the server repository `repo`, `None` when absent.
 pub fn server_file(repo: &Path, rev: &str, path: &str) -> Option<Vec<u8>> {
-    let out = git(repo, &["show", &format!("{rev}:{path}")]);
+    let out = git_try(repo, &["show", &format!("{rev}:{path}")]);
     out.status.success().then_some(out.stdout)
 }
 
 /// Commits on `rev` of the server repository (0 when it does not exist).
 pub fn server_commits(repo: &Path, rev: &str) -> u64 {
-    let out = git(repo, &["rev-list", "--count", rev]);
+    let out = git_try(repo, &["rev-list", "--count", rev]);
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
 /// Whether `refs/heads/<branch>` exists on the server.
 pub fn server_has_branch(repo: &Path, branch: &str) -> bool {
-    git(repo, &["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")]).status.success()
-}
-
-fn git(repo: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("git")
-        .arg("--git-dir")
-        .arg(repo)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("run git (needed to inspect the server repository)")
+    git_try(repo, &["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")]).status.success()
 }
 
 fn id_of(lock_info_json: &str) -> Option<String> {
@@ -181,7 +164,7 @@ pub async fn writers_round(apps: &[Arc<App>], server_repo: &Path, dir: &str, rou
         let app = Arc::clone(app);
         let barrier = Arc::clone(&barrier);
         let path = format!("{dir}/{i}.tfstate");
-        let body = state(&format!("writer-{i}"), round as u64 + 1, &format!("writer {i}, round {round}"));
+        let body = state_with_lineage(&format!("writer-{i}"), round as u64 + 1, &format!("writer {i}, round {round}"));
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let (status, answer) = call(&app, "POST", &format!("/state/{path}"), &body).await;
@@ -245,7 +228,7 @@ pub async fn pair_round(apps: [&Arc<App>; 2], server_repo: &Path, path: &str, ro
         let app = Arc::clone(app);
         let barrier = Arc::clone(&barrier);
         let uri = uri.clone();
-        let body = state("pair", serials[i] + 1, &format!("writer {i}, round {round}"));
+        let body = state_with_lineage("pair", serials[i] + 1, &format!("writer {i}, round {round}"));
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             let (status, answer) = call(&app, "POST", &uri, &body).await;

@@ -1,5 +1,5 @@
-//! `gitstate serve` as a child process, plus a small blocking HTTP client and
-//! git CLI helpers to look at what the server stored.
+//! `gitstate serve` as a child process, plus a small blocking HTTP client. The git CLI
+//! helpers of [`super::gitd`] look at what the server stored.
 //!
 //! The server runs with a `PATH` from which every directory holding a `git`
 //! executable has been removed: gitstate must never run git's own programs.
@@ -7,12 +7,14 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::gitd::{free_port, git_out, git_try};
 
 /// How long the server may take to accept connections after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -187,14 +189,15 @@ impl Serve {
         }
     }
 
-    /// Run the git CLI on the embedded repository (`git --git-dir=<repo.git> ARGS`).
+    /// Run the git CLI on the embedded repository ([`git_try`] on `<data-dir>/repo.git`).
     pub fn git(&self, args: &[&str]) -> Output {
-        git_cli(&self.repo_git_dir(), args)
+        git_try(&self.repo_git_dir(), args)
     }
 
-    /// Like [`Serve::git`] but panics unless git succeeds; returns stdout.
+    /// Like [`Serve::git`] but panics unless git succeeds; returns stdout, trimmed ([`git_out`]).
+    #[track_caller]
     pub fn git_ok(&self, args: &[&str]) -> String {
-        git_ok(&self.repo_git_dir(), args)
+        git_out(&self.repo_git_dir(), args)
     }
 }
 
@@ -220,17 +223,27 @@ impl Drop for Serve {
     }
 }
 
-/// The program under test: `$GITSTATE_TEST_BIN` if set (e.g. a release
-/// build), else the `gitstate` binary cargo built for these tests.
+/// The program under test: `$GITSTATE_TEST_BIN` if set (e.g. a release build), else the
+/// `gitstate` binary cargo built next to the running test or example
+/// (`CARGO_BIN_EXE_gitstate` when cargo sets it at run time, else found from the
+/// running executable: `<target>/<profile>/{deps,examples}/<name>` ->
+/// `<target>/<profile>/gitstate`).
 pub fn server_bin() -> PathBuf {
-    std::env::var_os("GITSTATE_TEST_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gitstate")))
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+    if let Some(p) = std::env::var_os("GITSTATE_TEST_BIN").or_else(|| std::env::var_os("CARGO_BIN_EXE_gitstate")) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the path of the running test");
+    let mut dir = exe.parent().expect("the directory of the running test").to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps" || n == "examples") {
+        dir.pop();
+    }
+    let bin = dir.join("gitstate");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it (`cargo build`; cargo builds it before integration tests) or set GITSTATE_TEST_BIN",
+        bin.display()
+    );
+    bin
 }
 
 /// The current `PATH` less every directory that holds a `git` executable.
@@ -243,38 +256,6 @@ pub fn path_without_git() -> OsString {
 fn is_executable_file(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-}
-
-// ---------------------------------------------------------------------------
-// git CLI (for inspecting repositories in tests)
-// ---------------------------------------------------------------------------
-
-/// `git --git-dir=<git_dir> ARGS`, isolated from the user's and system's config.
-pub fn git_cli(git_dir: &Path, args: &[&str]) -> Output {
-    Command::new("git")
-        .arg(format!("--git-dir={}", git_dir.display()))
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run git (is it installed? `bash scripts/test.sh` installs it)")
-}
-
-/// Like [`git_cli`] but panics unless git succeeds; returns stdout.
-pub fn git_ok(git_dir: &Path, args: &[&str]) -> String {
-    let out = git_cli(git_dir, args);
-    assert!(
-        out.status.success(),
-        "git {args:?} in {} failed ({}):\n{}{}",
-        git_dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("git output is UTF-8")
 }
 
 // ---------------------------------------------------------------------------
@@ -336,17 +317,4 @@ pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8
 pub fn http_json(method: &str, url: &str, body: &serde_json::Value) -> HttpResponse {
     let bytes = serde_json::to_vec(body).unwrap();
     http(method, url, &[("Content-Type", "application/json")], Some(&bytes))
-}
-
-/// A LockInfo as Terraform sends it.
-pub fn lock_info(id: &str, who: &str, operation: &str) -> serde_json::Value {
-    serde_json::json!({
-        "ID": id,
-        "Operation": operation,
-        "Info": "",
-        "Who": who,
-        "Version": "1.0.3",
-        "Created": "2024-01-01T00:00:00.000000000Z",
-        "Path": "",
-    })
 }

@@ -1,0 +1,411 @@
+//! The write rules as pure functions: given what is stored and who holds the lock,
+//! what answer a write gets, or which commit it makes. No I/O here, so every rule is
+//! tested in microseconds.
+
+use bytes::Bytes;
+
+use super::{BackendError, Outcome, Stale};
+
+/// Who holds a lock, as read from its branch.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub commit: gix::ObjectId,
+    pub id: String,
+    /// The LockInfo JSON as stored (shown to competitors as it is).
+    pub info: Bytes,
+}
+
+/// A write (or delete, `content: None`) as the caller asked for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    pub path: &'a str,
+    pub content: Option<&'a [u8]>,
+    pub lock_id: Option<&'a str>,
+    /// `?force=true`: skip the lineage/serial guard.
+    pub force: bool,
+}
+
+/// What a write comes to, given the current tips.
+#[derive(Debug)]
+pub enum Decision {
+    /// Answer now; nothing to commit.
+    Answer(Result<Outcome, BackendError>),
+    /// Commit with this message; push guarded by the lock of `guard` (`None`: no lock may appear).
+    Commit { message: String, guard: Option<gix::ObjectId> },
+}
+
+/// Decide a write over `stored` (the current file, if any) with `holder` holding the lock.
+pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&[u8]>) -> Decision {
+    let guard = match (write.lock_id, holder) {
+        (Some(id), Some(h)) if h.id == id => Some(h),
+        (_, Some(h)) => return Decision::Answer(Err(BackendError::Locked { holder: h.info.clone() })),
+        (Some(id), None) => return Decision::Answer(Err(BackendError::NotLocked(id.to_string()))),
+        (None, None) => None,
+    };
+    if stored == write.content {
+        // A retried write (or deleting what is not there): already in place, nothing to commit.
+        return Decision::Answer(Ok(Outcome::Done));
+    }
+    if let (Some(stored), Some(incoming)) = (stored, write.content) {
+        match guard_serial(stored, incoming) {
+            Verdict::Write => {}
+            Verdict::AlreadyStored => return Decision::Answer(Ok(Outcome::Done)),
+            Verdict::Refuse(why) if !write.force => return Decision::Answer(Err(BackendError::StaleState(why))),
+            Verdict::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
+        }
+    }
+    Decision::Commit { message: commit_message(write.path, write.content, guard), guard: guard.map(|h| h.commit) }
+}
+
+/// What a lock branch holds, fit to show Terraform: the stored LockInfo when it is one, or a
+/// LockInfo made from what is known (a lock branch made by hand still blocks, and says so).
+pub fn readable_lock_info(stored: Bytes, reference: &str, commit: gix::ObjectId) -> Bytes {
+    let valid = serde_json::from_slice::<serde_json::Value>(&stored)
+        .ok()
+        .is_some_and(|v| v.get("ID").and_then(|id| id.as_str()).is_some_and(|id| !id.is_empty()));
+    if valid {
+        return stored;
+    }
+    let info = serde_json::json!({
+        "ID": "unknown",
+        "Operation": "",
+        "Info": format!("the lock branch {reference} (commit {commit}) holds no valid LockInfo; remove it with force-unlock"),
+        "Who": "",
+        "Version": "",
+        "Created": "",
+        "Path": "",
+    });
+    Bytes::from(serde_json::to_vec(&info).expect("a JSON value serializes"))
+}
+
+/// The ID of a LockInfo JSON, empty when it has none.
+pub fn lock_id_of(info: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(info)
+        .ok()
+        .and_then(|v| v.get("ID").and_then(|id| id.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Trailers must stay on one line and short, whatever the client sent.
+pub fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
+}
+
+fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> String {
+    let mut m = match content {
+        Some(_) => format!("Update {path}\n\n"),
+        None => format!("Delete {path}\n\n"),
+    };
+    if let Some(h) = lock {
+        let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(one_line).unwrap_or_default();
+        m.push_str(&format!(
+            "Lock-ID: {}\nWho: {}\nOperation: {}\n",
+            one_line(&h.id),
+            field("Who"),
+            field("Operation")
+        ));
+    }
+    if let Some(state) = content.and_then(StateHead::parse) {
+        if let Some(serial) = state.serial {
+            m.push_str(&format!("Serial: {serial}\n"));
+        }
+        if let Some(lineage) = state.lineage {
+            m.push_str(&format!("Lineage: {}\n", one_line(&lineage)));
+        }
+    }
+    m
+}
+
+/// The fields of a state the guard and the trailers need, read without building the whole
+/// document. A body "is guarded" when it carries `serial` or `lineage`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StateHead {
+    pub serial: Option<u64>,
+    pub lineage: Option<String>,
+}
+
+/// Why a body's guard fields cannot be trusted; the caller gets a 400 naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateFieldError {
+    #[error("`serial` must be a whole number from 0 to 18446744073709551615")]
+    Serial,
+    #[error("`lineage` must be a string")]
+    Lineage,
+    #[error("`{0}` appears more than once")]
+    Duplicate(&'static str),
+    #[error("the body is not a JSON object")]
+    NotAnObject,
+}
+
+impl StateHead {
+    /// Read `serial` and `lineage` of a JSON object, refusing any that is mistyped or repeated
+    /// (two parsers must never read two different serials from one body).
+    pub fn read(body: &[u8]) -> Result<Self, StateFieldError> {
+        use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+        struct Head;
+        impl<'de> Visitor<'de> for Head {
+            type Value = Result<StateHead, StateFieldError>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut head = StateHead::default();
+                let (mut seen_serial, mut seen_lineage) = (false, false);
+                let mut failure = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "serial" => {
+                            let value: serde_json::Value = map.next_value()?;
+                            failure =
+                                failure.or(if seen_serial { Some(StateFieldError::Duplicate("serial")) } else { None });
+                            seen_serial = true;
+                            match value.as_u64().filter(|_| value.is_u64()) {
+                                Some(n) => head.serial = Some(n),
+                                None => failure = failure.or(Some(StateFieldError::Serial)),
+                            }
+                        }
+                        "lineage" => {
+                            let value: serde_json::Value = map.next_value()?;
+                            failure = failure.or(if seen_lineage {
+                                Some(StateFieldError::Duplicate("lineage"))
+                            } else {
+                                None
+                            });
+                            seen_lineage = true;
+                            match value {
+                                serde_json::Value::String(l) => head.lineage = Some(l),
+                                _ => failure = failure.or(Some(StateFieldError::Lineage)),
+                            }
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(match failure {
+                    Some(f) => Err(f),
+                    None => Ok(head),
+                })
+            }
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        match de.deserialize_map(Head) {
+            Ok(result) => result,
+            Err(_) => Err(StateFieldError::NotAnObject),
+        }
+    }
+
+    fn parse(body: &[u8]) -> Option<Self> {
+        Self::read(body).ok()
+    }
+
+    fn is_guarded(&self) -> bool {
+        self.serial.is_some() || self.lineage.is_some()
+    }
+}
+
+/// Equal as JSON (formatting aside). Only reached for two states of the same serial.
+fn same_json(a: &[u8], b: &[u8]) -> bool {
+    let parse = |x: &[u8]| serde_json::from_slice::<serde_json::Value>(x).ok();
+    matches!((parse(a), parse(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// What the lineage/serial guard says about writing `incoming` over `stored`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Write,
+    /// Same serial and the same JSON: a retried write, nothing to do.
+    AlreadyStored,
+    Refuse(Stale),
+}
+
+/// Terraform's own rule for a persistent state manager: never replace a state of another
+/// lineage or a newer serial. A stored state that carries neither field (e.g. an encrypted
+/// envelope) is unguarded; a guarded one is only replaced by a body that proves it is newer.
+pub fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
+    let old = StateHead::parse(stored).unwrap_or_default();
+    if !old.is_guarded() {
+        return Verdict::Write;
+    }
+    // Fail closed: a body that cannot be read is not newer than a guarded state.
+    let new = StateHead::parse(incoming).unwrap_or_default();
+    if !new.is_guarded() {
+        return Verdict::Refuse(Stale::Unguarded);
+    }
+    if let (Some(a), Some(b)) = (&old.lineage, &new.lineage) {
+        if a != b {
+            return Verdict::Refuse(Stale::Lineage { stored: a.clone(), incoming: b.clone() });
+        }
+    }
+    if old.lineage.is_some() && new.lineage.is_none() {
+        return Verdict::Refuse(Stale::Unguarded);
+    }
+    match (old.serial, new.serial) {
+        (Some(_), None) => Verdict::Refuse(Stale::Unguarded),
+        (Some(a), Some(b)) if b < a => Verdict::Refuse(Stale::Serial { stored: a, incoming: b }),
+        (Some(a), Some(b)) if a == b && !same_json(stored, incoming) => {
+            Verdict::Refuse(Stale::SameSerial { serial: a })
+        }
+        (Some(a), Some(b)) if a == b => Verdict::AlreadyStored,
+        _ => Verdict::Write,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(lineage: &str, serial: u64, v: &str) -> Vec<u8> {
+        format!(r#"{{"version":4,"lineage":"{lineage}","serial":{serial},"outputs":{{"x":"{v}"}}}}"#).into_bytes()
+    }
+
+    fn holder(id: &str) -> Holder {
+        Holder {
+            commit: gix::ObjectId::empty_tree(gix::hash::Kind::Sha1),
+            id: id.into(),
+            info: Bytes::from(format!(r#"{{"ID":"{id}","Who":"me@host","Operation":"OperationTypeApply"}}"#)),
+        }
+    }
+
+    fn write<'a>(content: Option<&'a [u8]>, lock_id: Option<&'a str>, force: bool) -> Write<'a> {
+        Write { path: "a.tfstate", content, lock_id, force }
+    }
+
+    #[test]
+    fn serial_and_lineage_guard() {
+        assert_eq!(guard_serial(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
+        assert!(matches!(guard_serial(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(Stale::Lineage { .. })));
+        assert_eq!(
+            guard_serial(&st("L", 3, "a"), &st("L", 2, "b")),
+            Verdict::Refuse(Stale::Serial { stored: 3, incoming: 2 })
+        );
+        assert_eq!(guard_serial(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(Stale::SameSerial { serial: 3 }));
+        // Same JSON, other formatting: a retry.
+        let pretty =
+            serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
+        assert_eq!(guard_serial(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
+        // No serial/lineage (an encrypted envelope) over a guarded state: refused (force overrides).
+        assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Refuse(Stale::Unguarded));
+        // ... but stored over nothing guarded, and a state may replace an envelope.
+        assert_eq!(guard_serial(br#"{"encrypted_data":"old"}"#, br#"{"encrypted_data":"xyz"}"#), Verdict::Write);
+        assert_eq!(guard_serial(br#"{"encrypted_data":"old"}"#, &st("L", 1, "a")), Verdict::Write);
+        // Dropping a field the stored state has is not proof of being newer.
+        assert_eq!(
+            guard_serial(&st("L", 3, "a"), br#"{"version":4,"lineage":"L"}"#),
+            Verdict::Refuse(Stale::Unguarded)
+        );
+        assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"version":4,"serial":9}"#), Verdict::Refuse(Stale::Unguarded));
+    }
+
+    #[test]
+    fn locks_decide_who_may_write() {
+        let body = st("L", 2, "b");
+        let mine = holder("mine");
+        let answer = |d: Decision| match d {
+            Decision::Answer(a) => a,
+            Decision::Commit { .. } => panic!("expected an answer, got a commit"),
+        };
+        // Another holder: 423 with the holder's LockInfo, with or without an ID.
+        for id in [Some("other"), None] {
+            match answer(decide_write(&write(Some(&body), id, false), Some(&mine), None)) {
+                Err(BackendError::Locked { holder }) => assert_eq!(holder, mine.info),
+                other => panic!("{other:?}"),
+            }
+        }
+        // An ID that holds nothing.
+        assert!(matches!(
+            answer(decide_write(&write(Some(&body), Some("gone"), false), None, None)),
+            Err(BackendError::NotLocked(id)) if id == "gone"
+        ));
+        // The holder writes: a commit guarded by its lock commit, with trailers.
+        match decide_write(&write(Some(&body), Some("mine"), false), Some(&mine), None) {
+            Decision::Commit { message, guard } => {
+                assert_eq!(guard, Some(mine.commit));
+                assert!(message.starts_with("Update a.tfstate\n\n"), "{message}");
+                for t in [
+                    "Lock-ID: mine\n",
+                    "Who: me@host\n",
+                    "Operation: OperationTypeApply\n",
+                    "Serial: 2\n",
+                    "Lineage: L\n",
+                ] {
+                    assert!(message.contains(t), "{t} missing in {message}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // No lock anywhere: a commit that no lock may appear under.
+        assert!(matches!(
+            decide_write(&write(None, None, false), None, Some(&body)),
+            Decision::Commit { guard: None, ref message } if message.starts_with("Delete a.tfstate")
+        ));
+    }
+
+    #[test]
+    fn retries_and_the_guard() {
+        let stored = st("L", 3, "a");
+        // The identical write again, or a delete of nothing: 200 and no commit.
+        assert!(matches!(
+            decide_write(&write(Some(&stored), None, false), None, Some(&stored)),
+            Decision::Answer(Ok(Outcome::Done))
+        ));
+        assert!(matches!(decide_write(&write(None, None, false), None, None), Decision::Answer(Ok(Outcome::Done))));
+        // A stale serial is refused, unless forced.
+        let old = st("L", 2, "z");
+        assert!(matches!(
+            decide_write(&write(Some(&old), None, false), None, Some(&stored)),
+            Decision::Answer(Err(BackendError::StaleState(Stale::Serial { stored: 3, incoming: 2 })))
+        ));
+        assert!(matches!(decide_write(&write(Some(&old), None, true), None, Some(&stored)), Decision::Commit { .. }));
+    }
+
+    #[test]
+    fn mistyped_or_repeated_guard_fields_are_named() {
+        let bad: &[(&str, StateFieldError)] = &[
+            (r#"{"version":4,"serial":-1,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":1.5,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":1.0,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":"7","lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":1e300,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":18446744073709551616,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":null,"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":[1],"lineage":"L"}"#, StateFieldError::Serial),
+            (r#"{"version":4,"serial":1,"lineage":7}"#, StateFieldError::Lineage),
+            (r#"{"version":4,"serial":1,"lineage":null}"#, StateFieldError::Lineage),
+            (r#"{"version":4,"serial":1,"lineage":{"a":1}}"#, StateFieldError::Lineage),
+            (r#"{"version":4,"serial":1,"serial":9,"lineage":"L"}"#, StateFieldError::Duplicate("serial")),
+            (r#"{"version":4,"serial":1,"lineage":"L","lineage":"M"}"#, StateFieldError::Duplicate("lineage")),
+            ("[1,2]", StateFieldError::NotAnObject),
+        ];
+        for (body, want) in bad {
+            assert_eq!(StateHead::read(body.as_bytes()).as_ref(), Err(want), "{body}");
+        }
+        assert_eq!(
+            StateHead::read(br#"{"version":4,"serial":18446744073709551615,"lineage":"L","x":{"serial":"nested"}}"#),
+            Ok(StateHead { serial: Some(u64::MAX), lineage: Some("L".into()) })
+        );
+        assert_eq!(StateHead::read(br#"{"encrypted_data":"x"}"#), Ok(StateHead::default()));
+    }
+
+    #[test]
+    fn a_lock_branch_without_lock_info_still_answers_lock_info() {
+        let commit = gix::ObjectId::empty_tree(gix::hash::Kind::Sha1);
+        let good = Bytes::from_static(br#"{"ID":"abc"}"#);
+        assert_eq!(readable_lock_info(good.clone(), "refs/heads/locks/a", commit), good);
+        for stored in [&b""[..], b"garbage", br#"{"ID":""}"#, b"[1]"] {
+            let info = readable_lock_info(Bytes::copy_from_slice(stored), "refs/heads/locks/a", commit);
+            let v: serde_json::Value = serde_json::from_slice(&info).unwrap();
+            assert_eq!(v["ID"], "unknown");
+            assert!(v["Info"].as_str().unwrap().contains(&commit.to_string()));
+        }
+    }
+
+    #[test]
+    fn trailers_stay_on_one_line() {
+        assert_eq!(one_line("a\nb\rc\u{1b}"), "a b c ");
+        assert_eq!(one_line(&"x".repeat(500)).len(), 200);
+        assert_eq!(lock_id_of(br#"{"ID":"abc"}"#), "abc");
+        assert_eq!(lock_id_of(b"not json"), "");
+    }
+}

@@ -1,0 +1,106 @@
+//! The domain the backend works in: operations on one state, their outcomes, the
+//! LockInfo Terraform sends, and why a request was refused. Protocol decodes into
+//! these and encodes from them.
+
+use bytes::Bytes;
+
+use crate::storage::StorageError;
+
+/// The backend operations on one state, plus reading a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    GetState,
+    /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
+    /// `force` (query `force=true`) skips the lineage/serial guard, for a deliberate `terraform state push -force`.
+    PutState {
+        lock_id: Option<String>,
+        body: Bytes,
+        force: bool,
+    },
+    DeleteState {
+        lock_id: Option<String>,
+    },
+    Lock(LockInfo),
+    /// `id: None` is a force-unlock (Terraform's `force-unlock` sends no body).
+    Unlock {
+        id: Option<String>,
+    },
+    GetLock,
+}
+
+impl Operation {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::GetState => "get",
+            Operation::PutState { .. } => "update",
+            Operation::DeleteState { .. } => "delete",
+            Operation::Lock(_) => "lock",
+            Operation::Unlock { .. } => "unlock",
+            Operation::GetLock => "get-lock",
+        }
+    }
+}
+
+/// Terraform's LockInfo, with the bytes it arrived as (stored and shown to competitors as they are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    pub id: String,
+    pub who: String,
+    pub operation: String,
+    pub raw: Bytes,
+}
+
+/// A successful outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The stored state.
+    State(Bytes),
+    /// No state stored at this path yet.
+    NoState,
+    /// The current LockInfo of a lock.
+    LockInfo(Bytes),
+    /// Done (written, deleted, locked, unlocked).
+    Done,
+}
+
+/// Why the lineage/serial guard refused a write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    #[error("lineage mismatch: the stored state has lineage {stored:?}, the new one {incoming:?}; this is another state (use ?force=true for a deliberate `state push -force`)")]
+    Lineage { stored: String, incoming: String },
+    #[error("stale serial: the stored state has serial {stored}, the new one {incoming}; someone else wrote in between (use ?force=true for a deliberate `state push -force`)")]
+    Serial { stored: u64, incoming: u64 },
+    #[error("serial {serial} is already stored with different content; a new state needs a higher serial")]
+    SameSerial { serial: u64 },
+    #[error("the stored state has a lineage and serial and this body does not carry both; it cannot be shown to be newer (use ?force=true for a deliberate overwrite)")]
+    Unguarded,
+}
+
+/// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The lock is held by someone else; carries the holder's LockInfo JSON.
+    #[error("the state is locked by another client")]
+    Locked { holder: Bytes },
+    /// UNLOCK with an ID that is not the holder's; carries the holder's LockInfo JSON.
+    #[error("the lock is held under another ID")]
+    WrongLockId { holder: Bytes },
+    /// A write under a lock ID that holds no lock.
+    #[error("no lock is held with ID {0}")]
+    NotLocked(String),
+    /// The write would overwrite a newer or unrelated state (lineage/serial guard).
+    #[error(transparent)]
+    StaleState(Stale),
+    /// GET of a lock that nobody holds.
+    #[error("no lock is held on this state")]
+    NoLock,
+    /// Lost the race for the branch too often; the client should retry.
+    #[error("the branch kept moving under {attempts} attempts; retry later")]
+    Contended { attempts: u32 },
+    /// The request's deadline passed between attempts.
+    #[error("the request ran out of time after {pushes} push attempts; retry later")]
+    DeadlineExceeded { pushes: u32 },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

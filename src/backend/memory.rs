@@ -1,0 +1,110 @@
+//! What one process remembers between requests, bounded whatever callers send: LockInfo
+//! by lock-commit id (a lock commit never changes) and the last tip seen of each ref (only
+//! ever a guess to push against). Least recently used entries go first.
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use lru::LruCache;
+
+use crate::storage::{ObjectId, Tips};
+
+/// Bytes of LockInfo kept in memory (LockInfos are at most 64 KiB each; most are ~200 bytes).
+const LOCK_INFO_BYTES: usize = 4 << 20;
+/// Refs whose tips are remembered.
+const KNOWN_REFS: usize = 4096;
+
+pub struct Memory {
+    lock_infos: Mutex<(LruCache<ObjectId, Bytes>, usize)>,
+    tips: Mutex<LruCache<String, Option<ObjectId>>>,
+}
+
+impl Default for Memory {
+    fn default() -> Self {
+        Memory {
+            lock_infos: Mutex::new((LruCache::unbounded(), 0)),
+            tips: Mutex::new(LruCache::new(NonZeroUsize::new(KNOWN_REFS).expect("not zero"))),
+        }
+    }
+}
+
+impl Memory {
+    pub fn lock_info(&self, commit: &ObjectId) -> Option<Bytes> {
+        self.lock_infos.lock().expect("lock_infos poisoned").0.get(commit).cloned()
+    }
+
+    pub fn remember_lock_info(&self, commit: ObjectId, info: Bytes) {
+        let mut guard = self.lock_infos.lock().expect("lock_infos poisoned");
+        let (cache, bytes) = &mut *guard;
+        *bytes += info.len();
+        if let Some(old) = cache.put(commit, info) {
+            *bytes -= old.len();
+        }
+        while *bytes > LOCK_INFO_BYTES {
+            match cache.pop_lru() {
+                Some((_, old)) => *bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Remember `tips` as the state of `refs` (a ref missing from `tips` was seen absent).
+    pub fn saw(&self, refs: &[String], tips: &Tips) {
+        let mut known = self.tips.lock().expect("tips poisoned");
+        for r in refs {
+            known.put(r.clone(), tips.get(r).copied());
+        }
+    }
+
+    pub fn set_tip(&self, name: &str, tip: Option<ObjectId>) {
+        self.tips.lock().expect("tips poisoned").put(name.to_owned(), tip);
+    }
+
+    pub fn forget_tip(&self, name: &str) {
+        self.tips.lock().expect("tips poisoned").pop(name);
+    }
+
+    pub fn forget_tips(&self) {
+        self.tips.lock().expect("tips poisoned").clear();
+    }
+
+    /// The remembered tips of `refs`, if every one of them has been seen.
+    pub fn guess(&self, refs: &[String]) -> Option<Tips> {
+        let mut known = self.tips.lock().expect("tips poisoned");
+        let mut tips = Tips::new();
+        for r in refs {
+            if let Some(id) = known.get(r)? {
+                tips.insert(r.clone(), *id);
+            }
+        }
+        Some(tips)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ObjectId {
+        ObjectId::from_bytes_or_panic(&[n; 20])
+    }
+
+    #[test]
+    fn lock_infos_are_bounded_by_bytes_and_tips_by_count() {
+        let m = Memory::default();
+        let big = Bytes::from(vec![b'x'; 64 << 10]);
+        for n in 0..=255u8 {
+            m.remember_lock_info(id(n), big.clone());
+        }
+        let kept = (0..=255u8).filter(|n| m.lock_info(&id(*n)).is_some()).count();
+        assert!(kept * (64 << 10) <= LOCK_INFO_BYTES, "{kept} entries of 64 KiB kept");
+        assert!(m.lock_info(&id(255)).is_some(), "the newest stays");
+        assert!(m.lock_info(&id(0)).is_none(), "the oldest went");
+        for n in 0..(KNOWN_REFS + 100) {
+            m.set_tip(&format!("refs/heads/locks/{n}"), None);
+        }
+        assert!(m.guess(&["refs/heads/locks/0".to_string()]).is_none());
+        assert!(m.guess(&[format!("refs/heads/locks/{}", KNOWN_REFS + 99)]).is_some());
+    }
+}

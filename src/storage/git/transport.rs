@@ -1,0 +1,246 @@
+//! Connections to a git host, bounded by the request's deadline, and the one place
+//! where a failure of the host is sorted into a typed [`StorageError`].
+
+use std::error::Error as StdError;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gix::protocol::transport::client::blocking_io::Transport;
+use gix::protocol::transport::client::git::{blocking_io::Connection, ConnectMode};
+use gix::protocol::transport::Protocol;
+
+use crate::storage::url::Scheme;
+use crate::storage::{Credentials, RepoUrl, RequestContext, StorageError};
+
+/// The longest wait for a TCP connection, and for any single read or write on it; the
+/// request's deadline usually cuts it shorter.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A failed attempt at talking to the host, and whether it may simply be repeated.
+pub(crate) struct HostFailure {
+    pub error: StorageError,
+    /// The connection broke (reset, closed early) before the server could have acted; e.g.
+    /// a busy `git daemon` resets connections it has no room for.
+    pub retry: bool,
+}
+
+impl From<StorageError> for HostFailure {
+    fn from(error: StorageError) -> Self {
+        HostFailure { error, retry: false }
+    }
+}
+
+/// git daemon's answer (an `ERR` line) for a repository it does not have or export.
+const DAEMON_NOT_FOUND: &[u8] = b"access denied or repository not exported";
+
+/// Sort any error met while talking to `url` into ours. Looks at the whole chain of
+/// causes, by type: HTTP statuses, `ERR` lines, io error kinds, gix's classification.
+pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError + 'static)) -> HostFailure {
+    let text = format!("{url}: {}", chain(err));
+    let all = causes(err);
+    let causes = || all.iter().copied();
+    if ctx.out_of_time() {
+        return StorageError::DeadlineExceeded("while talking to the git host").into();
+    }
+    for cause in causes() {
+        if let Some(e) = cause.downcast_ref::<reqwest::Error>() {
+            if let Some(status) = e.status() {
+                return match status.as_u16() {
+                    401 | 403 => StorageError::CredentialsRefused,
+                    404 => StorageError::RepositoryNotFound(text),
+                    s if (500..600).contains(&s) && s != 501 => StorageError::HostUnavailable(text),
+                    _ => StorageError::Protocol(text),
+                }
+                .into();
+            }
+            if e.is_timeout() || e.is_connect() {
+                return StorageError::HostUnavailable(text).into();
+            }
+        }
+        if let Some(e) = cause.downcast_ref::<gix::protocol::transport::packetline::read::Error>() {
+            return if e.message.as_slice().starts_with(DAEMON_NOT_FOUND) {
+                StorageError::RepositoryNotFound(text)
+            } else {
+                StorageError::Protocol(text)
+            }
+            .into();
+        }
+        if let Some(gix::protocol::transport::client::Error::AuthenticationRefused(_)) = cause.downcast_ref() {
+            return StorageError::CredentialsRefused.into();
+        }
+    }
+    let io_kinds: Vec<std::io::ErrorKind> =
+        causes().filter_map(|e| e.downcast_ref::<std::io::Error>()).map(std::io::Error::kind).collect();
+    // gix's HTTP transport reports a 401 as PermissionDenied.
+    if io_kinds.contains(&std::io::ErrorKind::PermissionDenied) {
+        return StorageError::CredentialsRefused.into();
+    }
+    if let Some(kind) = io_kinds.first() {
+        return HostFailure { error: StorageError::HostUnavailable(text), retry: is_broken_connection(*kind) };
+    }
+    StorageError::Protocol(text).into()
+}
+
+/// `err` and all its causes; an io error may carry its cause inside (`io::Error::get_ref`)
+/// rather than as `source`, so those are followed too.
+fn causes<'a>(err: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        out.push(e);
+        next = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
+    }
+    out
+}
+
+/// Errors of a connection that was established and then dropped by the other side.
+fn is_broken_connection(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+}
+
+/// Run `attempt` up to three times while it fails before the server could act, with a short jittered pause.
+pub(crate) fn retrying<T>(
+    ctx: &RequestContext,
+    mut attempt: impl FnMut() -> Result<T, HostFailure>,
+) -> Result<T, StorageError> {
+    const ATTEMPTS: u32 = 3;
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(HostFailure { error, retry: true }) if tries < ATTEMPTS => {
+                tracing::debug!(%error, attempt = tries, "git connection broke; trying again");
+                if !ctx.pause(Duration::from_millis(fastrand::u64(20..120) * u64::from(tries))) {
+                    return Err(StorageError::DeadlineExceeded("while retrying a broken connection"));
+                }
+                tries += 1;
+            }
+            Err(failed) => return Err(failed.error),
+        }
+    }
+}
+
+/// The messages of an error and its causes, joined, for logs.
+pub(crate) fn chain(err: &dyn StdError) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !out.ends_with(&next) {
+            out.push_str(": ");
+            out.push_str(&next);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// Open a transport to `url` that will ask for protocol `version` in its handshake.
+/// No handshake happens here. Every socket wait is bounded by the context's deadline.
+pub(crate) fn connect(
+    url: &RepoUrl,
+    version: Protocol,
+    ctx: &RequestContext,
+) -> Result<Box<dyn Transport + Send>, HostFailure> {
+    if ctx.out_of_time() {
+        return Err(StorageError::DeadlineExceeded("before connecting").into());
+    }
+    match url.scheme() {
+        Scheme::Git => Ok(Box::new(connect_daemon(url, version, ctx)?)),
+        Scheme::Http | Scheme::Https => connect_http(url, version, ctx),
+    }
+}
+
+fn connect_http(
+    url: &RepoUrl,
+    version: Protocol,
+    ctx: &RequestContext,
+) -> Result<Box<dyn Transport + Send>, HostFailure> {
+    use gix::protocol::transport::client::blocking_io::{connect, http};
+    let creds = ctx.credentials();
+    if creds.is_some() && url.scheme() == Scheme::Http && !url.is_loopback() {
+        // A policy of ours, not the host's answer: permanent.
+        return Err(StorageError::Protocol(format!(
+            "refusing to send credentials in clear text to {url}; use https://"
+        ))
+        .into());
+    }
+    let options = connect::Options { version, ..Default::default() };
+    let mut transport = connect::connect(url.to_gix(), options).map_err(|e| classify(url, ctx, &e))?;
+    let timeout = ctx.deadline.io_timeout(IO_TIMEOUT);
+    let reqwest_options = http::reqwest::Options {
+        configure_client: Some(Box::new(move |builder| {
+            Ok(builder.timeout(timeout).connect_timeout(timeout.min(CONNECT_TIMEOUT)).tcp_nodelay(true))
+        })),
+        configure_request: None,
+    };
+    let backend: Arc<Mutex<dyn std::any::Any + Send + Sync + 'static>> = Arc::new(Mutex::new(reqwest_options));
+    let options = http::Options { backend: Some(backend), ..Default::default() };
+    transport.configure(&options).map_err(|e| StorageError::Local(format!("cannot configure HTTP: {e}")))?;
+    // Sent with the first request: no 401 round trip, and never git's credential helpers.
+    if let Some(c) = creds {
+        transport.set_identity(account(c)).map_err(|e| classify(url, ctx, &e))?;
+    }
+    Ok(transport)
+}
+
+fn account(c: &Credentials) -> gix::sec::identity::Account {
+    gix::sec::identity::Account {
+        username: c.username.clone(),
+        password: c.password.clone(),
+        oauth_refresh_token: None,
+    }
+}
+
+/// A git:// connection on our own socket: gix's connector sets neither TCP_NODELAY (a
+/// delayed-ACK round, ~40 ms, per exchange) nor timeouts from our deadline.
+fn connect_daemon(
+    url: &RepoUrl,
+    version: Protocol,
+    ctx: &RequestContext,
+) -> Result<Connection<TcpStream, TcpStream>, HostFailure> {
+    let unavailable = |what: &str, e: std::io::Error| -> HostFailure {
+        if ctx.out_of_time() {
+            StorageError::DeadlineExceeded("while connecting").into()
+        } else {
+            StorageError::HostUnavailable(format!("{what} {url}: {e}")).into()
+        }
+    };
+    let host = url.host().trim_start_matches('[').trim_end_matches(']');
+    let addrs = (host, url.port()).to_socket_addrs().map_err(|e| unavailable("cannot resolve", e))?;
+    let mut last_err = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    let mut stream = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, ctx.deadline.io_timeout(CONNECT_TIMEOUT)) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last_err = e,
+        }
+    }
+    let read = stream.ok_or_else(|| unavailable("cannot connect to", last_err))?;
+    let timeout = ctx.deadline.io_timeout(IO_TIMEOUT);
+    read.set_nodelay(true)
+        .and_then(|()| read.set_read_timeout(Some(timeout)))
+        .and_then(|()| read.set_write_timeout(Some(timeout)))
+        .map_err(|e| unavailable("cannot configure socket for", e))?;
+    let write = read.try_clone().map_err(|e| unavailable("cannot configure socket for", e))?;
+    let gix_url = url.to_gix();
+    Ok(Connection::new(
+        read,
+        write,
+        version,
+        gix_url.path.clone(),
+        Some((url.host().to_owned(), gix_url.port)),
+        ConnectMode::Daemon,
+        false,
+    )
+    .custom_url(Some(gix_url.to_bstring())))
+}
