@@ -80,7 +80,7 @@ impl Error {
             Error::Backend(b) => match b {
                 B::Locked { .. } => (S::LOCKED, Holder),
                 B::WrongLockId { .. } => (S::CONFLICT, Holder),
-                B::NotLocked(_) | B::StaleState(_) => (S::CONFLICT, Plain),
+                B::NotLocked(_) | B::StaleState(_) | B::NestedLock(_) => (S::CONFLICT, Plain),
                 B::NoLock => (S::NOT_FOUND, Plain),
                 B::Contended { .. } | B::DeadlineExceeded { .. } => (S::SERVICE_UNAVAILABLE, Retry),
                 B::Storage(st) => match st {
@@ -176,6 +176,7 @@ mod tests {
             Error::Backend(B::NotLocked(_)) => "not locked",
             Error::Backend(B::StaleState(_)) => "stale",
             Error::Backend(B::NoLock) => "no lock",
+            Error::Backend(B::NestedLock(_)) => "nested lock",
             Error::Backend(B::Contended { .. }) => "contended",
             Error::Backend(B::DeadlineExceeded { .. }) => "backend deadline",
             Error::Backend(B::Storage(St::PathConflict { .. })) => "path conflict",
@@ -210,6 +211,7 @@ mod tests {
             (BackendError::NotLocked("x".into()).into(), 409, false, false),
             (BackendError::StaleState(Stale::SameSerial { serial: 1 }).into(), 409, false, false),
             (BackendError::NoLock.into(), 404, false, false),
+            (BackendError::NestedLock("a/b".into()).into(), 409, false, false),
             (BackendError::Contended { attempts: 3 }.into(), 503, true, false),
             (BackendError::DeadlineExceeded { pushes: 1 }.into(), 503, true, false),
             (

@@ -426,15 +426,18 @@ fn concurrent_fetches_into_one_cache() {
     let dir = tempfile::tempdir().unwrap();
     cache(dir.path());
     let barrier = Arc::new(Barrier::new(8));
+    // One store, one turn for its fetches: the threads of one process share it.
+    let turn = Arc::new(std::sync::Mutex::new(()));
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let path = dir.path().to_owned();
             let remote_url = remote_url.clone();
             let barrier = barrier.clone();
+            let turn = Arc::clone(&turn);
             std::thread::spawn(move || {
                 let repo = gix::open(path).unwrap();
                 barrier.wait();
-                fetch_(&repo, &remote_url, &[MAIN.to_owned()])
+                remote::fetch_tips(&repo, &remote_url, &[MAIN.to_owned()], &RequestContext::unbounded(), &turn)
             })
         })
         .collect();

@@ -92,6 +92,10 @@ pub enum BackendError {
     /// The write would overwrite a newer or unrelated state (lineage/serial guard).
     #[error(transparent)]
     StaleState(Stale),
+    /// The lock cannot be created while a lock of a nesting state exists (`a` and `a/b`):
+    /// git cannot hold both refs.
+    #[error("the lock of `{0}` cannot be taken while a lock of a state above or below it is held (`a` and `a/b` cannot be locked at once)")]
+    NestedLock(String),
     /// GET of a lock that nobody holds.
     #[error("no lock is held on this state")]
     NoLock,

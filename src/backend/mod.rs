@@ -16,6 +16,10 @@ use decide::{decide_write, one_line, Decision, Holder, Write};
 pub use domain::{BackendError, LockInfo, Operation, Outcome, Stale};
 use memory::Memory;
 
+/// Rejected creates of a lock with no holder in sight before the lock is taken to nest with
+/// another (the first is our blind try; a real race would show a holder at the next look).
+const NESTED_LOCK_EVIDENCE: u32 = 2;
+
 /// Settings of the backend over one repository.
 #[derive(Debug, Clone)]
 pub struct BackendSettings {
@@ -118,12 +122,20 @@ impl Backend {
             one_line(&info.operation)
         );
         let commit = self.storage.commit(None, &lock.file, Some(&info.raw), &message)?;
-        // Try to create the lock straight away: a rejected create means a lock exists.
+        // Try to create the lock straight away: a rejected create means a lock exists. Rejected
+        // again with no lock to be seen, it is a nesting lock (`a` while `a/b` is held).
+        let mut unseen_blockers = 0;
         let outcome = self.compare_and_swap(ctx, std::slice::from_ref(&lock.reference), Some(Tips::new()), |tips| {
             Ok(match self.holder_in(tips, lock)? {
                 Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
                 Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
-                None => Step::Push(vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }]),
+                None if tips.is_empty() && unseen_blockers >= NESTED_LOCK_EVIDENCE => {
+                    Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
+                }
+                None => {
+                    unseen_blockers += 1;
+                    Step::Push(vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }])
+                }
             })
         })?;
         self.remember(commit, info.raw.clone());

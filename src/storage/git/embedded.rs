@@ -64,6 +64,27 @@ impl EmbeddedStore {
     }
 }
 
+impl EmbeddedStore {
+    /// An existing ref that `name` would nest with, if any.
+    fn nesting_ref(repo: &gix::Repository, name: &str) -> Result<Option<String>, StorageError> {
+        let mut prefix = String::new();
+        let components: Vec<&str> = name.split('/').collect();
+        for c in &components[..components.len().saturating_sub(1)] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(c);
+            if prefix.matches('/').count() >= 2 && repo.try_find_reference(prefix.as_str()).map_err(StorageError::local)?.is_some() {
+                return Ok(Some(prefix));
+            }
+        }
+        let below = format!("{name}/");
+        let platform = repo.references().map_err(StorageError::local)?;
+        let mut iter = platform.prefixed(below.as_str()).map_err(StorageError::local)?;
+        Ok(iter.next().and_then(Result::ok).map(|r| r.name().as_bstr().to_string()))
+    }
+}
+
 impl Storage for EmbeddedStore {
     fn sync(&self, _ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         let repo = self.local();
@@ -96,6 +117,13 @@ impl Storage for EmbeddedStore {
         for u in updates.iter().filter(|u| u.is_absence_check()) {
             if repo.try_find_reference(u.name.as_str()).map_err(StorageError::local)?.is_some() {
                 return Ok(UpdateOutcome::Rejected(vec![(u.name.clone(), "exists".into())]));
+            }
+        }
+        // As receive-pack does: a ref cannot be created where another ref is its parent
+        // directory or lives below it (`a` and `a/b`).
+        for u in updates.iter().filter(|u| u.old.is_none() && u.new.is_some()) {
+            if let Some(blocker) = Self::nesting_ref(&repo, &u.name)? {
+                return Ok(UpdateOutcome::Rejected(vec![(u.name.clone(), format!("{blocker} exists"))]));
             }
         }
         let edits = updates.iter().filter(|u| !u.is_absence_check()).map(Self::edit).collect::<Result<Vec<_>, _>>()?;

@@ -32,8 +32,10 @@ impl From<StorageError> for HostFailure {
     }
 }
 
-/// git daemon's answer (an `ERR` line) for a repository it does not have or export.
-const DAEMON_NOT_FOUND: &[u8] = b"access denied or repository not exported";
+/// git daemon's answers (`ERR` lines) for a repository it does not have or export: the
+/// first without `--informative-errors`, the others with it.
+const DAEMON_NOT_FOUND: &[&[u8]] =
+    &[b"access denied or repository not exported", b"no such repository", b"repository not exported"];
 
 /// Sort any error met while talking to `url` into ours. Looks at the whole chain of
 /// causes, by type: HTTP statuses, `ERR` lines, io error kinds, gix's classification.
@@ -60,7 +62,7 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
             }
         }
         if let Some(e) = cause.downcast_ref::<gix::protocol::transport::packetline::read::Error>() {
-            return if e.message.as_slice().starts_with(DAEMON_NOT_FOUND) {
+            return if DAEMON_NOT_FOUND.iter().any(|answer| e.message.as_slice().starts_with(answer)) {
                 StorageError::RepositoryNotFound(text)
             } else {
                 StorageError::Protocol(text)
