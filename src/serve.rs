@@ -211,6 +211,7 @@ async fn respond(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> 
     // A refused caller's body is never read: answer from the headers, then close (hyper drops
     // what is left unread), so sending a huge body without credentials costs nothing.
     if let Some(refusal) = app.refuse_unauthorized(&parts.headers) {
+        refused_early(&parts, &refusal);
         return finish(refusal, !body.is_end_stream());
     }
     if body.is_end_stream() {
@@ -219,7 +220,9 @@ async fn respond(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> 
     // A declared length above the limit is refused before a byte of it is read.
     let declared = body.size_hint().exact();
     if declared.is_some_and(|n| n > limit as u64) {
-        return finish(Error::from(ProtocolError::PayloadTooLarge { limit }).into_response(), true);
+        let refusal = Error::from(ProtocolError::PayloadTooLarge { limit }).into_response();
+        refused_early(&parts, &refusal);
+        return finish(refusal, true);
     }
     let deadline = tokio::time::Instant::now() + shared.limits.body_read_timeout;
     let wanted = declared.map_or(shared.max_body_units, |n| units(n as usize).min(shared.max_body_units as u64) as u32);
@@ -257,6 +260,15 @@ async fn respond(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> 
         }
     };
     finish(app.handle(http::Request::from_parts(parts, collected)).await, false)
+}
+
+/// The log line [`App::handle`] would have written for a request answered before its body.
+fn refused_early(parts: &http::request::Parts, response: &http::Response<Bytes>) {
+    tracing::info!(
+        method = %parts.method.as_str().escape_debug(),
+        status = response.status().as_u16(),
+        "request refused before its body was read"
+    );
 }
 
 /// `close`: part of the body was left unread, so the connection cannot carry another request;

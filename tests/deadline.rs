@@ -110,12 +110,8 @@ fn stall_scenario(label: &str, serve: &mut Serve, proxy: &StallProxy, repo: &Pat
     let got = http("LOCK", &url, &json_headers, Some(lock1.as_bytes()));
     assert_eq!(got.status, 200, "{label}: LOCK while forwarding: {}", got.text());
     let first = state(1, "one");
-    let got = http(
-        "POST",
-        &format!("{url}?ID=aaaaaaaa-0000-4000-8000-000000000001"),
-        &json_headers,
-        Some(first.as_bytes()),
-    );
+    let got =
+        http("POST", &format!("{url}?ID=aaaaaaaa-0000-4000-8000-000000000001"), &json_headers, Some(first.as_bytes()));
     assert_eq!(got.status, 200, "{label}: POST while forwarding: {}", got.text());
     let got = http("UNLOCK", &url, &json_headers, Some(lock1.as_bytes()));
     assert_eq!(got.status, 200, "{label}: UNLOCK while forwarding: {}", got.text());
@@ -165,6 +161,15 @@ fn stall_scenario(label: &str, serve: &mut Serve, proxy: &StallProxy, repo: &Pat
     assert_eq!(got.status, 200, "{label}: GET once the host answers again: {}", got.text());
     assert_eq!(json(&got.text()), json(&stored), "{label}: GET after the stall");
     assert_eq!(snapshot(repo), before, "{label}: the server repository changed");
+    report_overruns(label, &serve.stderr_log());
+}
+
+/// Print the server's log lines saying that an answer went out without the git work, which
+/// overran its deadline (its sockets should have timed out at the deadline).
+fn report_overruns(label: &str, log: &str) {
+    for line in log.lines().filter(|l| l.contains("git work still running")) {
+        println!("{label}: server log: {line}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -327,11 +332,22 @@ fn lambda_invocation_returns_503_before_the_function_times_out() {
             elapsed.as_millis(),
             timeout.as_millis()
         );
-        assert_ne!(got.status, 408, "Lambda {method}: the emulator timed the invocation out: the function did not answer");
+        assert_ne!(
+            got.status, 408,
+            "Lambda {method}: the emulator timed the invocation out: the function did not answer"
+        );
         assert_eq!(got.status, 503, "Lambda {method}: expected the function's 503, got {}: {}", got.status, got.text());
         assert!(got.header("Retry-After").is_some(), "Lambda {method}: 503 without Retry-After: {:?}", got.headers);
         assert!(elapsed < timeout, "Lambda {method}: answered after {elapsed:?}, not before the {timeout:?} timeout");
     }
     assert!(proxy.connections() > connections, "no invocation reached the stalled git host");
     assert_eq!(snapshot(&repo), before, "the server repository changed while the git host stalled");
+    proxy.forward();
+    for i in 0..3 {
+        let (got, elapsed) = timed("GET", &emu.state_url(STATE), &[], None);
+        println!("PROBE Lambda GET #{i} forwarded: {} after {} ms: {}", got.status, elapsed.as_millis(), got.text());
+    }
+    let (got, elapsed) =
+        timed("POST", &emu.state_url(STATE), &[("Content-Type", "application/json")], Some(state(1, "l").as_bytes()));
+    println!("PROBE Lambda POST forwarded: {} after {} ms: {}", got.status, elapsed.as_millis(), got.text());
 }

@@ -385,6 +385,25 @@ fn passthrough_wrong_credentials_fail_and_commit_nothing() {
 /// environment; Terraform sends none and its apply lands a commit.
 #[test]
 fn env_mode_uses_credentials_from_the_environment() {
+    // Without backend auth, a mode that holds git credentials would hand them to anyone:
+    // gitstate refuses to start, naming the variables, and never says the token.
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(gitstate::testkit::serve::server_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--repository", "git://127.0.0.1:9/x.git", "--data-dir"])
+        .arg(data.path())
+        .env("GITSTATE_AUTH", "env")
+        .env("GITSTATE_GIT_USERNAME", DEFAULT_USER)
+        .env("GITSTATE_GIT_PASSWORD", DEFAULT_PASSWORD)
+        .env_remove("GITSTATE_USERNAME")
+        .env_remove("GITSTATE_PASSWORD")
+        .output()
+        .expect("run gitstate serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "env mode without backend auth started: {stderr}");
+    assert!(stderr.contains("GITSTATE_USERNAME") && stderr.contains("GITSTATE_PASSWORD"), "{stderr}");
+    assert!(!stderr.contains(DEFAULT_PASSWORD), "the git password is in the refusal: {stderr}");
+
+    // With backend auth, the git host sees only the configured git user.
     let httpd = GitHttpServer::start();
     let url = httpd.create_repo("states.git");
     let serve = serve_on(
@@ -393,9 +412,11 @@ fn env_mode_uses_credentials_from_the_environment() {
             ("GITSTATE_AUTH", "env"),
             ("GITSTATE_GIT_USERNAME", DEFAULT_USER),
             ("GITSTATE_GIT_PASSWORD", DEFAULT_PASSWORD),
+            ("GITSTATE_USERNAME", "tf-user"),
+            ("GITSTATE_PASSWORD", "tf-password"),
         ],
     );
-    let mut tf = tf_for(&serve, None);
+    let mut tf = tf_for(&serve, Some(("tf-user", "tf-password")));
     tf.set_outputs(&[("x", "env")]);
     tf.init().assert_success();
     tf.apply().assert_success();
@@ -406,9 +427,9 @@ fn env_mode_uses_credentials_from_the_environment() {
         log.iter().all(|e| e.status == 401 || e.user.as_deref() == Some(DEFAULT_USER)),
         "requests without the configured user:\n{log:#?}"
     );
-    // No backend auth configured: an anonymous GET reads the state.
+    // An anonymous caller gets nothing.
     let got = http("GET", &serve.state_url(STATE), &[], None);
-    assert_eq!(got.status, 200, "GET without backend auth in env mode: {}", got.text());
+    assert_eq!(got.status, 401, "GET without backend auth in env mode: {}", got.text());
 }
 
 /// `GITSTATE_AUTH=env` with `GITSTATE_USERNAME`/`GITSTATE_PASSWORD`: the

@@ -402,7 +402,9 @@ fn oversized_request_head_is_refused() {
     let filler = "a".repeat(1 << 20);
     let req = format!("GET /state/a.tfstate HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n");
     let writer = send_in_background(&s, req.into_bytes(), 1 << 20);
-    match read_head(&mut s, Duration::from_secs(10)) {
+    let seen = read_head(&mut s, Duration::from_secs(10));
+    eprintln!("1 MiB header: {seen:?}");
+    match seen {
         Seen::Head(status, head) => assert_eq!(status, 431, "1 MiB header:\n{head}"),
         Seen::Closed(_) => {}
         Seen::Nothing => panic!("no answer to a 1 MiB header within 10 s"),
@@ -445,47 +447,61 @@ impl BodyAttack {
         BodyAttack::AuthChunkedAboveLimit,
     ];
 
-    /// Run against `addr`; panics unless the expected answer comes within 10 s.
-    fn run(self, addr: SocketAddr) {
+    /// Run against `addr`; panics unless the expected answer comes within 10 s. The client
+    /// first sends 4 KiB of body (1 MiB + 4 KiB where the server must read past its limit to
+    /// know), then waits for the answer; with `flood`, a second thread keeps sending up to
+    /// 4 MiB meanwhile. Returns the bytes the client's writes took (its own kernel buffer
+    /// takes megabytes, so this is not what the server read).
+    fn run(self, addr: SocketAddr, flood: bool) -> usize {
         let good = format!("Authorization: {}\r\n", basic(USER, PASSWORD));
         let wrong = format!("Authorization: {}\r\n", basic(USER, "nope"));
-        let (auth, framing, body_bytes, status) = match self {
-            BodyAttack::NoAuthHugeLength => ("", "Content-Length: 1000000000\r\n", 4 << 20, 401),
-            BodyAttack::WrongAuthHugeLength => (wrong.as_str(), "Content-Length: 1000000000\r\n", 4 << 20, 401),
+        let (auth, framing, first, status) = match self {
+            BodyAttack::NoAuthHugeLength => ("", "Content-Length: 1000000000\r\n", 4 << 10, 401),
+            BodyAttack::WrongAuthHugeLength => (wrong.as_str(), "Content-Length: 1000000000\r\n", 4 << 10, 401),
             BodyAttack::NoAuthExpectContinue => ("", "Content-Length: 1000000000\r\nExpect: 100-continue\r\n", 0, 401),
-            BodyAttack::NoAuthChunked => ("", "Transfer-Encoding: chunked\r\n", 4 << 20, 401),
+            BodyAttack::NoAuthChunked => ("", "Transfer-Encoding: chunked\r\n", 4 << 10, 401),
             BodyAttack::AuthLengthAboveLimit => (good.as_str(), "Content-Length: 2097152\r\n", 0, 413),
-            BodyAttack::AuthChunkedAboveLimit => (good.as_str(), "Transfer-Encoding: chunked\r\n", 4 << 20, 413),
+            BodyAttack::AuthChunkedAboveLimit => {
+                (good.as_str(), "Transfer-Encoding: chunked\r\n", (1 << 20) + (4 << 10), 413)
+            }
+        };
+        let what = format!("{self:?}");
+        let chunked = framing.contains("chunked");
+        let piece = |n: usize| {
+            if chunked {
+                let mut c = format!("{n:x}\r\n").into_bytes();
+                c.extend(std::iter::repeat_n(b'{', n));
+                c.extend_from_slice(b"\r\n");
+                c
+            } else {
+                vec![b'{'; n]
+            }
         };
         let mut s = connect(addr);
         let head = format!("POST /state/big.tfstate HTTP/1.1\r\nHost: x\r\n{auth}{framing}\r\n");
         s.write_all(head.as_bytes()).unwrap();
-        let chunked = framing.contains("chunked");
-        let chunk = if chunked {
-            let mut c = format!("{:x}\r\n", 16 << 10).into_bytes();
-            c.extend(std::iter::repeat_n(b'{', 16 << 10));
-            c.extend_from_slice(b"\r\n");
-            c
-        } else {
-            vec![b'{'; 16 << 10]
-        };
-        let writer = (body_bytes > 0).then(|| send_in_background(&s, chunk, body_bytes));
-        let seen = read_head(&mut s, Duration::from_secs(10));
-        let what = format!("{self:?}");
-        let answer = expect_status(seen, status, &what);
+        let mut sent = 0;
+        if first > 0 {
+            // Up to the limit the server reads (or refuses at once); the rest may meet a reset.
+            for _ in 0..first / (4 << 10) {
+                match s.write_all(&piece(4 << 10)) {
+                    Ok(()) => sent += 4 << 10,
+                    Err(_) if status == 413 && sent >= 1 << 20 => break,
+                    Err(e) => panic!("{what}: write failed after {sent} bytes: {e}"),
+                }
+            }
+        }
+        let writer = (flood && first > 0).then(|| send_in_background(&s, piece(16 << 10), 4 << 20));
+        let answer = expect_status(read_head(&mut s, Duration::from_secs(10)), status, &what);
         assert!(
             answer.to_ascii_lowercase().contains("connection: close"),
             "{what}: the answer does not close the connection:\n{answer}"
         );
-        if let Some(w) = writer {
-            // The server stopped reading, so the sender stops at a full window or a reset.
-            let sent = w.join().unwrap();
-            assert!(sent <= body_bytes, "{what}");
-        }
         assert!(
             wait_closed(&mut s, Duration::from_secs(10)).is_some(),
             "{what}: connection still open after the answer"
         );
+        sent + writer.map_or(0, |w| w.join().unwrap())
     }
 }
 
@@ -503,8 +519,8 @@ fn unauthenticated_large_bodies_are_refused_unread() {
     // Each attack once, on its own, for a clear failure message.
     for attack in BodyAttack::ALL {
         let t = Instant::now();
-        attack.run(addr);
-        eprintln!("{attack:?}: answered in {:?}", t.elapsed());
+        let sent = attack.run(addr, false);
+        eprintln!("{attack:?}: answered in {:?} after {sent} body bytes", t.elapsed());
     }
 
     // A normal authorized write and read still work next to the refusals.
@@ -520,7 +536,7 @@ fn unauthenticated_large_bodies_are_refused_unread() {
     let before = rss_kib(pid);
     for round in 0..50 {
         // Every kind at once, so refused bodies overlap.
-        let threads: Vec<_> = BodyAttack::ALL.iter().map(|a| (*a, thread::spawn(move || a.run(addr)))).collect();
+        let threads: Vec<_> = BodyAttack::ALL.iter().map(|a| (*a, thread::spawn(move || a.run(addr, true)))).collect();
         for (attack, t) in threads {
             if t.join().is_err() {
                 panic!("round {round}: {attack:?} failed (see above)");
@@ -534,6 +550,38 @@ fn unauthenticated_large_bodies_are_refused_unread() {
     serve.assert_running();
     let got = http("GET", &serve.state_url("ok.tfstate"), &[("Authorization", &auth)], None);
     assert_eq!((got.status, got.text()), (200, state));
+}
+
+/// With a 1 MiB body limit and 1 MiB of body memory: a body that reserved all of it (and
+/// then sends nothing) makes the next body wait, and answers 503 at the body timeout rather
+/// than grow memory; once the first is cut off (408), writes go through again.
+#[test]
+fn body_memory_is_bounded() {
+    let serve = Serve::start(
+        with_auth(ServeOpts::new())
+            .env("GITSTATE_MAX_BODY_BYTES", "1048576")
+            .env("GITSTATE_BODY_MEMORY_BYTES", "1048576")
+            .env("GITSTATE_BODY_READ_TIMEOUT", "2"),
+    );
+    let addr = serve.addr();
+    let auth = basic(USER, PASSWORD);
+    let mut holder = connect(addr);
+    let head = format!(
+        "POST /state/hold.tfstate HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 1048576\r\n\r\n"
+    );
+    holder.write_all(head.as_bytes()).unwrap();
+    thread::sleep(Duration::from_millis(300));
+
+    let state = fixtures::state(1, "small");
+    let t = Instant::now();
+    let waited = http("POST", &serve.state_url("small.tfstate"), &[("Authorization", &auth)], Some(state.as_bytes()));
+    eprintln!("a small POST while another body held all body memory: {} after {:?}", waited.status, t.elapsed());
+    assert_eq!(waited.status, 503, "small POST beside a body holding all memory: {}", waited.text());
+    assert_eq!(waited.header("Retry-After"), Some("1"));
+    expect_status(read_head(&mut holder, Duration::from_secs(5)), 408, "the holder");
+
+    let put = http("POST", &serve.state_url("small.tfstate"), &[("Authorization", &auth)], Some(state.as_bytes()));
+    assert_eq!(put.status, 200, "POST once the memory is free: {}", put.text());
 }
 
 // ---------------------------------------------------------------------------
@@ -728,6 +776,7 @@ const WARNING: &str = "anyone who can reach this address can read and write stat
 fn non_loopback_listener_without_auth_warns() {
     let open = RawServe::start("", &format!("0.0.0.0:{}", free_port()), &[]);
     let log = open.stderr_after_banner();
+    eprintln!("0.0.0.0 without auth, stderr:\n{log}");
     assert!(log.contains("WARNING") && log.contains(WARNING), "no warning for 0.0.0.0 without auth:\n{log}");
     assert!(log.contains("GITSTATE_USERNAME"), "the warning does not say how to fix it:\n{log}");
 

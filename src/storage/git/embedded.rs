@@ -74,7 +74,9 @@ impl EmbeddedStore {
                 prefix.push('/');
             }
             prefix.push_str(c);
-            if prefix.matches('/').count() >= 2 && repo.try_find_reference(prefix.as_str()).map_err(StorageError::local)?.is_some() {
+            if prefix.matches('/').count() >= 2
+                && repo.try_find_reference(prefix.as_str()).map_err(StorageError::local)?.is_some()
+            {
                 return Ok(Some(prefix));
             }
         }

@@ -73,6 +73,11 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
             return StorageError::CredentialsRefused.into();
         }
     }
+    // gix's own classification sees into its nested errors and io payloads: a 401 arrives
+    // as an io error of kind PermissionDenied inside them.
+    if gix::error::classify(err).is_unauthenticated() || gix::error::classify(err).is_permission_denied() {
+        return StorageError::CredentialsRefused.into();
+    }
     let io_kinds: Vec<std::io::ErrorKind> =
         causes().filter_map(|e| e.downcast_ref::<std::io::Error>()).map(std::io::Error::kind).collect();
     // gix's HTTP transport reports a 401 as PermissionDenied.
