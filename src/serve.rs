@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::app::App;
+use crate::config::AuthMode;
 use crate::error::Error;
 use crate::protocol::ProtocolError;
 
@@ -79,6 +80,7 @@ impl Limits {
         Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
 
+    /// Like [`Limits::from_env`] over any lookup (tests use a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let mut l = Limits::default();
         let count = |name: &str| -> Result<Option<usize>, String> {
@@ -195,8 +197,12 @@ impl Shared {
         // A budget below one maximal body would refuse bodies the limit allows.
         let budget_units = units(limits.body_memory_bytes.max(max_body)).min(Semaphore::MAX_PERMITS as u64);
         let max_body_units = units(max_body).min(budget_units).min(u32::MAX as u64) as u32;
-        let limits = Limits { body_memory_bytes: budget_units as usize * MEMORY_UNIT, ..limits.clone() };
-        Shared { app, limits, body_memory: Arc::new(Semaphore::new(budget_units as usize)), max_body_units }
+        Shared {
+            app,
+            limits: limits.clone(),
+            body_memory: Arc::new(Semaphore::new(budget_units as usize)),
+            max_body_units,
+        }
     }
 }
 
@@ -394,15 +400,18 @@ impl AsyncWrite for WriteStall {
 
 /// The start-up warning for a server anyone on the network may reach without credentials.
 pub fn exposure_warning(app: &App, local: SocketAddr) -> Option<String> {
-    if local.ip().to_canonical().is_loopback() || app.config().backend_credentials.is_some() {
+    let config = app.config();
+    // `secret` mode may take its backend credentials from the secret, and refuses to start without.
+    let backend_auth = config.backend_credentials.is_some() || config.auth == AuthMode::Secret;
+    if local.ip().to_canonical().is_loopback() || backend_auth {
         return None;
     }
     Some(format!(
         "gitstate: WARNING: listening on {local}, which is not a loopback address, and this backend has no \
          basic auth of its own (GITSTATE_USERNAME/GITSTATE_PASSWORD are not set): anyone who can reach \
          this address can read and write states{}",
-        match (app.config().auth, &app.config().repository) {
-            (crate::config::AuthMode::Passthrough, Some(_)) => {
+        match (config.auth, &config.repository) {
+            (AuthMode::Passthrough, Some(_)) => {
                 ", as far as the git host lets the credentials they send (or none) reach them"
             }
             _ => "",
@@ -423,4 +432,67 @@ pub fn banner(app: &App, local: SocketAddr) -> String {
         storage = app.describe_storage(),
         branch = app.config().branch,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(vars: &[(&str, &str)]) -> Result<Limits, String> {
+        Limits::from_lookup(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn limits_default_and_override() {
+        assert_eq!(limits(&[]).unwrap(), Limits::default());
+        let l = limits(&[
+            ("GITSTATE_MAX_CONNECTIONS", "8"),
+            ("GITSTATE_BODY_MEMORY_BYTES", "1048576"),
+            ("GITSTATE_HEADER_READ_TIMEOUT", "2.5"),
+            ("GITSTATE_BODY_READ_TIMEOUT", "3"),
+            ("GITSTATE_WRITE_TIMEOUT", "4"),
+        ])
+        .unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                max_connections: 8,
+                body_memory_bytes: 1 << 20,
+                header_read_timeout: Duration::from_millis(2500),
+                body_read_timeout: Duration::from_secs(3),
+                write_timeout: Duration::from_secs(4),
+            }
+        );
+    }
+
+    #[test]
+    fn limits_refuse_nonsense() {
+        for (name, value) in [
+            ("GITSTATE_MAX_CONNECTIONS", "0"),
+            ("GITSTATE_MAX_CONNECTIONS", "-1"),
+            ("GITSTATE_BODY_MEMORY_BYTES", "lots"),
+            ("GITSTATE_HEADER_READ_TIMEOUT", "0"),
+            ("GITSTATE_BODY_READ_TIMEOUT", "inf"),
+            ("GITSTATE_WRITE_TIMEOUT", "NaN"),
+            ("GITSTATE_WRITE_TIMEOUT", "1e9"),
+        ] {
+            let e = limits(&[(name, value)]).unwrap_err();
+            assert!(e.contains(name), "{name}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn accept_failures_back_off_and_log_once_per_second() {
+        let mut f = AcceptFailures::default();
+        let e = io::Error::from_raw_os_error(24);
+        let pauses: Vec<Duration> = (0..10).map(|_| f.failed(&e)).collect();
+        assert_eq!(pauses[0], ACCEPT_BACKOFF_MIN);
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*pauses.last().unwrap(), ACCEPT_BACKOFF_MAX);
+        // One line logged, nine counted.
+        assert_eq!(f.suppressed, 9);
+        f.recovered();
+        assert_eq!((f.backoff, f.suppressed), (None, 0));
+        assert_eq!(f.failed(&e), ACCEPT_BACKOFF_MIN);
+    }
 }

@@ -1,5 +1,5 @@
-//! The backend rules through the public `App::handle`, over an in-memory store that
-//! implements the public `Storage` trait (compare-and-swap ref updates, files in trees):
+//! The backend rules through the public `App::handle`, over the testkit's in-memory store
+//! (`gitstate::testkit::memory::MemoryStore`: compare-and-swap ref updates, files in trees):
 //! arbitrary sequences of GET, POST (with or without a lock ID, `force`), DELETE, LOCK,
 //! UNLOCK (force-unlock too) and raw requests, checked step by step against a model of
 //! the rules of DESIGN.md and issue 5:
@@ -13,128 +13,17 @@
 //!   ref name and commit message the backend produces is well formed.
 #![no_main]
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use gitstate::app::App;
-use gitstate::backend::PATH_CONFLICT;
 use gitstate::config::Config;
 use gitstate::protocol::content_md5;
-use gitstate::storage::{Credentials, ObjectId, RefUpdate, Storage, StorageError, Tips, UpdateOutcome};
+use gitstate::auth::Auth;
+use gitstate::testkit::memory::MemoryStore;
 use libfuzzer_sys::fuzz_target;
-
-// ---------------------------------------------------------------------------
-// An in-memory store
-// ---------------------------------------------------------------------------
-
-#[derive(Default)]
-struct MemInner {
-    refs: HashMap<String, ObjectId>,
-    /// Commit → (files of its tree, message).
-    commits: HashMap<ObjectId, (BTreeMap<String, Vec<u8>>, String)>,
-    next: u64,
-}
-
-#[derive(Default)]
-struct Mem(Mutex<MemInner>);
-
-impl Mem {
-    fn file(&self, branch_ref: &str, path: &str) -> Option<Vec<u8>> {
-        let m = self.0.lock().unwrap();
-        let tip = m.refs.get(branch_ref)?;
-        m.commits[tip].0.get(path).cloned()
-    }
-    fn files(&self, branch_ref: &str) -> Vec<String> {
-        let m = self.0.lock().unwrap();
-        m.refs.get(branch_ref).map(|tip| m.commits[tip].0.keys().cloned().collect()).unwrap_or_default()
-    }
-    fn tip(&self, name: &str) -> Option<ObjectId> {
-        self.0.lock().unwrap().refs.get(name).copied()
-    }
-    fn message(&self, id: ObjectId) -> String {
-        self.0.lock().unwrap().commits[&id].1.clone()
-    }
-}
-
-impl Storage for Mem {
-    fn sync(&self, refs: &[String], _creds: Option<&Credentials>) -> Result<Tips, StorageError> {
-        let m = self.0.lock().unwrap();
-        Ok(refs.iter().filter_map(|r| m.refs.get(r).map(|id| (r.clone(), *id))).collect())
-    }
-
-    fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let m = self.0.lock().unwrap();
-        let (files, _) = m.commits.get(&commit).ok_or_else(|| StorageError::Local(format!("no commit {commit}")))?;
-        Ok(files.get(path).cloned())
-    }
-
-    fn commit(
-        &self,
-        parent: Option<ObjectId>,
-        path: &str,
-        content: Option<&[u8]>,
-        message: &str,
-    ) -> Result<ObjectId, StorageError> {
-        assert!(
-            gitstate::protocol::path::check_state_path(path.trim_end_matches(".lock")).is_ok(),
-            "commit of a bad path {path:?}"
-        );
-        let mut m = self.0.lock().unwrap();
-        let mut files = match parent {
-            Some(p) => m.commits.get(&p).expect("parent exists").0.clone(),
-            None => BTreeMap::new(),
-        };
-        if content.is_some() {
-            for existing in files.keys() {
-                if existing.starts_with(&format!("{path}/")) || path.starts_with(&format!("{existing}/")) {
-                    return Err(StorageError::Local(format!("{PATH_CONFLICT}: {path} and {existing}")));
-                }
-            }
-        }
-        match content {
-            Some(c) => files.insert(path.to_string(), c.to_vec()),
-            None => files.remove(path),
-        };
-        m.next += 1;
-        let mut bytes = [0u8; 20];
-        bytes[..8].copy_from_slice(&m.next.to_be_bytes());
-        bytes[19] = 1;
-        let id = ObjectId::from_bytes_or_panic(&bytes);
-        m.commits.insert(id, (files, message.to_string()));
-        Ok(id)
-    }
-
-    fn update(&self, updates: &[RefUpdate], _creds: Option<&Credentials>) -> Result<UpdateOutcome, StorageError> {
-        let mut m = self.0.lock().unwrap();
-        for u in updates {
-            assert!(gix::validate::reference::name(u.name.as_str().into()).is_ok(), "invalid ref name {:?}", u.name);
-            if let Some(new) = u.new {
-                assert!(m.commits.contains_key(&new), "update to an unknown commit");
-            }
-        }
-        let stale: Vec<(String, String)> = updates
-            .iter()
-            .filter(|u| m.refs.get(&u.name) != u.old.as_ref())
-            .map(|u| (u.name.clone(), "stale".into()))
-            .collect();
-        if !stale.is_empty() {
-            return Ok(UpdateOutcome::Rejected(stale));
-        }
-        for u in updates {
-            match u.new {
-                Some(new) => m.refs.insert(u.name.clone(), new),
-                None => m.refs.remove(&u.name),
-            };
-        }
-        Ok(UpdateOutcome::Applied)
-    }
-
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Operations
@@ -262,10 +151,11 @@ fn check_message(message: &str) {
 }
 
 fuzz_target!(|ops: Vec<Op<'_>>| {
-    let mem = Arc::new(Mem::default());
+    let mem = Arc::new(MemoryStore::new());
     let mut config = Config::default();
     config.max_body_bytes = 4096;
-    let app = Arc::new(App::with_storage(config, mem.clone()));
+    let auth = Auth::from_config(&config).expect("passthrough needs nothing");
+    let app = Arc::new(App::new(config, auth, mem.clone()));
     let mut model = Model::default();
 
     for op in ops.iter().take(24) {
@@ -385,7 +275,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                         assert_eq!(status, 200, "{answer}");
                         model.locks.insert(path, id);
                         let tip = mem.tip(&format!("refs/heads/locks/{path}")).expect("a lock branch");
-                        check_message(&mem.message(tip));
+                        check_message(&mem.message(tip).expect("the tip's commit is stored"));
                         let stored = mem.0.lock().unwrap().commits[&tip].0.get(&format!("{path}.lock")).cloned();
                         assert_eq!(stored.as_deref(), Some(info.as_slice()), "the lock file is the LockInfo as sent");
                     }
@@ -465,7 +355,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             assert_eq!(locked, model.locks.contains_key(path), "lock of {path}");
         }
         if let Some(tip) = mem.tip("refs/heads/main") {
-            check_message(&mem.message(tip));
+            check_message(&mem.message(tip).expect("the tip's commit is stored"));
         }
     }
 });

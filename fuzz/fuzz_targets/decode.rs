@@ -7,7 +7,8 @@
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use gitstate::error::Error;
-use gitstate::protocol::{self, content_md5, Operation};
+use gitstate::backend::Operation;
+use gitstate::protocol::{self, content_md5};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
 

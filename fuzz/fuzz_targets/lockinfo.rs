@@ -5,12 +5,12 @@
 
 use bytes::Bytes;
 use gitstate::error::Error;
-use gitstate::protocol::LockInfo;
+use gitstate::protocol::parse_lock_info;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let raw = Bytes::copy_from_slice(data);
-    match LockInfo::parse(raw.clone()) {
+    match parse_lock_info(raw.clone()) {
         Ok(info) => {
             assert_eq!(info.raw, raw, "the LockInfo is kept byte for byte");
             assert!(!info.id.trim().is_empty(), "blank ID accepted");
