@@ -7,8 +7,11 @@
 //! - under `gitstate serve` the deadline is `GITSTATE_REQUEST_TIMEOUT` (2 s here), over
 //!   git:// and over smart HTTP;
 //! - a stalled repository does not slow down another one served by the same process;
-//! - under the Lambda emulator (`cargo lambda watch`) the function answers 503 itself,
-//!   before the emulator's own invocation timeout (6 s here) turns the call into a 408.
+//! - under the Lambda emulator the function answers 503 itself, before a 6 s function
+//!   timeout: with a real invocation deadline (now + 6 s, stamped by a shim between the
+//!   function and the emulator's runtime API, since `cargo lambda watch` cannot set one) at
+//!   that deadline less 1.5 s; and under plain `cargo lambda watch` before its own 6 s
+//!   invocation timeout turns the call into a 408.
 //!
 //! Measured answer times are printed (`cargo test --test deadline -- --nocapture`).
 
@@ -355,7 +358,10 @@ fn lambda_invocation_returns_503_before_the_function_times_out() {
         assert_ne!(got.status, 408, "Lambda {method}: the invocation timed out: the function did not answer in time");
         assert_eq!(got.status, 503, "Lambda {method}: expected the function's 503, got {}: {}", got.status, got.text());
         assert!(got.header("Retry-After").is_some(), "Lambda {method}: 503 without Retry-After: {:?}", got.headers);
-        assert!(elapsed < LAMBDA_TIMEOUT, "Lambda {method}: answered after {elapsed:?}, not before the {LAMBDA_TIMEOUT:?} timeout");
+        assert!(
+            elapsed < LAMBDA_TIMEOUT,
+            "Lambda {method}: answered after {elapsed:?}, not before the {LAMBDA_TIMEOUT:?} timeout"
+        );
         assert!(
             elapsed >= earliest,
             "Lambda {method}: answered after {elapsed:?}, before the invocation's deadline less the margin ({earliest:?} at the earliest): the deadline did not come from Lambda-Runtime-Deadline-Ms"
@@ -406,7 +412,10 @@ fn lambda_under_cargo_lambda_watch_answers_503_not_the_emulators_timeout() {
         assert_ne!(got.status, 408, "{method}: the emulator timed the invocation out: the function did not answer");
         assert_eq!(got.status, 503, "{method}: expected the function's 503, got {}: {}", got.status, got.text());
         assert!(got.header("Retry-After").is_some(), "{method}: 503 without Retry-After: {:?}", got.headers);
-        assert!(elapsed < LAMBDA_TIMEOUT, "{method}: answered after {elapsed:?}, not before the {LAMBDA_TIMEOUT:?} timeout");
+        assert!(
+            elapsed < LAMBDA_TIMEOUT,
+            "{method}: answered after {elapsed:?}, not before the {LAMBDA_TIMEOUT:?} timeout"
+        );
     }
     assert!(proxy.connections() > connections, "no invocation reached the stalled git host");
     assert_eq!(snapshot(&repo), before, "the server repository changed while the git host stalled");
@@ -470,7 +479,11 @@ impl TimedLambda {
         let started = Instant::now();
         while lambda.shim.polls() == 0 {
             lambda.assert_running();
-            assert!(started.elapsed() < Duration::from_secs(60), "the function did not poll for invocations:\n{}", lambda.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the function did not poll for invocations:\n{}",
+                lambda.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let probe = http("GET", &lambda.url("/"), &[], None);
@@ -594,7 +607,8 @@ fn relay(client: TcpStream, upstream: SocketAddr, budget: Duration, polls: &Atom
     let mut answer_head = String::from_utf8_lossy(&answer[..split]).into_owned();
     if answer_head.to_ascii_lowercase().contains("\r\nlambda-runtime-deadline-ms:") {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
-        answer_head = set_header(&answer_head, "Lambda-Runtime-Deadline-Ms", &(now_ms + budget.as_millis()).to_string());
+        answer_head =
+            set_header(&answer_head, "Lambda-Runtime-Deadline-Ms", &(now_ms + budget.as_millis()).to_string());
     }
     answer_head = set_header(&answer_head, "Connection", "close");
     let mut client = client;

@@ -545,7 +545,6 @@ fn unauthenticated_large_bodies_are_refused_unread() {
     }
     let after = rss_kib(pid);
     println!("serve RSS before 50 rounds of refused large bodies: {before} KiB, after: {after} KiB");
-    eprintln!("serve RSS before 50 rounds of refused large bodies: {before} KiB, after: {after} KiB");
     assert!(after < before + 50 * 1024, "RSS grew from {before} KiB to {after} KiB");
     serve.assert_running();
     let got = http("GET", &serve.state_url("ok.tfstate"), &[("Authorization", &auth)], None);

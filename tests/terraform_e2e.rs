@@ -87,7 +87,7 @@ fn lock_branch_exists(serve: &Serve, path: &str) -> bool {
 /// gitstate serves it over HTTP are the same; returns it.
 #[track_caller]
 fn assert_stored_state(serve: &Serve, tf: &TfWorkdir, path: &str, expect_x: &str) -> Value {
-    let stored = serve.git_ok(&["show", &format!("main:{path}")]);
+    let stored = serve.git_raw(&["show", &format!("main:{path}")]);
     let stored_json: Value =
         serde_json::from_str(&stored).unwrap_or_else(|e| panic!("main:{path} is not JSON ({e}):\n{stored}"));
     assert_eq!(stored_json["outputs"]["x"]["value"], expect_x, "stored state:\n{stored}");
@@ -181,7 +181,7 @@ fn apply_history(mode: LockMode) {
         second_state["serial"]
     );
     // The older version is still in history.
-    let old = serve.git_ok(&["show", &format!("{}:{path}", commits[1])]);
+    let old = serve.git_raw(&["show", &format!("{}:{path}", commits[1])]);
     assert_eq!(serde_json::from_str::<Value>(&old).unwrap(), first_state);
 
     // plan: locks (OperationTypePlan), reads, unlocks, writes nothing.

@@ -199,6 +199,11 @@ impl Serve {
     pub fn git_ok(&self, args: &[&str]) -> String {
         git_out(&self.repo_git_dir(), args)
     }
+
+    /// Like [`Serve::git_ok`], stdout exactly as git wrote it (for blobs compared byte by byte).
+    pub fn git_raw(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&crate::testkit::gitd::git(&self.repo_git_dir(), args).stdout).into_owned()
+    }
 }
 
 impl Drop for Serve {

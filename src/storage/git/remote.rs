@@ -138,8 +138,11 @@ fn fetch_tips_once(
         .and_then(|r| r.with_refspecs(refs.iter().map(String::as_str), Direction::Fetch))
         .map_err(|e| StorageError::CacheCorrupt(format!("cannot set up a fetch: {}", transport::chain(&e))))?
         .with_fetch_tags(Tags::None);
-    let prepare = remote
-        .to_connection_with_transport(connection)
+    let mut connection = remote.to_connection_with_transport(connection);
+    if url.scheme() != crate::storage::url::Scheme::Git {
+        connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
+    }
+    let prepare = connection
         // The credentials went with the first request already; a refusal is final. Without this,
         // gix would ask git's credential helpers, which spawn `git`.
         .with_credentials(|_action| Ok(None))

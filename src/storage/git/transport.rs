@@ -169,7 +169,7 @@ fn connect_http(
     version: Protocol,
     ctx: &RequestContext,
 ) -> Result<Box<dyn Transport + Send>, HostFailure> {
-    use gix::protocol::transport::client::blocking_io::{connect, http};
+    use gix::protocol::transport::client::blocking_io::connect;
     let creds = ctx.credentials();
     if creds.is_some() && url.scheme() == Scheme::Http && !url.is_loopback() {
         // A policy of ours, not the host's answer: permanent.
@@ -180,6 +180,18 @@ fn connect_http(
     }
     let options = connect::Options { version, ..Default::default() };
     let mut transport = connect::connect(url.to_gix(), options).map_err(|e| classify(url, ctx, &e))?;
+    transport.configure(&http_options(ctx)).map_err(|e| StorageError::Local(format!("cannot configure HTTP: {e}")))?;
+    // Sent with the first request: no 401 round trip, and never git's credential helpers.
+    if let Some(c) = creds {
+        transport.set_identity(account(c)).map_err(|e| classify(url, ctx, &e))?;
+    }
+    Ok(transport)
+}
+
+/// HTTP options whose client times out at the request's deadline. gix's fetch configures the
+/// transport again from the repository's settings, so a fetch must hand these over too.
+pub(crate) fn http_options(ctx: &RequestContext) -> gix::protocol::transport::client::blocking_io::http::Options {
+    use gix::protocol::transport::client::blocking_io::http;
     let timeout = ctx.deadline.io_timeout(IO_TIMEOUT);
     let reqwest_options = http::reqwest::Options {
         configure_client: Some(Box::new(move |builder| {
@@ -188,13 +200,7 @@ fn connect_http(
         configure_request: None,
     };
     let backend: Arc<Mutex<dyn std::any::Any + Send + Sync + 'static>> = Arc::new(Mutex::new(reqwest_options));
-    let options = http::Options { backend: Some(backend), ..Default::default() };
-    transport.configure(&options).map_err(|e| StorageError::Local(format!("cannot configure HTTP: {e}")))?;
-    // Sent with the first request: no 401 round trip, and never git's credential helpers.
-    if let Some(c) = creds {
-        transport.set_identity(account(c)).map_err(|e| classify(url, ctx, &e))?;
-    }
-    Ok(transport)
+    http::Options { backend: Some(backend), ..Default::default() }
 }
 
 fn account(c: &Credentials) -> gix::sec::identity::Account {
