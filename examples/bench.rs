@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gitstate::app::App;
-use gitstate::testkit::gitd::{git, git_with_input, GitDaemon};
-use gitstate::testkit::races;
+use gitstate_testkit::gitd::{git, git_with_input, GitDaemon};
+use gitstate_testkit::races;
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);

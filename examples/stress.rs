@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gitstate::app::App;
-use gitstate::testkit::gitd::{self, git_try};
-use gitstate::testkit::races;
+use gitstate_testkit::gitd::{self, git_try};
+use gitstate_testkit::races;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;

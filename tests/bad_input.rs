@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gitstate::testkit::fixtures::{lock_info, state};
-use gitstate::testkit::gitd::{git_out, GitDaemon};
-use gitstate::testkit::serve::{http, Serve, ServeOpts};
 use gitstate::{app::App, config::Config, protocol::content_md5};
+use gitstate_testkit::fixtures::{lock_info, state};
+use gitstate_testkit::gitd::{git_out, GitDaemon};
+use gitstate_testkit::serve::{http, Serve, ServeOpts};
 
 const LIMIT: usize = 1024;
 

@@ -26,12 +26,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info, state};
-use gitstate::testkit::gitd::{free_port, git_out, git_try, signal_group, wait_until_listening, GitDaemon};
-use gitstate::testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
-use gitstate::testkit::lambda::{cargo_lambda_bin, repo_root, Emulator};
-use gitstate::testkit::serve::{http, path_without_git, server_bin, HttpResponse, Serve, ServeOpts};
-use gitstate::testkit::stall::StallProxy;
+use gitstate_testkit::fixtures::{fsck_clean, lock_info, state};
+use gitstate_testkit::gitd::{free_port, git_out, git_try, signal_group, wait_until_listening, GitDaemon};
+use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+use gitstate_testkit::lambda::{cargo_lambda_bin, Emulator};
+use gitstate_testkit::repo_root;
+use gitstate_testkit::serve::{http, path_without_git, server_bin, HttpResponse, Serve, ServeOpts};
+use gitstate_testkit::stall::StallProxy;
 use serde_json::Value;
 
 const STATE: &str = "envs/deadline/terraform.tfstate";

@@ -1,6 +1,6 @@
 //! gitstate over smart HTTP with credentials (issue 4), against a real git
 //! host: `git http-backend` behind lighttpd with basic auth
-//! (`gitstate::testkit::httpd`), driven by a real Terraform 1.0.3 and by plain
+//! (`gitstate_testkit::httpd`), driven by a real Terraform 1.0.3 and by plain
 //! HTTP requests, and checked with the git CLI on the server's repository
 //! and with lighttpd's access log.
 //!
@@ -20,11 +20,11 @@ use std::path::Path;
 use std::process::Output;
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
-use gitstate::testkit::gitd::{git_command, git_out, rev_parse};
-use gitstate::testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
-use gitstate::testkit::serve::{http, HttpResponse, Serve, ServeOpts};
-use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate_testkit::gitd::{git_command, git_out, rev_parse};
+use gitstate_testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+use gitstate_testkit::serve::{http, HttpResponse, Serve, ServeOpts};
+use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
 use serde_json::Value;
 
 const STATE: &str = "envs/http/terraform.tfstate";
@@ -388,7 +388,7 @@ fn env_mode_uses_credentials_from_the_environment() {
     // Without backend auth, a mode that holds git credentials would hand them to anyone:
     // gitstate refuses to start, naming the variables, and never says the token.
     let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(gitstate::testkit::serve::server_bin())
+    let out = std::process::Command::new(gitstate_testkit::serve::server_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--repository", "git://127.0.0.1:9/x.git", "--data-dir"])
         .arg(data.path())
         .env("GITSTATE_AUTH", "env")

@@ -8,8 +8,8 @@ use std::sync::{Arc, Barrier};
 use gitstate::context::RequestContext;
 use gitstate::storage::git::{pack, push, remote};
 use gitstate::storage::{ObjectId, RefUpdate, RepoUrl, StorageError, UpdateOutcome};
-use gitstate::testkit::fixtures::fsck_clean;
-use gitstate::testkit::gitd::{git_out, rev_parse, GitDaemon};
+use gitstate_testkit::fixtures::fsck_clean;
+use gitstate_testkit::gitd::{git_out, rev_parse, GitDaemon};
 
 /// Anonymous access: the daemon asks for no credentials.
 fn push_(

@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
-use gitstate::testkit::gitd::{git, git_out, rev_parse, GitDaemon};
-use gitstate::testkit::lambda::{repo_root, Emulator};
-use gitstate::testkit::serve::{http, http_json, HttpResponse};
-use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate_testkit::gitd::{git, git_out, rev_parse, GitDaemon};
+use gitstate_testkit::lambda::Emulator;
+use gitstate_testkit::repo_root;
+use gitstate_testkit::serve::{http, http_json, HttpResponse};
+use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
 use md5::{Digest, Md5};
 use serde_json::Value;
 

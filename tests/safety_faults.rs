@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use gitstate::app::App;
 use gitstate::protocol::content_md5;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info, state, state_with_lineage};
-use gitstate::testkit::gitd::{git, git_out, rev_parse, GitDaemon};
-use gitstate::testkit::races::{self, new_app, server_commits, server_file};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info, state, state_with_lineage};
+use gitstate_testkit::gitd::{git, git_out, rev_parse, GitDaemon};
+use gitstate_testkit::races::{self, new_app, server_commits, server_file};
 
 /// One App over one daemon repository, with its cache directory in view.
 struct Setup {

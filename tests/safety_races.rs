@@ -1,6 +1,6 @@
 //! Safety under races (issue 5), against a real `git daemon`, every racer its own
 //! `App` with its own cache: a small round of the stress command's scenarios
-//! (`gitstate::testkit::races`, the same code `examples/stress.rs` runs 1,000 times),
+//! (`gitstate_testkit::races`, the same code `examples/stress.rs` runs 1,000 times),
 //! and lock/write atomicity: a write under a lock that was force-unlocked and
 //! taken by someone else is refused and leaves the state exactly as the new
 //! holder left it, on a server with receive-pack's `atomic` and on one without
@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use gitstate::app::App;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info, state, state_with_lineage};
-use gitstate::testkit::gitd::{git_out, git_with_input, GitDaemon};
-use gitstate::testkit::races::{self, call, new_app, server_commits, server_file};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info, state, state_with_lineage};
+use gitstate_testkit::gitd::{git_out, git_with_input, GitDaemon};
+use gitstate_testkit::races::{self, call, new_app, server_commits, server_file};
 
 /// Separate instances over one daemon repository.
 struct Fleet {

@@ -1,6 +1,6 @@
 //! `GITSTATE_AUTH=secret` against a real AWS API emulator (`moto_server`,
-//! `gitstate::testkit::moto`) and a real smart-HTTP git host (lighttpd +
-//! `git http-backend`, `gitstate::testkit::httpd`):
+//! `gitstate_testkit::moto`) and a real smart-HTTP git host (lighttpd +
+//! `git http-backend`, `gitstate_testkit::httpd`):
 //!
 //! - the git credentials come from a Secrets Manager secret created in moto;
 //! - the backend requires basic auth (here from the same secret's
@@ -11,12 +11,12 @@
 //! - the secret is read once per process.
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures::lock_info_value;
-use gitstate::testkit::gitd::{git_out, rev_parse};
-use gitstate::testkit::httpd::GitHttpServer;
-use gitstate::testkit::moto::Moto;
-use gitstate::testkit::serve::{http, Serve, ServeOpts};
-use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
+use gitstate_testkit::fixtures::lock_info_value;
+use gitstate_testkit::gitd::{git_out, rev_parse};
+use gitstate_testkit::httpd::GitHttpServer;
+use gitstate_testkit::moto::Moto;
+use gitstate_testkit::serve::{http, Serve, ServeOpts};
+use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
 use serde_json::Value;
 
 const STATE: &str = "envs/secret/terraform.tfstate";

@@ -10,9 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures;
-use gitstate::testkit::gitd::free_port;
-use gitstate::testkit::serve::{http, path_without_git, server_bin, Serve, ServeOpts};
+use gitstate_testkit::fixtures;
+use gitstate_testkit::gitd::free_port;
+use gitstate_testkit::serve::{http, path_without_git, server_bin, Serve, ServeOpts};
 
 const USER: &str = "tf";
 const PASSWORD: &str = "tf-pass";

@@ -6,8 +6,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use gitstate::testkit::gitd::{git, git_out, git_with_input, GitDaemon};
-use gitstate::testkit::stall::{Mode, StallProxy};
+use gitstate_testkit::gitd::{git, git_out, git_with_input, GitDaemon};
+use gitstate_testkit::stall::{Mode, StallProxy};
 
 /// `git ls-remote` of `url`; stdout, trimmed.
 fn ls_remote(daemon: &GitDaemon, url: &str) -> String {

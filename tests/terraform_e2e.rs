@@ -8,9 +8,9 @@
 //! Each test has its own server, data directory and Terraform directories.
 
 use base64::Engine as _;
-use gitstate::testkit::fixtures::{fsck_clean, lock_info_value};
-use gitstate::testkit::serve::{http, http_json, HttpResponse, Serve, ServeOpts};
-use gitstate::testkit::terraform::{HttpBackend, TfWorkdir};
+use gitstate_testkit::fixtures::{fsck_clean, lock_info_value};
+use gitstate_testkit::serve::{http, http_json, HttpResponse, Serve, ServeOpts};
+use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
 use md5::{Digest, Md5};
 use serde_json::Value;
 

@@ -1,5 +1,5 @@
 //! The backend rules through the public `App::handle`, over the testkit's in-memory store
-//! (`gitstate::testkit::memory::MemoryStore`: compare-and-swap ref updates, files in trees):
+//! (`gitstate_testkit::memory::MemoryStore`: compare-and-swap ref updates, files in trees):
 //! arbitrary sequences of GET, POST (with or without a lock ID, `force`), DELETE, LOCK,
 //! UNLOCK (force-unlock too) and raw requests, checked step by step against a model of
 //! the rules of DESIGN.md and issue 5:
@@ -22,7 +22,7 @@ use gitstate::app::App;
 use gitstate::config::Config;
 use gitstate::protocol::content_md5;
 use gitstate::auth::Auth;
-use gitstate::testkit::memory::MemoryStore;
+use gitstate_testkit::memory::MemoryStore;
 use libfuzzer_sys::fuzz_target;
 
 // ---------------------------------------------------------------------------

@@ -31,13 +31,9 @@ pub fn cargo_lambda_bin() -> PathBuf {
         assert!(p.is_file(), "GITSTATE_CARGO_LAMBDA={} is not a file. {NOT_FOUND}", p.display());
         return p;
     }
-    let p = repo_root().join(".venv/bin/cargo-lambda");
+    let p = crate::repo_root().join(".venv/bin/cargo-lambda");
     assert!(p.is_file(), "{NOT_FOUND}");
     p
-}
-
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The target directory the test binaries were built in, so that the
@@ -53,7 +49,7 @@ fn target_dir() -> PathBuf {
     if target.join("CACHEDIR.TAG").exists() {
         target.to_path_buf()
     } else {
-        repo_root().join("target")
+        crate::repo_root().join("target")
     }
 }
 
@@ -80,7 +76,7 @@ impl Emulator {
             let log = File::create(dir.path().join("watch.log")).unwrap();
             let mut cmd = Command::new(&bin);
             cmd.args(["lambda", "watch", "-A", "127.0.0.1", "-P", &port.to_string()])
-                .current_dir(repo_root())
+                .current_dir(crate::repo_root())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -200,7 +196,7 @@ impl Emulator {
             .arg("--data-file")
             .arg(data_file)
             .args(["--output-format", "json", "gitstate"])
-            .current_dir(repo_root())
+            .current_dir(crate::repo_root())
             .stdin(Stdio::null())
             .output()
             .expect("run cargo lambda invoke");

@@ -16,8 +16,8 @@ use bytes::Bytes;
 
 use super::fixtures::{lock_info, state_with_lineage};
 use super::gitd::git_try;
-use crate::storage::RepoUrl;
-use crate::{app::App, config::Config, protocol::content_md5};
+use gitstate::storage::RepoUrl;
+use gitstate::{app::App, config::Config, protocol::content_md5};
 
 /// A new App over the remote `url` with its own cache under `cache_dir`.
 pub fn new_app(url: &str, cache_dir: PathBuf) -> Arc<App> {

@@ -1,6 +1,7 @@
 //! Real components for the integration tests and examples (DESIGN.md §7): git servers,
 //! `gitstate serve`, Terraform, the Lambda emulator, moto, a stalling TCP proxy, and the
-//! shared fixtures. Behind the `testkit` feature; each harness stops what it started on drop.
+//! shared fixtures, an in-memory store. A crate of its own (dev-dependency only); each harness
+//! stops what it started on drop.
 
 pub mod fixtures;
 pub mod gitd;
@@ -12,3 +13,8 @@ pub mod races;
 pub mod serve;
 pub mod stall;
 pub mod terraform;
+
+/// The root of the gitstate repository (where `.venv`, `events/` and `Cargo.toml` live).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}

@@ -26,7 +26,7 @@ pub fn terraform_bin() -> PathBuf {
         assert!(p.is_file(), "GITSTATE_TERRAFORM={} is not a file. {NOT_FOUND}", p.display());
         return p;
     }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv").join("lib");
+    let lib = crate::repo_root().join(".venv").join("lib");
     if let Ok(entries) = std::fs::read_dir(&lib) {
         let mut found: Vec<PathBuf> = entries
             .flatten()

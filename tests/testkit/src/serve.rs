@@ -202,7 +202,7 @@ impl Serve {
 
     /// Like [`Serve::git_ok`], stdout exactly as git wrote it (for blobs compared byte by byte).
     pub fn git_raw(&self, args: &[&str]) -> String {
-        String::from_utf8_lossy(&crate::testkit::gitd::git(&self.repo_git_dir(), args).stdout).into_owned()
+        String::from_utf8_lossy(&crate::gitd::git(&self.repo_git_dir(), args).stdout).into_owned()
     }
 }
 

@@ -192,7 +192,7 @@ pub fn signal_group(pgid: u32, signal: &str) {
         .status()
         .is_ok();
     if !sent {
-        let _ = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+        let _ = Command::new(crate::repo_root().join(".venv/bin/python"))
             .args(["-c", &format!("import os, signal; os.killpg({pgid}, signal.SIG{signal})")])
             .stderr(Stdio::null())
             .status();

@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ pub fn moto_server_bin() -> PathBuf {
         assert!(p.is_file(), "GITSTATE_MOTO_SERVER={} is not a file. {NOT_FOUND}", p.display());
         return p;
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+    let p = crate::repo_root().join(".venv/bin/moto_server");
     assert!(p.is_file(), "{NOT_FOUND}");
     p
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
+use gitstate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
 
 /// How often a delayed sync looks at the request's deadline.
 const DELAY_STEP: Duration = Duration::from_millis(5);
@@ -460,7 +460,7 @@ mod tests {
         assert!(matches!(s.sync(&ctx, &["refs/heads/main".into()]), Err(StorageError::HostUnavailable(_))));
         s.fail_syncs_with(None);
         s.sync_delay(Duration::from_secs(10));
-        let short = RequestContext::new(None, crate::context::Deadline::after(Duration::from_millis(30)));
+        let short = RequestContext::new(None, gitstate::context::Deadline::after(Duration::from_millis(30)));
         let started = Instant::now();
         assert!(matches!(s.sync(&short, &["refs/heads/main".into()]), Err(StorageError::DeadlineExceeded(_))));
         assert!(started.elapsed() < Duration::from_millis(500));
