@@ -28,9 +28,8 @@ pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
 pub async fn handle_event(app: &Arc<App>, event: Request) -> Response<Body> {
     let context = event.lambda_context_ref();
     let request_id = context.map(|c| c.request_id.clone()).unwrap_or_default();
-    let deadline = context
-        .map(|c| invocation_deadline(c.deadline))
-        .unwrap_or_else(|| Deadline::after(app.config().request_timeout));
+    let fallback = app.config().request_timeout;
+    let deadline = context.map_or_else(|| Deadline::after(fallback), |c| invocation_deadline(c.deadline, fallback));
     let span = tracing::info_span!("invocation", aws_request_id = %request_id);
     let _guard = span.enter();
     let request = into_app_request(event);
@@ -44,9 +43,14 @@ pub async fn handle_event(app: &Arc<App>, event: Request) -> Response<Body> {
 /// Lambda stops the instance (the app's grace after its own deadline fits in here).
 const DEADLINE_MARGIN: Duration = Duration::from_millis(1500);
 
-/// The invocation's deadline (milliseconds since the epoch) as our own, less the margin.
-fn invocation_deadline(deadline_ms: u64) -> Deadline {
+/// The invocation's deadline (milliseconds since the epoch) as our own, less the margin. A
+/// deadline already past on arrival is none that Lambda sends (a local emulator sends one in
+/// 1970): then the configured request budget (`GITSTATE_REQUEST_TIMEOUT`) applies.
+fn invocation_deadline(deadline_ms: u64, fallback: Duration) -> Deadline {
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    if deadline_ms <= now_ms {
+        return Deadline::after(fallback);
+    }
     let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms)).saturating_sub(DEADLINE_MARGIN);
     // Never less than a moment: a request that arrives late still gets its 503 rather than nothing.
     Deadline::after(left.max(Duration::from_millis(100)))

@@ -381,8 +381,9 @@ fn lambda_invocation_returns_503_before_the_function_times_out() {
 
 /// Plain `cargo lambda watch` (the testkit's [`Emulator`]) with its invocation timeout at
 /// 6 s: with the git host stalled, the answer is the function's 503 + Retry-After, not the
-/// emulator's 408. The deadline cargo-lambda hands out is already past (see above), so
-/// gitstate answers at its floor, at once.
+/// emulator's 408. The deadline cargo-lambda hands out is already past (see above), which no
+/// real invocation has: gitstate then uses its request budget, `GITSTATE_REQUEST_TIMEOUT`
+/// (3 s here), rather than answering at once.
 #[test]
 fn lambda_under_cargo_lambda_watch_answers_503_not_the_emulators_timeout() {
     let daemon = GitDaemon::start();
@@ -392,7 +393,11 @@ fn lambda_under_cargo_lambda_watch_answers_503_not_the_emulators_timeout() {
     let url = format!("git://127.0.0.1:{}/states.git", proxy.port());
     let config = tempfile::tempdir().unwrap();
     let config_file = cargo_lambda_config(config.path());
-    let emu = Emulator::start(&[("GITSTATE_REPOSITORY", url.as_str()), ("CARGO_LAMBDA_GLOBAL", config_file.as_str())]);
+    let emu = Emulator::start(&[
+        ("GITSTATE_REPOSITORY", url.as_str()),
+        ("CARGO_LAMBDA_GLOBAL", config_file.as_str()),
+        ("GITSTATE_REQUEST_TIMEOUT", "3"),
+    ]);
 
     let before = snapshot(&repo);
     proxy.stall();
@@ -416,6 +421,10 @@ fn lambda_under_cargo_lambda_watch_answers_503_not_the_emulators_timeout() {
         assert!(
             elapsed < LAMBDA_TIMEOUT,
             "{method}: answered after {elapsed:?}, not before the {LAMBDA_TIMEOUT:?} timeout"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(2900),
+            "{method}: answered after {elapsed:?}: the request budget of 3 s was not used"
         );
     }
     assert!(proxy.connections() > connections, "no invocation reached the stalled git host");
