@@ -57,6 +57,8 @@ pub struct Config {
     /// `GITSTATE_REPOSITORY_CONCURRENCY`: requests per repository worked on at once (default 8);
     /// more wait, within their deadline, so one slow host cannot take every worker thread.
     pub repository_concurrency: usize,
+    /// What `gitstate serve` lets callers hold (connections, body memory, timeouts).
+    pub serve_limits: ServeLimits,
     /// `GITSTATE_LISTEN`: where `gitstate serve` listens (default `127.0.0.1:6061`).
     pub listen: std::net::SocketAddr,
 }
@@ -80,6 +82,43 @@ impl Default for Config {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 6061)),
             max_repositories: 16,
             repository_concurrency: 8,
+            serve_limits: ServeLimits::default(),
+        }
+    }
+}
+
+/// What `gitstate serve` lets callers hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// `GITSTATE_MAX_CONNECTIONS` (default 256): open connections. When all are taken the
+    /// accept loop waits, so new connections queue in the kernel's backlog rather than being
+    /// refused: a legitimate client is served late instead of failing.
+    pub max_connections: usize,
+    /// `GITSTATE_BODY_MEMORY_BYTES` (default 256 MiB, never below `GITSTATE_MAX_BODY_BYTES`):
+    /// request bodies held at once, from being read until their answer. A body reserves its
+    /// `Content-Length` (a chunked one, the whole body limit) before its first byte is read,
+    /// so memory stays bounded while small states still go through by the thousand.
+    pub body_memory_bytes: usize,
+    /// `GITSTATE_HEADER_READ_TIMEOUT` seconds (default 10): a connection must deliver a whole
+    /// request head within this time of being opened or of its previous answer, so this is
+    /// also the idle keep-alive timeout (hyper starts its clock when it waits for a request).
+    pub header_read_timeout: Duration,
+    /// `GITSTATE_BODY_READ_TIMEOUT` seconds (default 30): the whole body, including the wait
+    /// for body memory, must arrive within this time of its head (a trickled body is cut off).
+    pub body_read_timeout: Duration,
+    /// `GITSTATE_WRITE_TIMEOUT` seconds (default 30): an answer the client stops reading for
+    /// this long is dropped with its connection, instead of holding its memory for good.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 256,
+            body_memory_bytes: 256 << 20,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -167,26 +206,54 @@ impl Config {
                 .parse()
                 .map_err(|_| ConfigError { name: "GITSTATE_WRITE_RETRIES", reason: "expected a number".into() })?;
         }
-        let count = |name: &'static str, value: String| -> Result<usize, ConfigError> {
-            value
-                .parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(ConfigError { name, reason: "expected a number above 0".into() })
+        let count = |name: &'static str| -> Result<Option<usize>, ConfigError> {
+            get(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or(ConfigError { name, reason: "expected a whole number above 0".into() })
+                })
+                .transpose()
         };
-        if let Some(n) = get("GITSTATE_MAX_REPOSITORIES") {
-            c.max_repositories = count("GITSTATE_MAX_REPOSITORIES", n)?;
+        let seconds = |name: &'static str, max: f64| -> Result<Option<Duration>, ConfigError> {
+            get(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0 && *s <= max)
+                        .map(Duration::from_secs_f64)
+                        .ok_or(ConfigError { name, reason: format!("expected seconds, above 0 and at most {max}") })
+                })
+                .transpose()
+        };
+        if let Some(n) = count("GITSTATE_MAX_REPOSITORIES")? {
+            c.max_repositories = n;
         }
-        if let Some(n) = get("GITSTATE_REPOSITORY_CONCURRENCY") {
-            c.repository_concurrency = count("GITSTATE_REPOSITORY_CONCURRENCY", n)?;
+        if let Some(n) = count("GITSTATE_REPOSITORY_CONCURRENCY")? {
+            c.repository_concurrency = n;
         }
-        if let Some(n) = get("GITSTATE_REQUEST_TIMEOUT") {
-            let secs: f64 =
-                n.parse().ok().filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 900.0).ok_or(ConfigError {
-                    name: "GITSTATE_REQUEST_TIMEOUT",
-                    reason: "expected seconds, above 0 and at most 900".into(),
-                })?;
-            c.request_timeout = Duration::from_secs_f64(secs);
+        if let Some(d) = seconds("GITSTATE_REQUEST_TIMEOUT", 900.0)? {
+            c.request_timeout = d;
+        }
+        let l = &mut c.serve_limits;
+        if let Some(n) = count("GITSTATE_MAX_CONNECTIONS")? {
+            // Far above any file descriptor limit; keeps the semaphore within its maximum.
+            l.max_connections = n.min(1 << 20);
+        }
+        if let Some(n) = count("GITSTATE_BODY_MEMORY_BYTES")? {
+            l.body_memory_bytes = n;
+        }
+        if let Some(d) = seconds("GITSTATE_HEADER_READ_TIMEOUT", 3600.0)? {
+            l.header_read_timeout = d;
+        }
+        if let Some(d) = seconds("GITSTATE_BODY_READ_TIMEOUT", 3600.0)? {
+            l.body_read_timeout = d;
+        }
+        if let Some(d) = seconds("GITSTATE_WRITE_TIMEOUT", 3600.0)? {
+            l.write_timeout = d;
         }
         c.validate()?;
         Ok(c)
@@ -255,6 +322,29 @@ mod tests {
     }
 
     #[test]
+    fn serve_limits_default_and_override() {
+        assert_eq!(Config::from_lookup(|_| None).unwrap().serve_limits, ServeLimits::default());
+        let vars = [
+            ("GITSTATE_MAX_CONNECTIONS", "8"),
+            ("GITSTATE_BODY_MEMORY_BYTES", "1048576"),
+            ("GITSTATE_HEADER_READ_TIMEOUT", "2.5"),
+            ("GITSTATE_BODY_READ_TIMEOUT", "3"),
+            ("GITSTATE_WRITE_TIMEOUT", "4"),
+        ];
+        let c = Config::from_lookup(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())).unwrap();
+        assert_eq!(
+            c.serve_limits,
+            ServeLimits {
+                max_connections: 8,
+                body_memory_bytes: 1 << 20,
+                header_read_timeout: Duration::from_millis(2500),
+                body_read_timeout: Duration::from_secs(3),
+                write_timeout: Duration::from_secs(4),
+            }
+        );
+    }
+
+    #[test]
     fn modes_holding_credentials_refuse_to_start_without_backend_auth() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
@@ -313,6 +403,13 @@ mod tests {
             ("GITSTATE_ALLOWED_REPOSITORIES", "https://h/a**"),
             ("GITSTATE_REQUEST_TIMEOUT", "0"),
             ("GITSTATE_REQUEST_TIMEOUT", "soon"),
+            ("GITSTATE_MAX_CONNECTIONS", "0"),
+            ("GITSTATE_MAX_CONNECTIONS", "-1"),
+            ("GITSTATE_BODY_MEMORY_BYTES", "lots"),
+            ("GITSTATE_HEADER_READ_TIMEOUT", "0"),
+            ("GITSTATE_BODY_READ_TIMEOUT", "inf"),
+            ("GITSTATE_WRITE_TIMEOUT", "NaN"),
+            ("GITSTATE_WRITE_TIMEOUT", "1e9"),
         ] {
             assert!(Config::from_lookup(|name| (name == k).then(|| v.to_string())).is_err(), "{k}={v}");
         }

@@ -1,6 +1,6 @@
 //! `gitstate serve`: the backend as a plain local HTTP server over the same [`App::handle`]
 //! the Lambda entry uses (HTTP/1.1 through hyper). Callers are authorized from the headers
-//! before a body is read, and connections, body memory and every wait are bounded ([`Limits`]).
+//! before a body is read, and connections, body memory and every wait are bounded ([`ServeLimits`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 
 use crate::app::App;
-use crate::config::AuthMode;
+use crate::config::{AuthMode, ServeLimits};
 use crate::error::Error;
 use crate::protocol::ProtocolError;
 
@@ -38,97 +38,9 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one "accept failed" log line per this interval; the others are counted.
 const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What `serve` lets callers hold, read from the environment once at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// `GITSTATE_MAX_CONNECTIONS` (default 256): open connections. When all are taken the
-    /// accept loop waits, so new connections queue in the kernel's backlog rather than being
-    /// refused: a legitimate client is served late instead of failing.
-    pub max_connections: usize,
-    /// `GITSTATE_BODY_MEMORY_BYTES` (default 256 MiB, never below `GITSTATE_MAX_BODY_BYTES`):
-    /// request bodies held at once, from being read until their answer. A body reserves its
-    /// `Content-Length` (a chunked one, the whole body limit) before its first byte is read,
-    /// so memory stays bounded while small states still go through by the thousand.
-    pub body_memory_bytes: usize,
-    /// `GITSTATE_HEADER_READ_TIMEOUT` seconds (default 10): a connection must deliver a whole
-    /// request head within this time of being opened or of its previous answer, so this is
-    /// also the idle keep-alive timeout (hyper starts its clock when it waits for a request).
-    pub header_read_timeout: Duration,
-    /// `GITSTATE_BODY_READ_TIMEOUT` seconds (default 30): the whole body, including the wait
-    /// for body memory, must arrive within this time of its head (a trickled body is cut off).
-    pub body_read_timeout: Duration,
-    /// `GITSTATE_WRITE_TIMEOUT` seconds (default 30): an answer the client stops reading for
-    /// this long is dropped with its connection, instead of holding its memory for good.
-    pub write_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 256,
-            body_memory_bytes: 256 << 20,
-            header_read_timeout: Duration::from_secs(10),
-            body_read_timeout: Duration::from_secs(30),
-            write_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-impl Limits {
-    /// The defaults, overridden by the `GITSTATE_*` variables above.
-    pub fn from_env() -> Result<Self, String> {
-        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
-    }
-
-    /// Like [`Limits::from_env`] over any lookup (tests use a map).
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
-        let mut l = Limits::default();
-        let count = |name: &str| -> Result<Option<usize>, String> {
-            get(name)
-                .map(|v| {
-                    v.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| format!("invalid setting {name}: expected a whole number above 0"))
-                })
-                .transpose()
-        };
-        let seconds = |name: &str| -> Result<Option<Duration>, String> {
-            get(name)
-                .map(|v| {
-                    v.trim()
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
-                        .map(Duration::from_secs_f64)
-                        .ok_or_else(|| format!("invalid setting {name}: expected seconds, above 0 and at most 3600"))
-                })
-                .transpose()
-        };
-        if let Some(n) = count("GITSTATE_MAX_CONNECTIONS")? {
-            // Far above any file descriptor limit; keeps the semaphore within its maximum.
-            l.max_connections = n.min(1 << 20);
-        }
-        if let Some(n) = count("GITSTATE_BODY_MEMORY_BYTES")? {
-            l.body_memory_bytes = n;
-        }
-        if let Some(d) = seconds("GITSTATE_HEADER_READ_TIMEOUT")? {
-            l.header_read_timeout = d;
-        }
-        if let Some(d) = seconds("GITSTATE_BODY_READ_TIMEOUT")? {
-            l.body_read_timeout = d;
-        }
-        if let Some(d) = seconds("GITSTATE_WRITE_TIMEOUT")? {
-            l.write_timeout = d;
-        }
-        Ok(l)
-    }
-}
-
 /// Bind `listen`, print the backend block to paste, and serve until the process ends.
 pub async fn run(app: Arc<App>, listen: SocketAddr) -> io::Result<()> {
-    let limits = Limits::from_env().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let limits = app.config().serve_limits.clone();
     let listener = TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
     if let Some(warning) = exposure_warning(&app, local) {
@@ -139,7 +51,7 @@ pub async fn run(app: Arc<App>, listen: SocketAddr) -> io::Result<()> {
 }
 
 /// The accept loop of [`run`] on a bound listener.
-pub async fn serve(app: Arc<App>, listener: TcpListener, limits: Limits) -> io::Result<()> {
+pub async fn serve(app: Arc<App>, listener: TcpListener, limits: ServeLimits) -> io::Result<()> {
     let shared = Arc::new(Shared::new(app, &limits));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let mut failures = AcceptFailures::default();
@@ -184,15 +96,15 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, limits: Limits) -> io::
 /// What every connection of one server shares.
 struct Shared {
     app: Arc<App>,
-    limits: Limits,
-    /// Body memory in [`MEMORY_UNIT`]s; see [`Limits::body_memory_bytes`].
+    limits: ServeLimits,
+    /// Body memory in [`MEMORY_UNIT`]s; see [`ServeLimits::body_memory_bytes`].
     body_memory: Arc<Semaphore>,
     /// Units one body may reserve at most (the body limit, within the whole budget).
     max_body_units: u32,
 }
 
 impl Shared {
-    fn new(app: Arc<App>, limits: &Limits) -> Self {
+    fn new(app: Arc<App>, limits: &ServeLimits) -> Self {
         let max_body = app.config().max_body_bytes;
         // A budget below one maximal body would refuse bodies the limit allows.
         let budget_units = units(limits.body_memory_bytes.max(max_body)).min(Semaphore::MAX_PERMITS as u64);
@@ -437,49 +349,6 @@ pub fn banner(app: &App, local: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn limits(vars: &[(&str, &str)]) -> Result<Limits, String> {
-        Limits::from_lookup(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
-    }
-
-    #[test]
-    fn limits_default_and_override() {
-        assert_eq!(limits(&[]).unwrap(), Limits::default());
-        let l = limits(&[
-            ("GITSTATE_MAX_CONNECTIONS", "8"),
-            ("GITSTATE_BODY_MEMORY_BYTES", "1048576"),
-            ("GITSTATE_HEADER_READ_TIMEOUT", "2.5"),
-            ("GITSTATE_BODY_READ_TIMEOUT", "3"),
-            ("GITSTATE_WRITE_TIMEOUT", "4"),
-        ])
-        .unwrap();
-        assert_eq!(
-            l,
-            Limits {
-                max_connections: 8,
-                body_memory_bytes: 1 << 20,
-                header_read_timeout: Duration::from_millis(2500),
-                body_read_timeout: Duration::from_secs(3),
-                write_timeout: Duration::from_secs(4),
-            }
-        );
-    }
-
-    #[test]
-    fn limits_refuse_nonsense() {
-        for (name, value) in [
-            ("GITSTATE_MAX_CONNECTIONS", "0"),
-            ("GITSTATE_MAX_CONNECTIONS", "-1"),
-            ("GITSTATE_BODY_MEMORY_BYTES", "lots"),
-            ("GITSTATE_HEADER_READ_TIMEOUT", "0"),
-            ("GITSTATE_BODY_READ_TIMEOUT", "inf"),
-            ("GITSTATE_WRITE_TIMEOUT", "NaN"),
-            ("GITSTATE_WRITE_TIMEOUT", "1e9"),
-        ] {
-            let e = limits(&[(name, value)]).unwrap_err();
-            assert!(e.contains(name), "{name}={value}: {e}");
-        }
-    }
 
     #[test]
     fn accept_failures_back_off_and_log_once_per_second() {
