@@ -12,6 +12,7 @@
 #     ships a real Terraform v1.0.3 binary; exported as GITSTATE_TERRAFORM.
 #   - lighttpd (Debian package): serves `git http-backend` with basic auth, the
 #     smart-HTTP git host of tests/git_http.rs and tests/secret_mode.rs.
+#   - age (Debian package): the `age`/`age-keygen` CLI of tests/encryption.rs.
 #   - moto[server] (PyPI, into .venv): the AWS API emulator of the secret-mode
 #     tests; exported as GITSTATE_MOTO_SERVER.
 #
@@ -46,6 +47,9 @@ fi
 if ! command -v lighttpd >/dev/null 2>&1 && [ ! -x /usr/sbin/lighttpd ]; then
     apt_install lighttpd
 fi
+# The age CLI (`age`, `age-keygen`; Debian package age): tests/encryption.rs makes
+# keys with it and decrypts what gitstate stored with no gitstate involved.
+command -v age >/dev/null 2>&1 && command -v age-keygen >/dev/null 2>&1 || apt_install age
 
 # ---------------------------------------------------------------------------
 # Python tools in .venv (PyPI)

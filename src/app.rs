@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::auth::{Auth, LoadError};
+use crate::backend::sealing::{Sealing, SealingConfigError};
 use crate::backend::{Backend, BackendSettings, Outcome};
 use crate::config::{AuthMode, Config};
 use crate::context::{Deadline, RequestContext};
@@ -29,6 +30,8 @@ const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 pub struct App {
     config: Config,
     auth: Auth,
+    /// Encryption at rest, shared by every repository.
+    sealing: Arc<Sealing>,
     /// The configured repository (or the embedded one).
     default: Arc<Repository>,
     /// Other allowed repositories, one store (and cache directory) each, opened on first use;
@@ -67,24 +70,36 @@ impl Drop for Repository {
 
 impl App {
     /// The one constructor: settings, access rules and the store of the default repository.
-    pub fn new(config: Config, auth: Auth, storage: Arc<dyn Storage>) -> Self {
+    pub fn new(config: Config, auth: Auth, storage: Arc<dyn Storage>, sealing: Sealing) -> Self {
+        let sealing = Arc::new(sealing);
         let default = Repository::new(config.repository_concurrency);
-        let _ =
-            default.opened.set(Opened { backend: Arc::new(Backend::new(storage, settings(&config))), remote: None });
+        let backend = Backend::new(storage, settings(&config), Arc::clone(&sealing));
+        let _ = default.opened.set(Opened { backend: Arc::new(backend), remote: None });
         let capacity = NonZeroUsize::new(config.max_repositories).unwrap_or(NonZeroUsize::MIN);
-        App { config, auth, default: Arc::new(default), other_repositories: Mutex::new(LruCache::new(capacity)) }
+        let other_repositories = Mutex::new(LruCache::new(capacity));
+        App { config, auth, sealing, default: Arc::new(default), other_repositories }
     }
 
     /// Read the access rules (the secret in `secret` mode) and open the configured repository.
     pub async fn load(config: Config) -> Result<Self, StartError> {
         let auth = Auth::load(&config).await?;
+        let mut keys = config.sealing.clone();
+        if keys.age_identities.is_none() {
+            keys.age_identities = auth.age_identities().cloned();
+        }
+        let sealing = if keys.kms_key_id.is_some() {
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            Sealing::new(&keys, Some((&sdk, tokio::runtime::Handle::current())))?
+        } else {
+            Sealing::new(&keys, None)?
+        };
         let opened = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || open_default_storage(&config))
                 .await
                 .map_err(|e| StartError::Storage(StorageError::Local(e.to_string())))??
         };
-        Ok(Self::new(config, auth, opened))
+        Ok(Self::new(config, auth, opened, sealing))
     }
 
     /// [`App::load`] without a runtime, for modes whose access rules need no network (not `secret`).
@@ -93,8 +108,9 @@ impl App {
             return Err(StartError::Auth(LoadError("secret mode needs App::load".into())));
         }
         let auth = Auth::from_config(&config)?;
+        let sealing = Sealing::new(&config.sealing, None)?;
         let storage = open_default_storage(&config)?;
-        Ok(Self::new(config, auth, storage))
+        Ok(Self::new(config, auth, storage, sealing))
     }
 
     pub fn config(&self) -> &Config {
@@ -252,7 +268,11 @@ impl App {
         let url = url.ok_or_else(|| Error::Internal("the default repository was not opened".into()))?;
         let store =
             Arc::new(RemoteStore::open(url.clone(), &self.config.cache_dir, self.config.commit_author.clone().into())?);
-        let backend = Arc::new(Backend::new(Arc::clone(&store) as Arc<dyn Storage>, settings(&self.config)));
+        let backend = Arc::new(Backend::new(
+            Arc::clone(&store) as Arc<dyn Storage>,
+            settings(&self.config),
+            Arc::clone(&self.sealing),
+        ));
         // Two first requests may race here: one store wins, the other is dropped unused.
         let opened = repository.opened.get_or_init(|| Opened { backend, remote: Some(store) });
         Ok(Arc::clone(&opened.backend))
@@ -279,4 +299,6 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Auth(#[from] LoadError),
+    #[error(transparent)]
+    Sealing(#[from] SealingConfigError),
 }

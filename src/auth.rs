@@ -32,6 +32,8 @@ pub struct Auth {
     backend: Option<Credentials>,
     /// Credentials for the git host (`env`, `secret`).
     git: Option<Credentials>,
+    /// `secret` mode: age identities from the secret's `age_identities` field.
+    age_identities: Option<zeroize::Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -46,6 +48,8 @@ struct SecretJson {
     password: Option<String>,
     backend_username: Option<String>,
     backend_password: Option<String>,
+    /// age identities that open stored states (encryption at rest), when they live in the secret.
+    age_identities: Option<String>,
 }
 
 impl Auth {
@@ -61,9 +65,11 @@ impl Auth {
                             .into(),
                     ));
                 }
-                Ok(Auth { mode: AuthMode::Passthrough, backend: None, git: None })
+                Ok(Auth { mode: AuthMode::Passthrough, backend: None, git: None, age_identities: None })
             }
-            AuthMode::Env => Ok(Auth { mode: AuthMode::Env, backend, git: config.git_credentials.clone() }),
+            AuthMode::Env => {
+                Ok(Auth { mode: AuthMode::Env, backend, git: config.git_credentials.clone(), age_identities: None })
+            }
             AuthMode::Secret => Err(LoadError("secret mode loads its credentials with Auth::load".into())),
         }
     }
@@ -102,7 +108,17 @@ impl Auth {
             ));
         }
         tracing::info!("git credentials loaded from Secrets Manager");
-        Ok(Auth { mode: AuthMode::Secret, backend, git })
+        Ok(Auth {
+            mode: AuthMode::Secret,
+            backend,
+            git,
+            age_identities: json.age_identities.map(zeroize::Zeroizing::new),
+        })
+    }
+
+    /// age identities read from the secret, if it holds any.
+    pub fn age_identities(&self) -> Option<&zeroize::Zeroizing<String>> {
+        self.age_identities.as_ref()
     }
 
     /// Let the request in or not; the answer is the credentials to use for the git host.

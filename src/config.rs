@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backend::sealing::SealingSettings;
 use crate::storage::{Credentials, RepoUrl, UrlPattern};
 
 /// Where the credentials for the git host come from (`GITSTATE_AUTH`).
@@ -57,6 +58,9 @@ pub struct Config {
     /// `GITSTATE_REPOSITORY_CONCURRENCY`: requests per repository worked on at once (default 8);
     /// more wait, within their deadline, so one slow host cannot take every worker thread.
     pub repository_concurrency: usize,
+    /// Encryption at rest: `GITSTATE_AGE_RECIPIENTS`, `GITSTATE_AGE_IDENTITIES` or
+    /// `GITSTATE_AGE_IDENTITY_FILE`, `GITSTATE_KMS_KEY_ID`, `GITSTATE_KMS_DECRYPT_KEY_IDS`.
+    pub sealing: SealingSettings,
     /// What `gitstate serve` lets callers hold (connections, body memory, timeouts).
     pub serve_limits: ServeLimits,
     /// `GITSTATE_LISTEN`: where `gitstate serve` listens (default `127.0.0.1:6061`).
@@ -83,6 +87,7 @@ impl Default for Config {
             max_repositories: 16,
             repository_concurrency: 8,
             serve_limits: ServeLimits::default(),
+            sealing: SealingSettings::default(),
         }
     }
 }
@@ -238,6 +243,24 @@ impl Config {
         if let Some(d) = seconds("GITSTATE_REQUEST_TIMEOUT", 900.0)? {
             c.request_timeout = d;
         }
+        let list =
+            |v: String| v.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
+        c.sealing.age_recipients = get("GITSTATE_AGE_RECIPIENTS").map(list).unwrap_or_default();
+        c.sealing.age_identities = match (get("GITSTATE_AGE_IDENTITIES"), get("GITSTATE_AGE_IDENTITY_FILE")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError {
+                    name: "GITSTATE_AGE_IDENTITY_FILE",
+                    reason: "set GITSTATE_AGE_IDENTITIES or GITSTATE_AGE_IDENTITY_FILE, not both".into(),
+                })
+            }
+            (Some(text), None) => Some(zeroize::Zeroizing::new(text)),
+            (None, Some(path)) => Some(zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError { name: "GITSTATE_AGE_IDENTITY_FILE", reason: format!("cannot read {path}: {e}") }
+            })?)),
+            (None, None) => None,
+        };
+        c.sealing.kms_key_id = get("GITSTATE_KMS_KEY_ID");
+        c.sealing.kms_decrypt_key_ids = get("GITSTATE_KMS_DECRYPT_KEY_IDS").map(list).unwrap_or_default();
         let l = &mut c.serve_limits;
         if let Some(n) = count("GITSTATE_MAX_CONNECTIONS")? {
             // Far above any file descriptor limit; keeps the semaphore within its maximum.

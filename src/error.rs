@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 
+use crate::backend::sealing::SealError;
 use crate::backend::BackendError;
 use crate::protocol::ProtocolError;
 use crate::storage::StorageError;
@@ -83,6 +84,10 @@ impl Error {
                 B::NotLocked(_) | B::StaleState(_) | B::NestedLock(_) => (S::CONFLICT, Plain),
                 B::NoLock => (S::NOT_FOUND, Plain),
                 B::Contended { .. } | B::DeadlineExceeded { .. } => (S::SERVICE_UNAVAILABLE, Retry),
+                B::Sealing(SealError::KeyServiceUnavailable(_)) => (S::SERVICE_UNAVAILABLE, Retry),
+                B::Sealing(SealError::CannotOpen { .. } | SealError::Damaged(_) | SealError::KeyServiceRefused(_)) => {
+                    (S::INTERNAL_SERVER_ERROR, Plain)
+                }
                 B::Storage(st) => match st {
                     St::PathConflict { .. } => (S::CONFLICT, Plain),
                     St::HostUnavailable(_) | St::DeadlineExceeded(_) => (S::SERVICE_UNAVAILABLE, Retry),
@@ -127,6 +132,15 @@ impl Error {
 /// What a caller may read. Storage and internal detail stays in the log.
 fn public_text(e: &Error) -> String {
     use StorageError as St;
+    if let Error::Backend(BackendError::Sealing(seal)) = e {
+        return match seal {
+            // Names the key it needs, never key material.
+            SealError::CannotOpen { .. } => seal.to_string(),
+            SealError::Damaged(_) => "the stored state is damaged and cannot be decrypted; see the server log".into(),
+            SealError::KeyServiceUnavailable(_) => "the key service (AWS KMS) is unavailable; try again".into(),
+            SealError::KeyServiceRefused(_) => "the key service (AWS KMS) refused; see the server log".into(),
+        };
+    }
     let Error::Backend(BackendError::Storage(st)) = e else {
         return match e {
             Error::Internal(_) => "internal error; see the server log".into(),
@@ -179,6 +193,10 @@ mod tests {
             Error::Backend(B::NestedLock(_)) => "nested lock",
             Error::Backend(B::Contended { .. }) => "contended",
             Error::Backend(B::DeadlineExceeded { .. }) => "backend deadline",
+            Error::Backend(B::Sealing(SealError::CannotOpen { .. })) => "cannot open",
+            Error::Backend(B::Sealing(SealError::Damaged(_))) => "damaged",
+            Error::Backend(B::Sealing(SealError::KeyServiceUnavailable(_))) => "kms unavailable",
+            Error::Backend(B::Sealing(SealError::KeyServiceRefused(_))) => "kms refused",
             Error::Backend(B::Storage(St::PathConflict { .. })) => "path conflict",
             Error::Backend(B::Storage(St::CacheCorrupt(_))) => "cache corrupt",
             Error::Backend(B::Storage(St::HostUnavailable(_))) => "host unavailable",
@@ -214,6 +232,15 @@ mod tests {
             (BackendError::NestedLock("a/b".into()).into(), 409, false, false),
             (BackendError::Contended { attempts: 3 }.into(), 503, true, false),
             (BackendError::DeadlineExceeded { pushes: 1 }.into(), 503, true, false),
+            (
+                BackendError::Sealing(SealError::CannotOpen { needs: "AWS KMS key alias/k".into() }).into(),
+                500,
+                false,
+                false,
+            ),
+            (BackendError::Sealing(SealError::Damaged(secret.into())).into(), 500, false, false),
+            (BackendError::Sealing(SealError::KeyServiceUnavailable(secret.into())).into(), 503, true, false),
+            (BackendError::Sealing(SealError::KeyServiceRefused(secret.into())).into(), 500, false, false),
             (
                 StorageError::PathConflict { path: "a/b".into(), blocker: "a".into(), blocker_is_state: true }.into(),
                 409,

@@ -42,7 +42,7 @@ fn app_over(store: &Arc<MemoryStore>, tune: impl FnOnce(&mut Config)) -> Arc<App
     let mut config = Config::default();
     tune(&mut config);
     let auth = Auth::from_config(&config).expect("passthrough auth");
-    Arc::new(App::new(config, auth, store.clone()))
+    Arc::new(App::new(config, auth, store.clone(), gitstate::backend::sealing::Sealing::clear()))
 }
 
 #[derive(Debug)]

@@ -155,7 +155,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
     let mut config = Config::default();
     config.max_body_bytes = 4096;
     let auth = Auth::from_config(&config).expect("passthrough needs nothing");
-    let app = Arc::new(App::new(config, auth, mem.clone()));
+    let app = Arc::new(App::new(config, auth, mem.clone(), gitstate::backend::sealing::Sealing::clear()));
     let mut model = Model::default();
 
     for op in ops.iter().take(24) {

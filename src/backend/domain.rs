@@ -105,6 +105,9 @@ pub enum BackendError {
     /// The request's deadline passed between attempts.
     #[error("the request ran out of time after {pushes} push attempts; retry later")]
     DeadlineExceeded { pushes: u32 },
+    /// A state could not be encrypted or decrypted.
+    #[error(transparent)]
+    Sealing(#[from] super::sealing::SealError),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -5,6 +5,7 @@
 pub mod decide;
 mod domain;
 mod memory;
+pub mod sealing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use crate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError,
 use decide::{decide_write, one_line, Decision, Holder, Write};
 pub use domain::{BackendError, LockInfo, Operation, Outcome, Stale};
 use memory::Memory;
+use sealing::Sealing;
 
 /// Rejected creates of a lock with no holder in sight before the lock is taken to nest with
 /// another (the first is our blind try; a real race would show a holder at the next look).
@@ -33,6 +35,8 @@ pub struct BackendSettings {
 pub struct Backend {
     storage: Arc<dyn Storage>,
     settings: BackendSettings,
+    /// How states are encrypted before they reach storage, and opened after.
+    sealing: Arc<Sealing>,
     /// LockInfos and last-seen tips. A tip is only ever a guess to push against: every push
     /// carries its expected old ids, and any answer other than a push comes from a fresh look.
     memory: Memory,
@@ -45,8 +49,8 @@ enum Step {
 }
 
 impl Backend {
-    pub fn new(storage: Arc<dyn Storage>, settings: BackendSettings) -> Self {
-        Backend { storage, settings, memory: Memory::default() }
+    pub fn new(storage: Arc<dyn Storage>, settings: BackendSettings, sealing: Arc<Sealing>) -> Self {
+        Backend { storage, settings, sealing, memory: Memory::default() }
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -108,7 +112,7 @@ impl Backend {
         let tips = self.sync(ctx, std::slice::from_ref(&branch_ref))?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
-            Some(content) if !content.is_empty() => Outcome::State(content.into()),
+            Some(stored) if !stored.is_empty() => Outcome::State(self.sealing.open(ctx, &stored)?.to_vec().into()),
             _ => Outcome::NoState,
         })
     }
@@ -175,18 +179,26 @@ impl Backend {
         let refs = [branch_ref.clone(), lock_ref.clone()];
         let started = Instant::now();
         // First try against what this process last saw (one round trip when nobody else wrote).
+        // Sealed once, on the first attempt that commits (a KMS seal costs a round trip).
+        let mut sealed: Option<Vec<u8>> = None;
         let outcome = self.compare_and_swap(ctx, &refs, self.memory.guess(&refs), |tips| {
             let holder = self.holder_in(tips, lock)?;
             let base = tips.get(&branch_ref).copied();
-            let stored = match base {
-                Some(tip) => self.storage.read_file(tip, write.path)?,
+            // The rules see states as Terraform sent them, never their stored form.
+            let stored = match base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten() {
+                Some(stored) => Some(self.sealing.open(ctx, &stored)?),
                 None => None,
             };
-            let (message, guard) = match decide_write(write, holder.as_ref(), stored.as_deref()) {
+            let (message, guard) = match decide_write(write, holder.as_ref(), stored.as_ref().map(|s| s.as_slice())) {
                 Decision::Answer(answer) => return Ok(Step::Answer(answer)),
                 Decision::Commit { message, guard } => (message, guard),
             };
-            let commit = match self.storage.commit(base, write.path, write.content, &message) {
+            let content = match (write.content, &mut sealed) {
+                (None, _) => None,
+                (Some(_), Some(done)) => Some(done.as_slice()),
+                (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain)?).as_slice()),
+            };
+            let commit = match self.storage.commit(base, write.path, content, &message) {
                 Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),
                 other => other?,
             };

@@ -193,3 +193,53 @@ fn wait_ready(child: &mut Child, port: u16) -> bool {
     }
     false
 }
+
+// ---------------------------------------------------------------------------
+// KMS (encryption at rest, tests/encryption.rs)
+// ---------------------------------------------------------------------------
+
+impl Moto {
+    /// Create a symmetric encryption key (`SYMMETRIC_DEFAULT`, `ENCRYPT_DECRYPT`) in moto's
+    /// KMS and return its ARN.
+    pub fn create_kms_key(&self, description: &str) -> String {
+        let out = self.kms(
+            "CreateKey",
+            &serde_json::json!({
+                "Description": description,
+                "KeyUsage": "ENCRYPT_DECRYPT",
+                "KeySpec": "SYMMETRIC_DEFAULT",
+            }),
+        );
+        out["KeyMetadata"]["Arn"]
+            .as_str()
+            .unwrap_or_else(|| panic!("CreateKey answered without KeyMetadata.Arn: {out}"))
+            .to_string()
+    }
+
+    /// KMS `Decrypt` of a `CiphertextBlob` given in base64 (as the JSON protocol carries
+    /// blobs): the plaintext, in base64.
+    pub fn kms_decrypt_base64(&self, ciphertext_blob: &str) -> String {
+        let out = self.kms("Decrypt", &serde_json::json!({ "CiphertextBlob": ciphertext_blob }));
+        out["Plaintext"].as_str().unwrap_or_else(|| panic!("Decrypt answered without Plaintext: {out}")).to_string()
+    }
+
+    /// Call KMS action `action` (`CreateKey`, `Decrypt`, ...) with a JSON body; panics unless 200.
+    pub fn kms(&self, action: &str, body: &serde_json::Value) -> serde_json::Value {
+        let target = format!("TrentService.{action}");
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential={AWS_ACCESS_KEY_ID}/20240101/{AWS_REGION}/kms/aws4_request, SignedHeaders=host;x-amz-target, Signature=0000"
+        );
+        let bytes = serde_json::to_vec(body).unwrap();
+        let (status, resp) = raw_request(
+            self.port,
+            "POST",
+            "/",
+            &[("Content-Type", "application/x-amz-json-1.1"), ("X-Amz-Target", &target), ("Authorization", &auth)],
+            &bytes,
+        )
+        .unwrap_or_else(|e| panic!("KMS {action} to moto_server: {e}"));
+        assert_eq!(status, 200, "KMS {action} to moto_server: {}", String::from_utf8_lossy(&resp));
+        serde_json::from_slice(&resp)
+            .unwrap_or_else(|e| panic!("KMS {action}: not JSON ({e}): {}", String::from_utf8_lossy(&resp)))
+    }
+}

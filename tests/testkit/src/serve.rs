@@ -323,3 +323,21 @@ pub fn http_json(method: &str, url: &str, body: &serde_json::Value) -> HttpRespo
     let bytes = serde_json::to_vec(body).unwrap();
     http(method, url, &[("Content-Type", "application/json")], Some(&bytes))
 }
+
+// ---------------------------------------------------------------------------
+// Where the server keeps things (for tests that look at everything it wrote)
+// ---------------------------------------------------------------------------
+
+impl Serve {
+    /// The server's own temporary directory: `data/` (`--data-dir`), `cache/`
+    /// (`GITSTATE_CACHE_DIR`), `stdout.log`, `stderr.log`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `GITSTATE_CACHE_DIR` as the harness sets it (the bare caches of remotes), unless the
+    /// test overrode it in [`ServeOpts::env`].
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+}
