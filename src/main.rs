@@ -20,6 +20,12 @@ struct Cli {
 enum Command {
     /// Serve AWS Lambda invocations (the default when AWS_LAMBDA_RUNTIME_API is set).
     Lambda,
+    /// Decrypt a stored state (an age file or a KMS envelope, e.g. `git show main:terraform.tfstate`)
+    /// with the keys of the environment (GITSTATE_AGE_IDENTITIES / _FILE, GITSTATE_KMS_KEY_ID).
+    Decrypt {
+        /// The stored file; standard input when absent.
+        file: Option<PathBuf>,
+    },
     /// Serve the backend over HTTP on this machine.
     ///
     /// Every flag overrides the environment variable of the same setting (README, "Configuration").
@@ -56,6 +62,7 @@ fn main() -> std::process::ExitCode {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
     match command {
+        Command::Decrypt { file } => run_async(decrypt(file)),
         Command::Lambda => {
             // CloudWatch takes stdout line by line: one JSON object per event, no colours.
             tracing_subscriber::fmt()
@@ -131,4 +138,38 @@ fn run_async<E: std::fmt::Display>(f: impl std::future::Future<Output = Result<(
 fn fail(e: impl std::fmt::Display) -> std::process::ExitCode {
     eprintln!("gitstate: {e}");
     std::process::ExitCode::FAILURE
+}
+
+/// `gitstate decrypt`: what a stored state holds, on standard output.
+async fn decrypt(file: Option<PathBuf>) -> Result<(), String> {
+    use gitstate::backend::sealing::Sealing;
+    use std::io::{Read, Write};
+    let config = Config::from_env().map_err(|e| e.to_string())?;
+    let mut stored = Vec::new();
+    match &file {
+        Some(path) => stored = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => {
+            std::io::stdin().read_to_end(&mut stored).map_err(|e| format!("standard input: {e}"))?;
+        }
+    }
+    let mut keys = config.sealing.clone();
+    // Reading needs no recipient: any configured key that may open is enough.
+    if keys.age_recipients.is_empty() && keys.age_identities.is_some() && keys.kms_key_id.is_none() {
+        keys.age_recipients.push(placeholder_recipient(&keys)?);
+    }
+    let sealing = if keys.kms_key_id.is_some() {
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Sealing::new(&keys, Some((&sdk, tokio::runtime::Handle::current())))
+    } else {
+        Sealing::new(&keys, None)
+    }
+    .map_err(|e| e.to_string())?;
+    let ctx = gitstate::context::RequestContext::unbounded();
+    let plain = tokio::task::block_in_place(|| sealing.open(&ctx, &stored)).map_err(|e| e.to_string())?;
+    std::io::stdout().write_all(&plain).map_err(|e| format!("standard output: {e}"))
+}
+
+/// The public key of the first identity, so that a decrypt-only configuration is complete.
+fn placeholder_recipient(keys: &gitstate::backend::sealing::SealingSettings) -> Result<String, String> {
+    gitstate::backend::sealing::first_recipient_of(keys).ok_or_else(|| "no readable age identity".to_string())
 }

@@ -244,10 +244,14 @@ fn log_lines_with(serve: &Serve, needle: &str) -> Vec<String> {
     serve.stderr_log().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
 }
 
+/// The server log says `needle`; its first line saying it is printed (for the record).
 #[track_caller]
 fn assert_logged(serve: &Serve, needle: &str) {
     let log = serve.stderr_log();
     assert!(log.contains(needle), "the server log does not say {needle:?}:\n{log}");
+    if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+        eprintln!("  log: {line}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -274,6 +278,10 @@ fn pre_receive_declines_everything(serve: &Serve, client: &Client, dir: &Path, r
     assert!(h.text().contains("refused"), "POST body says the host refused: {:?}", h.text());
     pushes(1, "POST");
     assert_logged(serve, "pre-receive hook declined");
+    // The hook's own words arrive as `remote:` messages, logged at debug level (the harness's
+    // default); not asserted, since GITSTATE_TEST_LOG may lower the level.
+    let said = log_lines_with(serve, "this repository is frozen");
+    eprintln!("  the hook's message in the log: {:?}", said.first());
 
     // A write of a new state (main moves to a commit adding B): the same.
     client.post(B, None, &state(1, "b")).refused(409, serve);
@@ -564,6 +572,7 @@ fn missing_repository_over_smart_http() {
         "the host answered 404 to every request: {:?}",
         log.iter().map(|e| &e.line).collect::<Vec<_>>()
     );
+    eprintln!("  {} requests to the host for 9 requests", log.len());
     assert!(log.len() <= 2 * 9, "{} requests to the host for 9 requests:\n{:#?}", log.len(), log);
     assert!(!httpd.repo_dir("missing.git").exists(), "nothing created on the host");
     serve.assert_running();

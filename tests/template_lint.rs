@@ -79,6 +79,8 @@ fn template_declares_the_function_the_api_and_the_backend_block() {
         "GITSTATE_GIT_CREDENTIALS_SECRET:",
         "GITSTATE_CACHE_DIR: /tmp/gitstate",
         "GITSTATE_LOG:",
+        "GITSTATE_KMS_KEY_ID:",
+        "kms:GenerateDataKey",
         "secretsmanager:GetSecretValue",
         "Type: AWS::Serverless::HttpApi",
         "Path: /{proxy+}",
@@ -98,4 +100,13 @@ fn template_declares_the_function_the_api_and_the_backend_block() {
     let before = &t[..grant];
     let cond = before.rfind("- HasGitCredentialsSecret").expect("the grant is under HasGitCredentialsSecret");
     assert!(before[cond..].contains("Statement:"), "the grant is not inside the !If on HasGitCredentialsSecret");
+    // KMS is granted only with a key, and only on that key.
+    let grant = t.find("kms:GenerateDataKey").unwrap();
+    let before = &t[..grant];
+    let cond = before.rfind("- HasKmsKey").expect("the KMS grant is under HasKmsKey");
+    assert!(before[cond..].contains("Statement:"), "the KMS grant is not inside the !If on HasKmsKey");
+    let after = &t[grant..];
+    let resource =
+        after.lines().find(|l| l.trim_start().starts_with("Resource:")).expect("a Resource for the KMS grant");
+    assert!(resource.contains(":key/${KmsKeyId}"), "the KMS grant is not limited to the key: {resource}");
 }

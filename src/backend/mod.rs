@@ -185,11 +185,18 @@ impl Backend {
             let holder = self.holder_in(tips, lock)?;
             let base = tips.get(&branch_ref).copied();
             // The rules see states as Terraform sent them, never their stored form.
-            let stored = match base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten() {
-                Some(stored) => Some(self.sealing.open(ctx, &stored)?),
-                None => None,
-            };
-            let (message, guard) = match decide_write(write, holder.as_ref(), stored.as_ref().map(|s| s.as_slice())) {
+            let raw = base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten();
+            let stored = raw.as_deref().map(|raw| self.sealing.open(ctx, raw)).transpose()?;
+            let mut stored = stored.as_ref().map(|s| s.as_slice());
+            // The same state stored in a form this deployment no longer writes (clear, or under
+            // another KMS key) is written again: that is how a repository gets encrypted.
+            if stored.is_some()
+                && stored == write.content
+                && raw.as_deref().is_some_and(|r| self.sealing.needs_reseal(r))
+            {
+                stored = None;
+            }
+            let (message, guard) = match decide_write(write, holder.as_ref(), stored) {
                 Decision::Answer(answer) => return Ok(Step::Answer(answer)),
                 Decision::Commit { message, guard } => (message, guard),
             };

@@ -172,6 +172,20 @@ impl Sealing {
         !self.recipients.is_empty() || self.kms.is_some()
     }
 
+    /// Whether `stored` is in a form this deployment would not write now: clear while writes
+    /// are encrypted, or a KMS envelope under another key. (Which recipients an age file was
+    /// encrypted to cannot be read from it, so an age file is taken as current.)
+    pub fn needs_reseal(&self, stored: &[u8]) -> bool {
+        let head = trim_start(stored);
+        let age = head.starts_with(AGE_ARMOR) || head.starts_with(AGE_BINARY);
+        let envelope_key = parse_envelope(head).and_then(Result::ok).map(|e| e.key_id);
+        match (&self.kms, !self.recipients.is_empty()) {
+            (Some(kms), _) => envelope_key.as_deref() != Some(kms.key_id.as_str()),
+            (None, true) => !age,
+            (None, false) => false,
+        }
+    }
+
     /// The stored form of `plain`.
     pub fn seal(&self, ctx: &RequestContext, plain: &[u8]) -> Result<Vec<u8>, SealError> {
         if let Some(kms) = &self.kms {
@@ -224,6 +238,12 @@ impl Sealing {
         reader.read_to_end(&mut plain).map_err(|e| SealError::Damaged(format!("age payload: {e}")))?;
         Ok(plain)
     }
+}
+
+/// The public key of the first age identity in `settings`, if any parses.
+pub fn first_recipient_of(settings: &SealingSettings) -> Option<String> {
+    let text = settings.age_identities.as_ref()?;
+    parse_identities(text).ok()?.first().map(|i| i.to_public().to_string())
 }
 
 fn trim_start(b: &[u8]) -> &[u8] {
@@ -447,8 +467,11 @@ mod tests {
             Err(SealError::CannotOpen { needs }) => assert!(needs.contains(&old_pub), "{needs}"),
             other => panic!("{other:?}"),
         }
-        // A state stored before encryption was turned on is served as it is.
+        // A state stored before encryption was turned on is served as it is, and written again.
         assert_eq!(old.open(&ctx, state).unwrap().as_slice(), state);
+        assert!(old.needs_reseal(state));
+        assert!(!old.needs_reseal(&sealed));
+        assert!(!Sealing::clear().needs_reseal(state));
         // Without identities an age file is never served as state.
         assert!(matches!(Sealing::clear().open(&ctx, &sealed), Err(SealError::CannotOpen { .. })));
     }
