@@ -726,6 +726,10 @@ fn several_processes_start_on_one_cache_dir() {
         serve.assert_running();
         let log = serve.stderr_log();
         assert!(!log.contains("panicked"), "a process panicked:\n{log}");
+        // For the record: what the sharing cost (lost races, retried fetches, rebuilt caches).
+        for line in log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
+            eprintln!("  {}: {line}", serve.addr());
+        }
     }
     for i in 0..N {
         assert_eq!(stored(&dir, &format!("envs/p{i}/terraform.tfstate")), Some(state(1, &format!("v{i}"))));
