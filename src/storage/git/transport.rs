@@ -133,8 +133,26 @@ pub(crate) fn retrying<T>(
     }
 }
 
-/// The messages of an error and its causes, joined, for logs.
+/// The messages of an error and its causes, joined, for logs: URLs in them lose their query.
 pub(crate) fn chain(err: &dyn StdError) -> String {
+    without_url_queries(&messages(err))
+}
+
+/// Every URL-looking word of `text` cut at its `?` (DESIGN §9: URLs are logged without their query).
+fn without_url_queries(text: &str) -> String {
+    text.split(' ')
+        .map(|word| match (word.contains("://"), word.find('?')) {
+            (true, Some(q)) => {
+                let tail: String = word[q..].chars().skip_while(|c| !matches!(c, '"' | '\'' | ')' | ',')).collect();
+                format!("{}{tail}", &word[..q])
+            }
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn messages(err: &dyn StdError) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {
@@ -256,4 +274,19 @@ fn connect_daemon(
         false,
     )
     .custom_url(Some(gix_url.to_bstring())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_urls_lose_their_query() {
+        assert_eq!(
+            without_url_queries("GET http://h/r.git/info/refs?service=git-upload-pack: 404"),
+            "GET http://h/r.git/info/refs 404"
+        );
+        assert_eq!(without_url_queries("url \"http://h/x?token=abc\" failed"), "url \"http://h/x\" failed");
+        assert_eq!(without_url_queries("is this? fine"), "is this? fine");
+    }
 }
