@@ -87,7 +87,7 @@ pub enum BackendError {
     #[error("the lock is held under another ID")]
     WrongLockId { holder: Bytes },
     /// A write under a lock ID that holds no lock.
-    #[error("no lock is held with ID {0}")]
+    #[error("no lock is held with ID {0:?}")]
     NotLocked(String),
     /// The write would overwrite a newer or unrelated state (lineage/serial guard).
     #[error(transparent)]

@@ -143,7 +143,7 @@ impl Backend {
             })
         })?;
         self.remember(commit, info.raw.clone());
-        tracing::info!(lock_id = %info.id, "lock taken");
+        tracing::info!(lock_id = ?info.id, "lock taken");
         Ok(outcome)
     }
 
@@ -160,7 +160,7 @@ impl Backend {
                     Step::Answer(Err(BackendError::WrongLockId { holder: h.info }))
                 }
                 Some(h) => {
-                    tracing::info!(lock_id = %h.id, forced = id.is_none(), "releasing the lock");
+                    tracing::info!(lock_id = ?h.id, forced = id.is_none(), "releasing the lock");
                     Step::Push(vec![RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: None }])
                 }
             })

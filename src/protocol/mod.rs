@@ -42,6 +42,18 @@ struct LockInfoJson {
     operation: String,
 }
 
+/// A lock ID, whether from a LockInfo body or from `?ID=`: printable and short (it goes into
+/// log lines, commit trailers and error bodies).
+fn check_lock_id(id: &str) -> Result<(), ProtocolError> {
+    if id.chars().any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) {
+        return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
+    }
+    if id.len() > 1024 {
+        return Err(ProtocolError::BadRequest("the lock ID is longer than 1024 bytes".into()));
+    }
+    Ok(())
+}
+
 /// The largest LockInfo accepted: Terraform's are a few hundred bytes.
 pub const MAX_LOCK_INFO_BYTES: usize = 64 << 10;
 
@@ -61,9 +73,7 @@ pub fn parse_lock_info(raw: Bytes) -> Result<LockInfo, ProtocolError> {
     if j.id.trim().is_empty() {
         return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
     }
-    if j.id.chars().any(|c| c.is_control()) {
-        return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
-    }
+    check_lock_id(&j.id)?;
     Ok(LockInfo { id: j.id, who: j.who, operation: j.operation, raw })
 }
 
@@ -112,6 +122,9 @@ pub fn decode(
         None => None,
     };
     let lock_id = param("ID").filter(|id| !id.is_empty());
+    if let Some(id) = &lock_id {
+        check_lock_id(id)?;
+    }
     let target = Target { repository, branch, path: state_path };
 
     let op = match (kind, method.as_str()) {
@@ -293,6 +306,11 @@ mod tests {
         let r = req("POST", "/state/a", Some("force=true"), body).unwrap();
         assert!(matches!(r.op, Operation::PutState { force: true, .. }));
         assert!(matches!(req("POST", "/state/a", Some("force=maybe"), body), Err(ProtocolError::BadRequest(_))));
+        for id in ["x%0Aforged", "x%0D", "%1B%5B31m", "%C2%9B", "%E2%80%A8"] {
+            let q = format!("ID={id}");
+            assert!(matches!(req("POST", "/state/a", Some(&q), body), Err(ProtocolError::BadRequest(_))), "{id}");
+            assert!(matches!(req("DELETE", "/state/a", Some(&q), ""), Err(ProtocolError::BadRequest(_))), "{id}");
+        }
         assert!(matches!(req("POST", "/state/a", None, "nope"), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(req("POST", "/state/a", None, "[1]"), Err(ProtocolError::BadRequest(_))));
         let mut h = HeaderMap::new();
