@@ -41,6 +41,7 @@ fn main() {
             );
         }
     }
+    encryption(&rt, &daemon, tmp.path(), rounds);
     let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
     println!(
         "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
@@ -83,6 +84,72 @@ async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
         samples[4].push(ms(cycle.elapsed()));
     }
     samples.map(|mut s| median(&mut s))
+}
+
+/// Median POST and GET of a ~200 KB state (warm cache) in clear, with age and with KMS (against
+/// moto, when `GITSTATE_MOTO_SERVER` or `.venv` has it), and the cost over clear.
+fn encryption(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize) {
+    let identity = age::x25519::Identity::generate();
+    let secret = {
+        use age::secrecy::ExposeSecret;
+        identity.to_string().expose_secret().to_string()
+    };
+    let recipient = identity.to_public().to_string();
+    let mut modes: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("clear", vec![]),
+        ("age", vec![("GITSTATE_AGE_RECIPIENTS".into(), recipient), ("GITSTATE_AGE_IDENTITIES".into(), secret)]),
+    ];
+    let moto = std::panic::catch_unwind(gitstate_testkit::moto::Moto::start).ok();
+    if let Some(moto) = &moto {
+        let key = moto.create_kms_key("bench");
+        let mut env = moto.aws_env();
+        env.push(("GITSTATE_KMS_KEY_ID".into(), key));
+        modes.push(("KMS (moto)", env));
+    } else {
+        println!("encryption: KMS skipped in this benchmark (no moto_server; `bash scripts/test.sh` installs it)");
+    }
+    println!(
+        "{:<28} {:>10} {:>10} {:>14} {:>14}",
+        "encryption, 200 KB state", "POST ms", "GET ms", "POST +ms", "GET +ms"
+    );
+    let mut clear = (0.0, 0.0);
+    for (name, env) in modes {
+        let url = repo_with_history(daemon, &format!("enc-{}.git", name.split(' ').next().unwrap_or(name)), 10);
+        let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        for (k, v) in &env {
+            if k.starts_with("AWS_") {
+                std::env::set_var(k, v);
+            }
+        }
+        let mut config = gitstate::config::Config::from_lookup(lookup).expect("bench settings");
+        config.repository = Some(gitstate::storage::RepoUrl::parse(&url).unwrap());
+        config.cache_dir = tmp.join(format!("enc-cache-{}", fastrand::u64(..)));
+        let app = Arc::new(rt.block_on(App::load(config)).expect("open the app"));
+        let (post, get) = rt.block_on(post_get(&app, rounds));
+        if name == "clear" {
+            clear = (post, get);
+        }
+        println!("{name:<28} {post:>10.2} {get:>10.2} {:>14.2} {:>14.2}", post - clear.0, get - clear.1);
+    }
+}
+
+/// Medians (ms) of POST and GET of a ~200 KB state, each POST a new serial.
+async fn post_get(app: &Arc<App>, rounds: usize) -> (f64, f64) {
+    let mut body = String::new();
+    while body.len() < 200 << 10 {
+        body.push_str(&format!("    {{\"name\": \"r{}\", \"value\": \"{:032x}\"}},\n", body.len(), fastrand::u128(..)));
+    }
+    let (mut posts, mut gets) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let state = format!("{{\n  \"version\": 4,\n  \"serial\": {},\n  \"lineage\": \"bench\",\n  \"resources\": [\n{body}    {{}}\n  ]\n}}\n", i + 1);
+        let t = Instant::now();
+        assert_eq!(call(app, "POST", "/state/enc.tfstate", &state).await, 200);
+        posts.push(ms(t.elapsed()));
+        let t = Instant::now();
+        assert_eq!(call(app, "GET", "/state/enc.tfstate", "").await, 200);
+        gets.push(ms(t.elapsed()));
+    }
+    (median(&mut posts), median(&mut gets))
 }
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.

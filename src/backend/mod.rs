@@ -192,7 +192,7 @@ impl Backend {
             // another KMS key) is written again: that is how a repository gets encrypted.
             if stored.is_some()
                 && stored == write.content
-                && raw.as_deref().is_some_and(|r| self.sealing.needs_reseal(r))
+                && raw.as_deref().map(|r| self.sealing.needs_reseal(ctx, r)).transpose()?.unwrap_or(false)
             {
                 stored = None;
             }

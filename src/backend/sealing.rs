@@ -95,8 +95,13 @@ struct Kms {
     /// Key ids whose envelopes may be opened: the sealing key and the rotation list.
     readable: Vec<String>,
     /// Plaintext data keys by wrapped key, each with the time it was unwrapped.
-    data_keys: Mutex<LruCache<Vec<u8>, (Instant, Zeroizing<[u8; 32]>)>>,
+    data_keys: Mutex<LruCache<Vec<u8>, DataKey>>,
+    /// The ARN of each configured key id (an alias or a bare id), learned once.
+    arns: Mutex<std::collections::HashMap<String, String>>,
 }
+
+/// A plaintext data key and when it was unwrapped.
+type DataKey = (Instant, Zeroizing<[u8; 32]>);
 
 /// The stored form of a KMS-sealed state.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -161,6 +166,7 @@ impl Sealing {
                     key_id: key_id.clone(),
                     readable,
                     data_keys: Mutex::new(LruCache::new(NonZeroUsize::new(DATA_KEYS).expect("not zero"))),
+                    arns: Mutex::new(std::collections::HashMap::new()),
                 })
             }
         };
@@ -173,17 +179,31 @@ impl Sealing {
     }
 
     /// Whether `stored` is in a form this deployment would not write now: clear while writes
-    /// are encrypted, or a KMS envelope under another key. (Which recipients an age file was
-    /// encrypted to cannot be read from it, so an age file is taken as current.)
-    pub fn needs_reseal(&self, stored: &[u8]) -> bool {
+    /// are encrypted, an age file none of the current recipients' identities opens (sealed to a
+    /// rotated-out recipient), or a KMS envelope under another key.
+    pub fn needs_reseal(&self, ctx: &RequestContext, stored: &[u8]) -> Result<bool, SealError> {
         let head = trim_start(stored);
         let age = head.starts_with(AGE_ARMOR) || head.starts_with(AGE_BINARY);
-        let envelope_key = parse_envelope(head).and_then(Result::ok).map(|e| e.key_id);
-        match (&self.kms, !self.recipients.is_empty()) {
-            (Some(kms), _) => envelope_key.as_deref() != Some(kms.key_id.as_str()),
-            (None, true) => !age,
-            (None, false) => false,
+        if let Some(kms) = &self.kms {
+            return match parse_envelope(head).and_then(Result::ok) {
+                Some(envelope) => Ok(envelope.key_id != kms.arn_of(ctx, &kms.key_id)?),
+                None => Ok(true),
+            };
         }
+        if self.recipients.is_empty() {
+            return Ok(false);
+        }
+        if !age {
+            return Ok(true);
+        }
+        // An age file does not name its recipients; whether the identities of the current
+        // recipients open it says whether it was sealed to them.
+        let current: Vec<&age::x25519::Identity> =
+            self.identities.iter().filter(|i| self.recipients.contains(&i.to_public())).collect();
+        let Ok(decryptor) = age::Decryptor::new_buffered(age::armor::ArmoredReader::new(stored)) else {
+            return Ok(true);
+        };
+        Ok(decryptor.decrypt(current.into_iter().map(|i| i as &dyn age::Identity)).is_err())
     }
 
     /// The stored form of `plain`.
@@ -267,7 +287,7 @@ fn parse_envelope(stored: &[u8]) -> Option<Result<Envelope, SealError>> {
 
 fn parse_identities(text: &str) -> Result<Vec<age::x25519::Identity>, SealingConfigError> {
     let identities = text
-        .split(|c: char| c == ',' || c == '\n')
+        .split([',', '\n'])
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
@@ -328,6 +348,9 @@ impl Kms {
         let (Some(key), Some(wrapped)) = (key, wrapped) else {
             return Err(SealError::KeyServiceRefused("GenerateDataKey returned no key".into()));
         };
+        // The envelope names the key by its ARN, so that an alias may later move.
+        let key_arn = out.key_id().map(str::to_owned).unwrap_or_else(|| self.key_id.clone());
+        self.arns.lock().expect("arns poisoned").insert(self.key_id.clone(), key_arn.clone());
         let cipher = Aes256Gcm::new_from_slice(&key)
             .map_err(|_| SealError::KeyServiceRefused("the data key is not 256 bits".into()))?;
         let nonce: [u8; 12] = rand_nonce();
@@ -338,7 +361,7 @@ impl Kms {
         let envelope = Envelope {
             gitstate_envelope: ENVELOPE_VERSION,
             algorithm: ALGORITHM.into(),
-            key_id: self.key_id.clone(),
+            key_id: key_arn,
             wrapped_key: b64.encode(wrapped),
             nonce: b64.encode(nonce),
             ciphertext: b64.encode(ciphertext),
@@ -355,7 +378,7 @@ impl Kms {
                 envelope.gitstate_envelope, envelope.algorithm
             )));
         }
-        if !self.readable.contains(&envelope.key_id) {
+        if !self.may_open(ctx, &envelope.key_id)? {
             return Err(SealError::CannotOpen {
                 needs: format!(
                     "AWS KMS key {} (add it to GITSTATE_KMS_DECRYPT_KEY_IDS to read states sealed under it)",
@@ -379,6 +402,37 @@ impl Kms {
             .decrypt(Nonce::from_slice(&nonce), ciphertext.as_ref())
             .map(Zeroizing::new)
             .map_err(|_| SealError::Damaged("KMS envelope: the ciphertext does not authenticate".into()))
+    }
+
+    /// The ARN of a configured key id: itself when it is one, else asked of KMS once.
+    fn arn_of(&self, ctx: &RequestContext, id: &str) -> Result<String, SealError> {
+        if id.starts_with("arn:") {
+            return Ok(id.to_owned());
+        }
+        if let Some(arn) = self.arns.lock().expect("arns poisoned").get(id) {
+            return Ok(arn.clone());
+        }
+        let out = self.call(ctx, "DescribeKey", self.client.describe_key().key_id(id).send())?;
+        let arn = out
+            .key_metadata()
+            .map(|m| m.arn().unwrap_or(m.key_id()).to_owned())
+            .ok_or_else(|| SealError::KeyServiceRefused(format!("DescribeKey of {id} returned no key")))?;
+        self.arns.lock().expect("arns poisoned").insert(id.to_owned(), arn.clone());
+        Ok(arn)
+    }
+
+    /// Whether an envelope under `key` may be opened: it is the sealing key or one of the
+    /// rotation list, named as configured or by its ARN.
+    fn may_open(&self, ctx: &RequestContext, key: &str) -> Result<bool, SealError> {
+        if self.readable.iter().any(|id| id == key) {
+            return Ok(true);
+        }
+        for id in &self.readable {
+            if self.arn_of(ctx, id)? == key {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The plaintext data key of `wrapped`, from the warm cache or from KMS `Decrypt`.
@@ -469,9 +523,12 @@ mod tests {
         }
         // A state stored before encryption was turned on is served as it is, and written again.
         assert_eq!(old.open(&ctx, state).unwrap().as_slice(), state);
-        assert!(old.needs_reseal(state));
-        assert!(!old.needs_reseal(&sealed));
-        assert!(!Sealing::clear().needs_reseal(state));
+        assert!(old.needs_reseal(&ctx, state).unwrap());
+        assert!(!old.needs_reseal(&ctx, &sealed).unwrap());
+        assert!(!Sealing::clear().needs_reseal(&ctx, state).unwrap());
+        // Sealed to a recipient rotated out: written again; sealed to the current one: not.
+        assert!(rotated.needs_reseal(&ctx, &sealed).unwrap());
+        assert!(!rotated.needs_reseal(&ctx, &resealed).unwrap());
         // Without identities an age file is never served as state.
         assert!(matches!(Sealing::clear().open(&ctx, &sealed), Err(SealError::CannotOpen { .. })));
     }
