@@ -11,7 +11,10 @@
 //!   `Decrypt` + AES-256-GCM; a write after a restart; another key → 500 naming the key it
 //!   needs; KMS unreachable → 503 with `Retry-After` and the repository unchanged.
 //! - leaks: the server's whole directory (data, cache, logs at trace level), every object
-//!   and every commit message of the repositories hold no secret value.
+//!   and every commit message of the repositories hold no secret value (nor, with KMS, a
+//!   plaintext data key).
+//! - settings that cannot work are refused at start; an identical write over a stale stored
+//!   form stores it again encrypted; `gitstate decrypt` opens both forms.
 //!
 //! The repository is on a `git daemon` so that a server can be stopped and another started
 //! over the same states with other keys. Keys are made with `age-keygen` (Debian `age`,
@@ -615,6 +618,7 @@ fn age_state_the_configured_identities_cannot_open_is_a_500_naming_what_it_needs
     assert!(body.to_lowercase().contains("decrypt"), "the 500 does not say it cannot decrypt: {body}");
     assert!(body.contains("none of the configured identities"), "the 500 does not say no identity opens it: {body}");
     assert_error_body(&got, &blob, &secrets, "GET with an unrelated identity");
+    println!("age, unrelated identity: GET {} {}", got.status, body.trim());
 
     // A write cannot be guarded against a state it cannot read: refused, nothing stored.
     let r =
@@ -638,6 +642,7 @@ fn age_state_the_configured_identities_cannot_open_is_a_500_naming_what_it_needs
     assert_eq!(got.status, 500, "GET of an age file with no identity configured: {}", got.text());
     assert!(got.text().to_lowercase().contains("decrypt"), "the 500 does not say it cannot decrypt: {}", got.text());
     assert_error_body(&got, &blob, &secrets, "GET with no encryption configured");
+    println!("age file, no encryption configured: GET {} {}", got.status, got.text().trim());
     let r =
         http("POST", &serve.state_url(PATH), &[("Content-Type", "application/json")], Some(&next_state(&state, "x")));
     assert_eq!(r.status, 500, "POST over an age file with no identity configured: {}", r.text());
@@ -668,6 +673,14 @@ fn kms_env(moto: &Moto, key_id: &str) -> Vec<(String, String)> {
 /// AES-256-GCM (no associated data) with no gitstate involved. Returns (envelope, plaintext).
 #[track_caller]
 fn open_envelope(moto: &Moto, blob: &[u8], key_arn: &str, password: &str) -> (Value, Vec<u8>) {
+    let (env, plain) = open_envelope_any_key(moto, blob, password);
+    assert_eq!(env["key_id"], key_arn, "key_id:\n{env:#}");
+    (env, plain)
+}
+
+/// [`open_envelope`] whatever key id the envelope records.
+#[track_caller]
+fn open_envelope_any_key(moto: &Moto, blob: &[u8], password: &str) -> (Value, Vec<u8>) {
     use aes_gcm::aead::{Aead, KeyInit};
     let b64 = base64::engine::general_purpose::STANDARD;
     assert_nothing_in_clear(blob, password, "the envelope");
@@ -679,7 +692,7 @@ fn open_envelope(moto: &Moto, blob: &[u8], key_arn: &str, password: &str) -> (Va
     assert_eq!(fields, expected, "the envelope's fields:\n{env:#}");
     assert_eq!(env["gitstate_envelope"], 1, "format version:\n{env:#}");
     assert_eq!(env["algorithm"], "AES-256-GCM", "algorithm:\n{env:#}");
-    assert_eq!(env["key_id"], key_arn, "key_id:\n{env:#}");
+    assert!(env["key_id"].as_str().is_some_and(|k| !k.is_empty()), "key_id:\n{env:#}");
     let field = |k: &str| {
         let s = env[k].as_str().unwrap_or_else(|| panic!("{k} is not a string:\n{env:#}"));
         b64.decode(s).unwrap_or_else(|e| panic!("{k} is not base64 ({e}):\n{env:#}"))
@@ -756,6 +769,7 @@ fn kms_envelope_apply_restart_wrong_key_and_kms_down() {
     assert_eq!(got.status, 500, "GET configured with another KMS key: {}", got.text());
     assert!(got.text().contains(&key_a), "the 500 does not name the key the state needs ({key_a}): {}", got.text());
     assert_error_body(&got, &blob2, &[&password], "GET configured with another KMS key");
+    println!("KMS, another key: GET {} {}", got.status, got.text().trim());
     let r =
         http("POST", &serve.state_url(PATH), &[("Content-Type", "application/json")], Some(&next_state(&state2, "b")));
     assert_eq!(r.status, 500, "POST configured with another KMS key: {}", r.text());
@@ -781,6 +795,7 @@ fn kms_envelope_apply_restart_wrong_key_and_kms_down() {
     // A warm server may still hold the data key of what it read (bounded in time): then it
     // serves the state; otherwise 503. Never anything else.
     let got = http("GET", &warm.state_url(PATH), &[], None);
+    println!("KMS down, warm server: POST {} {}; GET {}", r.status, r.text().trim(), got.status);
     match got.status {
         200 => assert_eq!(got.body, plain2, "GET from the warm server with KMS down"),
         503 => assert!(got.header("Retry-After").is_some(), "503 without Retry-After: {:?}", got.headers),
@@ -793,6 +808,12 @@ fn kms_envelope_apply_restart_wrong_key_and_kms_down() {
     assert_eq!(got.status, 503, "GET with KMS unreachable: {}", got.text());
     assert!(got.header("Retry-After").is_some(), "503 without Retry-After: {:?}", got.headers);
     assert_error_body(&got, &blob2, &[&password], "GET with KMS unreachable");
+    println!(
+        "KMS down, cold server: GET {} (Retry-After {:?}) {}",
+        got.status,
+        got.header("Retry-After"),
+        got.text().trim()
+    );
     let r = http(
         "POST",
         &cold.state_url(PATH),
@@ -823,7 +844,8 @@ fn nothing_decrypted_reaches_disk_cache_log_or_commit_messages() {
     // Identities newline-separated, an unrelated one first.
     let mut env = age_env(&[&key], &format!("{}\n{}\n", unrelated.secret, key.secret));
     env.push(("GITSTATE_LOG".into(), "trace".into()));
-    env.push(("RUST_LOG".into(), "trace".into()));
+    // GITSTATE_LOG wins over RUST_LOG: DEBUG lines in the log show it took effect.
+    env.push(("RUST_LOG".into(), "info".into()));
     let serve = serve_on(&remote, &env);
 
     let mut tf = TfWorkdir::new(HttpBackend::lock_unlock(serve.state_url(PATH)));
@@ -843,7 +865,16 @@ fn nothing_decrypted_reaches_disk_cache_log_or_commit_messages() {
 
     // The log is at trace level (so this looks at everything gitstate says).
     let log = serve.stderr_log();
-    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the server log is not at trace level:\n{log}");
+    // (gitstate itself has no trace events: at trace its log is what debug shows, plus
+    // whatever its dependencies say at trace.)
+    assert!(log.contains(" DEBUG "), "GITSTATE_LOG=trace did not take effect (no DEBUG line):\n{log}");
+    println!(
+        "leak check: {} log lines ({} at TRACE), {} files under the server's directory, {} git directories",
+        log.lines().count(),
+        log.lines().filter(|l| l.contains(" TRACE ")).count(),
+        files_under(serve.dir()).len(),
+        git_dirs_under(serve.dir()).len()
+    );
     // The server wrote a cache of the remote.
     assert!(!git_dirs_under(&serve.cache_dir()).is_empty(), "no git cache under {}", serve.cache_dir().display());
 
@@ -858,10 +889,330 @@ fn nothing_decrypted_reaches_disk_cache_log_or_commit_messages() {
         assert!(!log.contains(s), "the server log holds {s:?}");
         assert!(find_everywhere(serve.dir(), s).is_empty(), "{s:?} is in the server's directory");
     }
-    let lineage = state["lineage"].as_str().unwrap();
     let log_lines_with_state: Vec<&str> =
         log.lines().filter(|l| l.contains("\"outputs\"") || l.contains("db_password")).collect();
     assert!(log_lines_with_state.is_empty(), "the log holds state content:\n{}", log_lines_with_state.join("\n"));
-    // (The lineage may be logged and is in the Lineage trailer by design; it is no secret.)
-    let _ = lineage;
+    // (The lineage may be logged: it is in the Lineage trailer by design and is no secret.)
+}
+
+/// The same with KMS, where the AWS SDK logs at trace too: neither the secret value nor a
+/// plaintext data key is in the log, the server's directory or the repository.
+#[test]
+fn kms_nothing_decrypted_nor_data_keys_reach_disk_cache_log_or_commit_messages() {
+    let moto = Moto::start();
+    let key = moto.create_kms_key("gitstate states");
+    let password = random_secret();
+    let remote = Remote::new();
+    let mut env = kms_env(&moto, &key);
+    env.push(("GITSTATE_LOG".into(), "trace".into()));
+    env.push(("RUST_LOG".into(), "info".into()));
+    let serve = serve_on(&remote, &env);
+
+    let mut tf = TfWorkdir::new(HttpBackend::lock_unlock(serve.state_url(PATH)));
+    set_config(&mut tf, &password, "one");
+    tf.init().assert_success();
+    tf.apply().assert_success();
+    let first = remote.stored(PATH);
+    set_config(&mut tf, &password, "two");
+    tf.apply().assert_success();
+    assert_eq!(tf.plan().code(), Some(0), "plan after the applies");
+    let got = get_state(&serve);
+    assert!(got.text().contains(&password), "GET does not serve the decrypted state");
+    let second = remote.stored(PATH);
+    let (env2, _) = open_envelope(&moto, &second, &key, &password);
+    let (env1, _) = open_envelope(&moto, &first, &key, &password);
+
+    let log = serve.stderr_log();
+    assert!(log.contains(" DEBUG "), "GITSTATE_LOG=trace did not take effect (no DEBUG line):\n{log}");
+    println!(
+        "KMS leak check: {} log lines ({} at TRACE)",
+        log.lines().count(),
+        log.lines().filter(|l| l.contains(" TRACE ")).count()
+    );
+    let mut found = find_everywhere(serve.dir(), &password);
+    found.extend(find_everywhere(&remote.dir(), &password));
+    assert!(found.is_empty(), "the password {password:?} is in clear in: {found:#?}");
+    // The plaintext data keys (as KMS answers them, base64) are nowhere either.
+    for e in [&env1, &env2] {
+        let data_key = moto.kms_decrypt_base64(e["wrapped_key"].as_str().unwrap());
+        let found = find_everywhere(serve.dir(), &data_key);
+        assert!(found.is_empty(), "a plaintext data key is in: {found:#?}");
+    }
+    let commit_messages = git_out(&remote.dir(), &["log", "--all", "--format=%B"]);
+    assert!(!commit_messages.contains(&password), "commit messages hold the password:\n{commit_messages}");
+}
+
+/// `GITSTATE_KMS_KEY_ID` may be an alias: the envelope records the key's ARN (what KMS
+/// answers), so the state stays readable when the alias is moved to a new key (rotation).
+#[test]
+fn kms_configured_by_alias_records_the_key_arn_and_survives_moving_the_alias() {
+    let moto = Moto::start();
+    let key_a = moto.create_kms_key("gitstate states");
+    let key_b = moto.create_kms_key("gitstate states, rotated");
+    moto.kms("CreateAlias", &serde_json::json!({ "AliasName": "alias/gitstate", "TargetKeyId": key_a }));
+    let password = random_secret();
+    let remote = Remote::new();
+
+    let serve = serve_on(&remote, &kms_env(&moto, "alias/gitstate"));
+    let mut tf = TfWorkdir::new(HttpBackend::lock_unlock(serve.state_url(PATH)));
+    set_config(&mut tf, &password, "one");
+    tf.init().assert_success();
+    tf.apply().assert_success();
+    let blob = remote.stored(PATH);
+    let (env1, plain) = open_envelope_any_key(&moto, &blob, &password);
+    println!("KMS by alias: envelope key_id = {}", env1["key_id"]);
+    drop(serve);
+
+    // The alias moves to key B (rotation): old states are still read, the next write is under B.
+    moto.kms("UpdateAlias", &serde_json::json!({ "AliasName": "alias/gitstate", "TargetKeyId": key_b }));
+    let mut env = kms_env(&moto, "alias/gitstate");
+    env.push(("GITSTATE_KMS_DECRYPT_KEY_IDS".into(), key_a.clone()));
+    let serve = serve_on(&remote, &env);
+    let got = http("GET", &serve.state_url(PATH), &[], None);
+    println!(
+        "KMS by alias, after moving it: GET {} {}",
+        got.status,
+        if got.status == 200 { String::new() } else { got.text() }
+    );
+    let read_after_move = got.status == 200 && got.body == plain;
+    let mut write_after_move = None;
+    if read_after_move {
+        point_at(&mut tf, &serve);
+        set_config(&mut tf, &password, "two");
+        tf.apply().assert_success();
+        let (env2, plain2) = open_envelope_any_key(&moto, &remote.stored(PATH), &password);
+        assert_outputs(&parse_json(&plain2, "the write under B"), &password, "two", "the write under B");
+        write_after_move = Some(env2["key_id"].clone());
+    }
+    println!("KMS by alias: the write after the move records key_id {write_after_move:?}");
+    assert_eq!(env1["key_id"], key_a, "configured by alias, the envelope should record the key's ARN:\n{env1:#}");
+    assert!(
+        read_after_move,
+        "after the alias moved to a new key (old key in GITSTATE_KMS_DECRYPT_KEY_IDS), GET: {} {}",
+        got.status,
+        got.text()
+    );
+    assert_eq!(write_after_move, Some(Value::from(key_b)), "the write after the move");
+}
+
+// ---------------------------------------------------------------------------
+// Settings refused at start
+// ---------------------------------------------------------------------------
+
+/// `gitstate serve` with `env`: it must exit (not serve) with a failure; its stderr.
+fn serve_refuses_to_start(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::Builder::new().prefix("gitstate-enc-start-").tempdir().unwrap();
+    let port = gitstate_testkit::gitd::free_port();
+    let mut cmd = Command::new(gitstate_testkit::serve::server_bin());
+    cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(dir.path().join("data"));
+    for (k, _) in std::env::vars_os() {
+        if let Some(k) = k.to_str() {
+            if k.starts_with("GITSTATE_") || k.starts_with("GIT_") || k.starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+    }
+    cmd.env("PATH", gitstate_testkit::serve::path_without_git())
+        .env("HOME", dir.path())
+        .env("NO_COLOR", "1")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
+    let mut child = cmd.spawn().expect("spawn gitstate serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "gitstate serve started with {env:?}; it should refuse these settings\n{}",
+                std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    assert!(!status.success(), "gitstate serve exited 0 with {env:?}:\n{stderr}");
+    stderr
+}
+
+/// Recipients without identities (writes it could not guard), identities without
+/// recipients (writes in clear), age and KMS at once, an unreadable identity file and a
+/// malformed identity are refused at start, and the refusal repeats no secret.
+#[test]
+fn settings_that_cannot_work_are_refused_at_start() {
+    require_age();
+    let key = AgeKey::generate();
+    let file = key.file.display().to_string();
+    let bogus = "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("recipients without identities", vec![("GITSTATE_AGE_RECIPIENTS", &key.public)]),
+        ("identities without recipients", vec![("GITSTATE_AGE_IDENTITIES", &key.secret)]),
+        ("an identity file without recipients", vec![("GITSTATE_AGE_IDENTITY_FILE", &file)]),
+        (
+            "age and KMS at once",
+            vec![
+                ("GITSTATE_AGE_RECIPIENTS", &key.public),
+                ("GITSTATE_AGE_IDENTITIES", &key.secret),
+                ("GITSTATE_KMS_KEY_ID", "alias/gitstate"),
+            ],
+        ),
+        (
+            "a missing identity file",
+            vec![("GITSTATE_AGE_RECIPIENTS", &key.public), ("GITSTATE_AGE_IDENTITY_FILE", "/nonexistent/key.txt")],
+        ),
+        ("a malformed identity", vec![("GITSTATE_AGE_RECIPIENTS", &key.public), ("GITSTATE_AGE_IDENTITIES", bogus)]),
+        (
+            "a malformed recipient",
+            vec![("GITSTATE_AGE_RECIPIENTS", "age1nope"), ("GITSTATE_AGE_IDENTITIES", &key.secret)],
+        ),
+    ];
+    for (what, env) in cases {
+        let stderr = serve_refuses_to_start(&env);
+        println!("refused at start, {what}: {}", stderr.trim());
+        assert!(!stderr.trim().is_empty(), "{what}: refused without a word");
+        assert!(
+            !stderr.contains(&key.secret) && !stderr.contains(bogus),
+            "{what}: the refusal repeats a secret:\n{stderr}"
+        );
+        // (`AGE-SECRET-KEY-1...` as a hint of the format is fine.)
+        assert!(
+            !stderr.replace("AGE-SECRET-KEY-1...", "").contains("AGE-SECRET-KEY-1"),
+            "{what}: the refusal repeats an identity:\n{stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Re-encrypting an existing repository: write each state back
+// ---------------------------------------------------------------------------
+
+/// The identical state written again over a stored form this deployment no longer writes
+/// (clear text with age on; an envelope under another KMS key) is stored again in the new
+/// form: that is how an existing repository gets (re-)encrypted. Once current, the same
+/// write again makes no commit.
+#[test]
+fn identical_write_over_a_stale_stored_form_stores_it_again_encrypted() {
+    require_age();
+    let key = AgeKey::generate();
+    let body = gitstate_testkit::fixtures::state(3, "reencrypt-me");
+    let post = |serve: &Serve| {
+        http("POST", &serve.state_url(PATH), &[("Content-Type", "application/json")], Some(body.as_bytes()))
+    };
+
+    // clear → age
+    let remote = Remote::new();
+    let serve = serve_on(&remote, &[]);
+    assert_eq!(post(&serve).status, 200);
+    assert_eq!(remote.stored(PATH), body.as_bytes(), "stored in clear with no encryption");
+    drop(serve);
+    let serve = serve_on(&remote, &age_env(&[&key], &key.secret));
+    let tip = remote.tip();
+    let r = post(&serve);
+    assert_eq!(r.status, 200, "identical write with age on: {}", r.text());
+    assert_ne!(remote.tip(), tip, "the identical write over a clear state made no commit");
+    let blob = remote.stored(PATH);
+    assert_armored_age(&blob, "the re-written state");
+    assert_eq!(age_decrypt(&blob, &key).unwrap(), body.as_bytes(), "the re-written state");
+    let tip = remote.tip();
+    assert_eq!(post(&serve).status, 200);
+    assert_eq!(remote.tip(), tip, "the identical write over a current age file made a commit");
+    drop(serve);
+
+    // KMS key A → key B (A still readable through GITSTATE_KMS_DECRYPT_KEY_IDS)
+    let moto = Moto::start();
+    let key_a = moto.create_kms_key("a");
+    let key_b = moto.create_kms_key("b");
+    let remote = Remote::new();
+    let serve = serve_on(&remote, &kms_env(&moto, &key_a));
+    assert_eq!(post(&serve).status, 200);
+    let (_, plain) = open_envelope(&moto, &remote.stored(PATH), &key_a, "reencrypt-me");
+    assert_eq!(plain, body.as_bytes());
+    drop(serve);
+    let mut env = kms_env(&moto, &key_b);
+    env.push(("GITSTATE_KMS_DECRYPT_KEY_IDS".into(), key_a.clone()));
+    let serve = serve_on(&remote, &env);
+    assert_eq!(get_state(&serve).body, body.as_bytes(), "GET of a state under the old key listed for decrypting");
+    let tip = remote.tip();
+    let r = post(&serve);
+    assert_eq!(r.status, 200, "identical write under key B: {}", r.text());
+    assert_ne!(remote.tip(), tip, "the identical write over an envelope under another key made no commit");
+    let (_, plain) = open_envelope(&moto, &remote.stored(PATH), &key_b, "reencrypt-me");
+    assert_eq!(plain, body.as_bytes());
+    let tip = remote.tip();
+    assert_eq!(post(&serve).status, 200);
+    assert_eq!(remote.tip(), tip, "the identical write over a current envelope made a commit");
+}
+
+/// `gitstate decrypt` (README: reading a stored state outside the backend) opens an age file
+/// and a KMS envelope with the keys of the environment, from standard input or a file.
+#[test]
+fn gitstate_decrypt_opens_what_was_stored() {
+    require_age();
+    let key = AgeKey::generate();
+    let body = gitstate_testkit::fixtures::state(1, "decrypt-me");
+    let decrypt = |env: &[(String, String)], stored: &[u8], from_file: bool| -> std::process::Output {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stored");
+        std::fs::write(&file, stored).unwrap();
+        let mut cmd = Command::new(gitstate_testkit::serve::server_bin());
+        cmd.arg("decrypt");
+        if from_file {
+            cmd.arg(&file).stdin(Stdio::null());
+        } else {
+            cmd.stdin(std::fs::File::open(&file).unwrap());
+        }
+        for (k, _) in std::env::vars_os() {
+            if let Some(k) = k.to_str() {
+                if k.starts_with("GITSTATE_") || k.starts_with("AWS_") {
+                    cmd.env_remove(k);
+                }
+            }
+        }
+        cmd.env("HOME", dir.path()).envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.output().expect("run gitstate decrypt")
+    };
+
+    let remote = Remote::new();
+    let serve = serve_on(&remote, &age_env(&[&key], &key.secret));
+    let r = http("POST", &serve.state_url(PATH), &[("Content-Type", "application/json")], Some(body.as_bytes()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let blob = remote.stored(PATH);
+    assert_armored_age(&blob, "the stored state");
+    let env = vec![("GITSTATE_AGE_IDENTITY_FILE".to_string(), key.file.display().to_string())];
+    for from_file in [false, true] {
+        let out = decrypt(&env, &blob, from_file);
+        assert!(
+            out.status.success(),
+            "gitstate decrypt (age, file {from_file}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, body.as_bytes(), "gitstate decrypt (age, file {from_file})");
+    }
+    let other = AgeKey::generate();
+    let out = decrypt(&[("GITSTATE_AGE_IDENTITIES".into(), other.secret.clone())], &blob, true);
+    assert!(!out.status.success(), "gitstate decrypt with an unrelated identity succeeded");
+    assert!(out.stdout.is_empty(), "gitstate decrypt with an unrelated identity printed something");
+    drop(serve);
+
+    let moto = Moto::start();
+    let kms_key = moto.create_kms_key("decrypt");
+    let remote = Remote::new();
+    let serve = serve_on(&remote, &kms_env(&moto, &kms_key));
+    let r = http("POST", &serve.state_url(PATH), &[("Content-Type", "application/json")], Some(body.as_bytes()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let blob = remote.stored(PATH);
+    let out = decrypt(&kms_env(&moto, &kms_key), &blob, true);
+    assert!(out.status.success(), "gitstate decrypt (KMS): {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, body.as_bytes(), "gitstate decrypt (KMS)");
 }
