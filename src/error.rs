@@ -82,7 +82,8 @@ impl Error {
                 B::Locked { .. } => (S::LOCKED, Holder),
                 B::WrongLockId { .. } => (S::CONFLICT, Holder),
                 B::NotLocked(_) | B::StaleState(_) | B::NestedLock(_) => (S::CONFLICT, Plain),
-                B::NoLock => (S::NOT_FOUND, Plain),
+                B::NoLock | B::NoSuchVersion => (S::NOT_FOUND, Plain),
+                B::NotRestorable(_) | B::Diff(_) => (S::UNPROCESSABLE_ENTITY, Plain),
                 B::Contended { .. } | B::DeadlineExceeded { .. } => (S::SERVICE_UNAVAILABLE, Retry),
                 B::Sealing(SealError::KeyServiceUnavailable(_)) => (S::SERVICE_UNAVAILABLE, Retry),
                 B::Sealing(SealError::CannotOpen { .. } | SealError::Damaged(_) | SealError::KeyServiceRefused(_)) => {
@@ -191,6 +192,9 @@ mod tests {
             Error::Backend(B::StaleState(_)) => "stale",
             Error::Backend(B::NoLock) => "no lock",
             Error::Backend(B::NestedLock(_)) => "nested lock",
+            Error::Backend(B::NoSuchVersion) => "no such version",
+            Error::Backend(B::NotRestorable(_)) => "not restorable",
+            Error::Backend(B::Diff(_)) => "diff",
             Error::Backend(B::Contended { .. }) => "contended",
             Error::Backend(B::DeadlineExceeded { .. }) => "backend deadline",
             Error::Backend(B::Sealing(SealError::CannotOpen { .. })) => "cannot open",
@@ -230,6 +234,15 @@ mod tests {
             (BackendError::StaleState(Stale::SameSerial { serial: 1 }).into(), 409, false, false),
             (BackendError::NoLock.into(), 404, false, false),
             (BackendError::NestedLock("a/b".into()).into(), 409, false, false),
+            (BackendError::NoSuchVersion.into(), 404, false, false),
+            (BackendError::NotRestorable("not JSON").into(), 422, false, false),
+            (
+                BackendError::Diff(crate::backend::diff::DiffError::Empty { side: crate::backend::diff::Side::From })
+                    .into(),
+                422,
+                false,
+                false,
+            ),
             (BackendError::Contended { attempts: 3 }.into(), 503, true, false),
             (BackendError::DeadlineExceeded { pushes: 1 }.into(), 503, true, false),
             (

@@ -23,6 +23,8 @@ pub struct Write<'a> {
     pub lock_id: Option<&'a str>,
     /// `?force=true`: skip the lineage/serial guard.
     pub force: bool,
+    /// The commit subject when it is not `Update <path>` / `Delete <path>` (a restore).
+    pub subject: Option<&'a str>,
 }
 
 /// What a write comes to, given the current tips.
@@ -54,7 +56,7 @@ pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&
             Verdict::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
         }
     }
-    Decision::Commit { message: commit_message(write.path, write.content, guard), guard: guard.map(|h| h.commit) }
+    Decision::Commit { message: commit_message(write, guard), guard: guard.map(|h| h.commit) }
 }
 
 /// What a lock branch holds, fit to show Terraform: the stored LockInfo when it is one, or a
@@ -91,10 +93,12 @@ pub fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
 }
 
-fn commit_message(path: &str, content: Option<&[u8]>, lock: Option<&Holder>) -> String {
-    let mut m = match content {
-        Some(_) => format!("Update {path}\n\n"),
-        None => format!("Delete {path}\n\n"),
+fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
+    let (path, content) = (write.path, write.content);
+    let mut m = match (write.subject, content) {
+        (Some(subject), _) => format!("{}\n\n", one_line(subject)),
+        (None, Some(_)) => format!("Update {path}\n\n"),
+        (None, None) => format!("Delete {path}\n\n"),
     };
     if let Some(h) = lock {
         let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
@@ -269,7 +273,7 @@ mod tests {
     }
 
     fn write<'a>(content: Option<&'a [u8]>, lock_id: Option<&'a str>, force: bool) -> Write<'a> {
-        Write { path: "a.tfstate", content, lock_id, force }
+        Write { path: "a.tfstate", content, lock_id, force, subject: None }
     }
 
     #[test]

@@ -26,6 +26,26 @@ pub enum Operation {
         id: Option<String>,
     },
     GetLock,
+    /// Versions of the state, newest first (`before`: older than that commit).
+    History {
+        limit: usize,
+        before: Option<gix::ObjectId>,
+    },
+    /// The state as stored at a commit of the branch's history.
+    GetVersion {
+        commit: gix::ObjectId,
+    },
+    /// What changed between two versions.
+    Diff {
+        from: gix::ObjectId,
+        to: gix::ObjectId,
+    },
+    /// Write an old version back as a new one.
+    Restore {
+        commit: gix::ObjectId,
+        lock_id: Option<String>,
+        force: bool,
+    },
 }
 
 impl Operation {
@@ -38,6 +58,10 @@ impl Operation {
             Operation::Lock(_) => "lock",
             Operation::Unlock { .. } => "unlock",
             Operation::GetLock => "get-lock",
+            Operation::History { .. } => "history",
+            Operation::GetVersion { .. } => "get-version",
+            Operation::Diff { .. } => "diff",
+            Operation::Restore { .. } => "restore",
         }
     }
 }
@@ -62,6 +86,8 @@ pub enum Outcome {
     LockInfo(Bytes),
     /// Done (written, deleted, locked, unlocked).
     Done,
+    /// A JSON document of our own (history, diff).
+    Json(Bytes),
 }
 
 /// Why the lineage/serial guard refused a write.
@@ -96,6 +122,15 @@ pub enum BackendError {
     /// git cannot hold both refs.
     #[error("the lock of `{0}` cannot be taken while a lock of a state above or below it is held (`a` and `a/b` cannot be locked at once)")]
     NestedLock(String),
+    /// The commit named is not in the branch's history, or does not hold the state.
+    #[error("that commit is not a version of this state on this branch")]
+    NoSuchVersion,
+    /// The version asked to be restored cannot be written back as a state.
+    #[error("cannot restore: {0}")]
+    NotRestorable(&'static str),
+    /// A version compared is not a readable state.
+    #[error(transparent)]
+    Diff(#[from] super::diff::DiffError),
     /// GET of a lock that nobody holds.
     #[error("no lock is held on this state")]
     NoLock,

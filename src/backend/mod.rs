@@ -3,7 +3,9 @@
 //! by the storage's compare-and-swap in one shared loop, never by a local mutex.
 
 pub mod decide;
+pub mod diff;
 mod domain;
+mod history;
 mod memory;
 pub mod sealing;
 
@@ -89,14 +91,34 @@ impl Backend {
         match op {
             Operation::GetState => self.get(ctx, branch, path),
             Operation::PutState { lock_id, body, force } => {
-                let write = Write { path, content: Some(body), lock_id: lock_id.as_deref(), force: *force };
+                let write =
+                    Write { path, content: Some(body), lock_id: lock_id.as_deref(), force: *force, subject: None };
                 self.write(ctx, branch, &lock, &write)
             }
-            Operation::DeleteState { lock_id } => {
-                self.write(ctx, branch, &lock, &Write { path, content: None, lock_id: lock_id.as_deref(), force: true })
-            }
+            Operation::DeleteState { lock_id } => self.write(
+                ctx,
+                branch,
+                &lock,
+                &Write { path, content: None, lock_id: lock_id.as_deref(), force: true, subject: None },
+            ),
             Operation::Lock(info) => self.lock(ctx, &lock, info),
             Operation::Unlock { id } => self.unlock(ctx, &lock, id.as_deref()),
+            Operation::History { limit, before } => self.history(ctx, branch, path, *limit, *before),
+            Operation::GetVersion { commit } => self.version(ctx, branch, path, *commit),
+            Operation::Diff { from, to } => {
+                let read = |c| match self.version(ctx, branch, path, c)? {
+                    Outcome::State(body) => Ok(body),
+                    _ => Err(BackendError::NoSuchVersion),
+                };
+                let (from, to) = (read(*from)?, read(*to)?);
+                let summary = diff::diff(&from, &to)?;
+                let mut body = serde_json::to_vec_pretty(&summary).expect("a JSON value serializes");
+                body.push(b'\n');
+                Ok(Outcome::Json(body.into()))
+            }
+            Operation::Restore { commit, lock_id, force } => {
+                self.restore(ctx, branch, &lock, *commit, lock_id.as_deref(), *force)
+            }
             Operation::GetLock => {
                 let tips = self.sync(ctx, std::slice::from_ref(&lock.reference))?;
                 match self.holder_in(&tips, &lock)? {

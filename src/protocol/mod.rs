@@ -90,12 +90,28 @@ pub enum ProtocolError {
     PayloadTooLarge { limit: usize },
 }
 
+/// Versions a history page lists unless `limit` says otherwise, and at most.
+const DEFAULT_HISTORY_PAGE: usize = 50;
+const MAX_HISTORY_PAGE: usize = 500;
+
+/// A commit id as a query parameter: 40 lowercase or uppercase hex digits (SHA-1 repositories).
+fn parse_commit(name: &str, value: &str) -> Result<gix::ObjectId, ProtocolError> {
+    if value.len() != 40 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ProtocolError::BadRequest(format!("`{name}` must be a commit id of 40 hex digits")));
+    }
+    gix::ObjectId::from_hex(value.to_ascii_lowercase().as_bytes())
+        .map_err(|_| ProtocolError::BadRequest(format!("`{name}` must be a commit id of 40 hex digits")))
+}
+
 /// The methods both kinds of address answer.
 const METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
 
 enum Kind {
     State,
     Lock,
+    History,
+    Diff,
+    Restore,
 }
 
 /// Decode one HTTP request. `path` is the request path as received (a stage prefix is ignored).
@@ -127,17 +143,43 @@ pub fn decode(
     }
     let target = Target { repository, branch, path: state_path };
 
+    let commit = |name: &str| -> Result<Option<gix::ObjectId>, ProtocolError> {
+        param(name).filter(|v| !v.is_empty()).map(|v| parse_commit(name, &v)).transpose()
+    };
+    let required = |name: &str| {
+        commit(name)?.ok_or_else(|| ProtocolError::BadRequest(format!("`{name}` (a commit id) is required")))
+    };
+    let force = match param("force").as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => return Err(ProtocolError::BadRequest("`force` must be true or false".into())),
+    };
     let op = match (kind, method.as_str()) {
-        (Kind::State, "GET") => Operation::GetState,
+        (Kind::State, "GET") => match commit("version")? {
+            Some(commit) => Operation::GetVersion { commit },
+            None => Operation::GetState,
+        },
+        (Kind::History, "GET") => {
+            let limit = match param("limit") {
+                None => DEFAULT_HISTORY_PAGE,
+                Some(l) => l.parse::<usize>().ok().filter(|n| (1..=MAX_HISTORY_PAGE).contains(n)).ok_or_else(|| {
+                    ProtocolError::BadRequest(format!("`limit` must be from 1 to {MAX_HISTORY_PAGE}"))
+                })?,
+            };
+            Operation::History { limit, before: commit("before")? }
+        }
+        (Kind::Diff, "GET") => Operation::Diff { from: required("from")?, to: required("to")? },
+        (Kind::Restore, "POST") => Operation::Restore { commit: required("version")?, lock_id, force },
+        (Kind::History | Kind::Diff, m) => {
+            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "GET" })
+        }
+        (Kind::Restore, m) => {
+            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "POST" })
+        }
         (Kind::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
             check_state_json(&body)?;
             StateHead::read(&body).map_err(|e| ProtocolError::BadRequest(format!("the state is malformed: {e}")))?;
-            let force = match param("force").as_deref() {
-                None | Some("false") | Some("0") => false,
-                Some("true") | Some("1") => true,
-                Some(_) => return Err(ProtocolError::BadRequest("`force` must be true or false".into())),
-            };
             Operation::PutState { lock_id, body, force }
         }
         (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
@@ -164,6 +206,9 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
         let kind = match *head {
             "state" => Kind::State,
             "lock" => Kind::Lock,
+            "history" => Kind::History,
+            "diff" => Kind::Diff,
+            "restore" => Kind::Restore,
             _ => continue,
         };
         let rest = segments[skip + 1..].join("/");
@@ -177,7 +222,9 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
         }
         return Err(ProtocolError::BadRequest("`type=git` needs a `state` parameter".into()));
     }
-    Err(ProtocolError::NotFound("use /state/<path> or /lock/<path>".into()))
+    Err(ProtocolError::NotFound(
+        "use /state/<path>, /lock/<path>, /history/<path>, /diff/<path> or /restore/<path>".into(),
+    ))
 }
 
 fn decode_path(raw: &str) -> Result<String, ProtocolError> {
@@ -237,6 +284,10 @@ pub fn encode(outcome: Outcome) -> http::Response<Bytes> {
             b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
             body
         }
+        Outcome::Json(body) => {
+            b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
+            body
+        }
         Outcome::Done => {
             b = b.status(StatusCode::OK);
             Bytes::new()
@@ -274,6 +325,41 @@ mod tests {
         assert_eq!(r.target.path, "x/y.tfstate");
         assert_eq!(r.target.repository.map(|u| u.to_string()).as_deref(), Some("git://h/r"));
         assert!(matches!(req("GET", "/other/x", None, ""), Err(ProtocolError::NotFound(_))));
+    }
+
+    #[test]
+    fn history_version_diff_and_restore_forms() {
+        let c = "0123456789abcdef0123456789abcdef01234567";
+        let id = gix::ObjectId::from_hex(c.as_bytes()).unwrap();
+        assert_eq!(req("GET", "/history/a", None, "").unwrap().op, Operation::History { limit: 50, before: None });
+        let q = format!("limit=500&before={}", c.to_uppercase());
+        assert_eq!(
+            req("GET", "/history/a", Some(&q), "").unwrap().op,
+            Operation::History { limit: 500, before: Some(id) }
+        );
+        let q = format!("version={c}");
+        assert_eq!(req("GET", "/state/a", Some(&q), "").unwrap().op, Operation::GetVersion { commit: id });
+        let q = format!("from={c}&to={c}");
+        assert_eq!(req("GET", "/diff/a", Some(&q), "").unwrap().op, Operation::Diff { from: id, to: id });
+        let q = format!("version={c}&ID=l");
+        assert_eq!(
+            req("POST", "/restore/a", Some(&q), "").unwrap().op,
+            Operation::Restore { commit: id, lock_id: Some("l".into()), force: false }
+        );
+        for (m, p, q) in [
+            ("GET", "/history/a", "limit=0"),
+            ("GET", "/history/a", "limit=501"),
+            ("GET", "/history/a", "limit=x"),
+            ("GET", "/history/a", "before=abc"),
+            ("GET", "/state/a", "version=0123"),
+            ("GET", "/state/a", "version=g123456789abcdef0123456789abcdef01234567"),
+            ("GET", "/diff/a", "from=0123456789abcdef0123456789abcdef01234567"),
+            ("POST", "/restore/a", ""),
+        ] {
+            assert!(matches!(req(m, p, Some(q), ""), Err(ProtocolError::BadRequest(_))), "{m} {p}?{q}");
+        }
+        assert!(matches!(req("POST", "/history/a", None, ""), Err(ProtocolError::MethodNotAllowed { .. })));
+        assert!(matches!(req("GET", "/restore/a", None, ""), Err(ProtocolError::MethodNotAllowed { .. })));
     }
 
     #[test]

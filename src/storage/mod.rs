@@ -90,6 +90,16 @@ pub enum UpdateOutcome {
     Rejected(Vec<(String, String)>),
 }
 
+/// A commit as stored: what history needs of it, without its tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub id: ObjectId,
+    pub parents: Vec<ObjectId>,
+    /// Committer time, seconds since the epoch.
+    pub time: i64,
+    pub message: String,
+}
+
 /// Tips of branches, by full ref name; a missing key means the ref does not exist.
 pub type Tips = HashMap<String, ObjectId>;
 
@@ -111,6 +121,15 @@ pub trait Storage: Send + Sync {
     ) -> Result<ObjectId, StorageError>;
     /// Apply all `updates` as one compare-and-swap: all or nothing where the store can.
     fn update(&self, ctx: &RequestContext, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError>;
+    /// The commit `id` if it is readable here (a shallow cache may not have it yet).
+    fn commit_info(&self, id: ObjectId) -> Result<Option<CommitInfo>, StorageError>;
+    /// The object id of the file `path` in the tree of `commit` (`None`: absent), without reading it.
+    fn file_id(&self, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError>;
+    /// Make `depth` commits of the history of `reference` (counted from its tip) readable here.
+    /// A store that holds all history has nothing to do.
+    fn deepen(&self, _ctx: &RequestContext, _reference: &str, _depth: u32) -> Result<(), StorageError> {
+        Ok(())
+    }
     /// A name for logs (never carries credentials).
     fn describe(&self) -> String;
     /// Throw away local copies that can be fetched again (a cache found broken). Returns

@@ -104,6 +104,14 @@ impl Storage for EmbeddedStore {
         tree::read_file(&self.local(), commit, path)
     }
 
+    fn commit_info(&self, id: ObjectId) -> Result<Option<crate::storage::CommitInfo>, StorageError> {
+        tree::commit_info(&self.local(), id)
+    }
+
+    fn file_id(&self, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
+        tree::file_id(&self.local(), commit, path)
+    }
+
     fn commit(
         &self,
         parent: Option<ObjectId>,

@@ -190,6 +190,44 @@ fn fetch_tips_once(
     Ok(tips)
 }
 
+/// Fetch `refs` so that `depth` commits of their history are in `repo` (the shallow
+/// boundary moves back; what is already here is not sent again).
+fn deepen_once(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    refs: &[String],
+    depth: u32,
+    ctx: &RequestContext,
+    turn: &Mutex<()>,
+) -> Result<(), HostFailure> {
+    let connection = transport::connect(url, Protocol::V2, ctx)?;
+    let remote = repo
+        .remote_at_without_url_rewrite(url.to_gix())
+        .and_then(|r| r.with_refspecs(refs.iter().map(String::as_str), Direction::Fetch))
+        .map_err(|e| StorageError::CacheCorrupt(format!("cannot set up a fetch: {}", transport::chain(&e))))?
+        .with_fetch_tags(Tags::None);
+    let mut connection = remote.to_connection_with_transport(connection);
+    if url.scheme() != crate::storage::url::Scheme::Git {
+        connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
+    }
+    let prepare = connection
+        .with_credentials(|_action| Ok(None))
+        .prepare_fetch(gix::progress::Discard, Default::default())
+        .map_err(|e| classify(url, ctx, &e))?;
+    let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+    let depth = NonZeroU32::new(depth.max(1)).expect("at least 1");
+    let outcome = prepare
+        .with_shallow(Shallow::DepthAtRemote(depth))
+        .receive(gix::progress::Discard, &ctx.interrupt)
+        .map_err(|e| classify(url, ctx, &e))?;
+    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
+        if let Some(keep) = &write_pack_bundle.keep_path {
+            let _ = std::fs::remove_file(keep);
+        }
+    }
+    Ok(())
+}
+
 /// Whether some tip's commit is not in `repo` (a miss makes gix re-read the packs on disk).
 fn missing(repo: &gix::Repository, tips: &Tips) -> bool {
     tips.values().any(|id| !repo.has_object(id))
@@ -220,6 +258,24 @@ impl Storage for RemoteStore {
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
         let (_generation, repo) = self.local();
         tree::read_file(&repo, commit, path).map_err(cache_error)
+    }
+
+    fn commit_info(&self, id: ObjectId) -> Result<Option<crate::storage::CommitInfo>, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::commit_info(&repo, id).map_err(cache_error)
+    }
+
+    fn file_id(&self, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::file_id(&repo, commit, path).map_err(cache_error)
+    }
+
+    fn deepen(&self, ctx: &RequestContext, reference: &str, depth: u32) -> Result<(), StorageError> {
+        let (_generation, repo) = self.local();
+        let refs = [reference.to_owned()];
+        ctx.count_round_trip(|| {
+            transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+        })
     }
 
     fn commit(

@@ -45,6 +45,31 @@ pub fn read_file(repo: &gix::Repository, commit: ObjectId, path: &str) -> Result
     Ok(Some(object.detach().data))
 }
 
+/// The commit `id`, if the repository has it.
+pub fn commit_info(repo: &gix::Repository, id: ObjectId) -> Result<Option<crate::storage::CommitInfo>, StorageError> {
+    if !repo.has_object(id) {
+        return Ok(None);
+    }
+    let commit = repo.find_commit(id).map_err(StorageError::local)?;
+    let decoded = commit.decode().map_err(StorageError::local)?;
+    Ok(Some(crate::storage::CommitInfo {
+        id,
+        parents: decoded.parents().collect(),
+        time: decoded.committer().map_err(StorageError::local)?.seconds(),
+        message: decoded.message.to_string(),
+    }))
+}
+
+/// The id of the file `path` in the tree of `commit`, `None` when absent or not a file.
+pub fn file_id(repo: &gix::Repository, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
+    let tree = repo
+        .find_commit(commit)
+        .and_then(|c| c.tree())
+        .map_err(|e| StorageError::Local(format!("cannot read commit {commit}: {e}")))?;
+    let Some(entry) = tree.lookup_entry_by_path(path).map_err(StorageError::local)? else { return Ok(None) };
+    Ok(entry.mode().is_blob().then(|| entry.object_id()))
+}
+
 /// Write a commit: `parent`'s tree with `path` set to `content` (removed when `None`).
 pub fn write_commit(
     repo: &gix::Repository,

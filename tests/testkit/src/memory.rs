@@ -288,6 +288,21 @@ impl Storage for MemoryStore {
         Ok(self.inner().commit(commit)?.files.get(path).cloned())
     }
 
+    fn commit_info(&self, id: ObjectId) -> Result<Option<gitstate::storage::CommitInfo>, StorageError> {
+        let inner = self.inner();
+        Ok(inner.commits.get(&id).map(|c| gitstate::storage::CommitInfo {
+            id,
+            parents: c.parent.into_iter().collect(),
+            time: 0,
+            message: c.message.clone(),
+        }))
+    }
+
+    fn file_id(&self, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
+        let content = self.inner().commit(commit)?.files.get(path).cloned();
+        Ok(content.map(|c| gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, &c).expect("hashing")))
+    }
+
     fn commit(
         &self,
         parent: Option<ObjectId>,
