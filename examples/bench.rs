@@ -41,6 +41,7 @@ fn main() {
             );
         }
     }
+    history(&rt, &daemon, tmp.path());
     encryption(&rt, &daemon, tmp.path(), rounds);
     let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
     println!(
@@ -84,6 +85,55 @@ async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
         samples[4].push(ms(cycle.elapsed()));
     }
     samples.map(|mut s| median(&mut s))
+}
+
+/// One page of `/history/` (50 versions) at 10 / 1,000 / 10,000 commits that all touch the
+/// state: cold (a new process, empty cache), warm (the same page again), and page 3 after
+/// pages 1 and 2; connections to the git daemon counted from its log.
+fn history(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path) {
+    println!(
+        "{:<28} {:>12} {:>8} {:>12} {:>8} {:>12} {:>8}",
+        "history page (50 versions)", "cold ms", "conns", "warm ms", "conns", "page 3 ms", "conns"
+    );
+    for commits in [10usize, 1_000, 10_000] {
+        let name = format!("hist{commits}.git");
+        let dir = daemon.repo_dir(&name);
+        git(daemon.base_dir(), &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
+        let mut script = String::new();
+        for i in 1..=commits {
+            let content = format!("{{\"version\": 4, \"serial\": {i}, \"lineage\": \"h\"}}\n");
+            let message = format!("Update h.tfstate\n\nSerial: {i}\nLineage: h\n");
+            script.push_str(&format!(
+                "commit refs/heads/main\ncommitter b <b@b> {} +0000\ndata {}\n{message}M 100644 inline h.tfstate\ndata {}\n{content}\n",
+                1_700_000_000 + i,
+                message.len(),
+                content.len(),
+            ));
+        }
+        git_with_input(&dir, &["fast-import", "--quiet"], script.as_bytes());
+        let url = daemon.url(&name);
+        let app = new_app(&url, tmp, commits);
+        let connections = || daemon.log().matches("Connection from").count();
+        let page = |uri: String| {
+            let before = connections();
+            let t = Instant::now();
+            let (status, body) = rt.block_on(races::call(&app, "GET", &uri, ""));
+            assert_eq!(status, 200, "{uri}: {body}");
+            let json: serde_json::Value = serde_json::from_str(&body).expect("a history page");
+            (ms(t.elapsed()), connections() - before, json["next"].as_str().map(str::to_owned))
+        };
+        let (cold, cold_conns, next) = page("/history/h.tfstate".into());
+        let (warm, warm_conns, _) = page("/history/h.tfstate".into());
+        let third = next.map(|n| {
+            let (_, _, next) = page(format!("/history/h.tfstate?before={n}"));
+            next.map(|n| page(format!("/history/h.tfstate?before={n}")))
+        });
+        let (p3, p3_conns) = match third.flatten() {
+            Some((t, c, _)) => (format!("{t:.2}"), c.to_string()),
+            None => ("-".into(), "-".into()),
+        };
+        println!("{:<28} {cold:>12.2} {cold_conns:>8} {warm:>12.2} {warm_conns:>8} {p3:>12} {p3_conns:>8}", format!("{commits} commits"));
+    }
 }
 
 /// Median POST and GET of a ~200 KB state (warm cache) in clear, with age and with KMS (against
