@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use gix::protocol::transport::client::blocking_io::Transport;
 use gix::protocol::transport::Protocol;
 use gix::remote::fetch::{Shallow, Tags};
 use gix::remote::Direction;
@@ -124,13 +125,13 @@ pub fn fetch_tips(
     transport::retrying(ctx, || fetch_tips_once(repo, url, refs, ctx, turn))
 }
 
-fn fetch_tips_once(
-    repo: &gix::Repository,
+/// A fetch of `refs` from `url` with the ref listing done (one connection; nothing received yet).
+fn prepare<'repo>(
+    repo: &'repo gix::Repository,
     url: &RepoUrl,
     refs: &[String],
     ctx: &RequestContext,
-    turn: &Mutex<()>,
-) -> Result<Tips, HostFailure> {
+) -> Result<gix::remote::fetch::Prepare<'repo, 'repo, Box<dyn Transport + Send>>, HostFailure> {
     let connection = transport::connect(url, Protocol::V2, ctx)?;
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
@@ -140,15 +141,47 @@ fn fetch_tips_once(
         .with_fetch_tags(Tags::None);
     let mut connection = remote.to_connection_with_transport(connection);
     if url.scheme() != crate::storage::url::Scheme::Git {
+        // gix configures the transport again from the repository's settings; keep our timeouts.
         connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
     }
-    let prepare = connection
+    connection
         // The credentials went with the first request already; a refusal is final. Without this,
         // gix would ask git's credential helpers, which spawn `git`.
         .with_credentials(|_action| Ok(None))
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| classify(url, ctx, &e))?;
+        .map_err(|e| classify(url, ctx, &e))
+}
 
+/// Receive the pack of a prepared fetch at `depth` commits from each tip.
+fn receive(
+    prepare: gix::remote::fetch::Prepare<'_, '_, Box<dyn Transport + Send>>,
+    url: &RepoUrl,
+    depth: u32,
+    ctx: &RequestContext,
+) -> Result<(), HostFailure> {
+    let depth = NonZeroU32::new(depth.max(1)).expect("at least 1");
+    let outcome = prepare
+        .with_shallow(Shallow::DepthAtRemote(depth))
+        .receive(gix::progress::Discard, &ctx.interrupt)
+        .map_err(|e| classify(url, ctx, &e))?;
+    // The .keep file protects a new pack until refs point into it; our refs live in
+    // memory, and a cache nobody runs gc on needs no protection.
+    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
+        if let Some(keep) = &write_pack_bundle.keep_path {
+            let _ = std::fs::remove_file(keep);
+        }
+    }
+    Ok(())
+}
+
+fn fetch_tips_once(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    refs: &[String],
+    ctx: &RequestContext,
+    turn: &Mutex<()>,
+) -> Result<Tips, HostFailure> {
+    let prepare = prepare(repo, url, refs, ctx)?;
     let tips: Tips = prepare
         .ref_map()
         .mappings
@@ -168,18 +201,7 @@ fn fetch_tips_once(
     if !missing(repo, &tips) {
         return Ok(tips);
     }
-    let depth = NonZeroU32::new(1).expect("1 is not zero");
-    let outcome = prepare
-        .with_shallow(Shallow::DepthAtRemote(depth))
-        .receive(gix::progress::Discard, &ctx.interrupt)
-        .map_err(|e| classify(url, ctx, &e))?;
-    // The .keep file protects a new pack until refs point into it; our refs live in
-    // memory, and a cache nobody runs gc on needs no protection.
-    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
-        if let Some(keep) = &write_pack_bundle.keep_path {
-            let _ = std::fs::remove_file(keep);
-        }
-    }
+    receive(prepare, url, 1, ctx)?;
     if missing(repo, &tips) {
         // Usually our cache, not the host: unreadable packs look like missing objects.
         return Err(StorageError::CacheCorrupt(format!(
@@ -200,32 +222,9 @@ fn deepen_once(
     ctx: &RequestContext,
     turn: &Mutex<()>,
 ) -> Result<(), HostFailure> {
-    let connection = transport::connect(url, Protocol::V2, ctx)?;
-    let remote = repo
-        .remote_at_without_url_rewrite(url.to_gix())
-        .and_then(|r| r.with_refspecs(refs.iter().map(String::as_str), Direction::Fetch))
-        .map_err(|e| StorageError::CacheCorrupt(format!("cannot set up a fetch: {}", transport::chain(&e))))?
-        .with_fetch_tags(Tags::None);
-    let mut connection = remote.to_connection_with_transport(connection);
-    if url.scheme() != crate::storage::url::Scheme::Git {
-        connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
-    }
-    let prepare = connection
-        .with_credentials(|_action| Ok(None))
-        .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| classify(url, ctx, &e))?;
+    let prepare = prepare(repo, url, refs, ctx)?;
     let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
-    let depth = NonZeroU32::new(depth.max(1)).expect("at least 1");
-    let outcome = prepare
-        .with_shallow(Shallow::DepthAtRemote(depth))
-        .receive(gix::progress::Discard, &ctx.interrupt)
-        .map_err(|e| classify(url, ctx, &e))?;
-    if let gix::remote::fetch::Status::Change { write_pack_bundle, .. } = &outcome.status {
-        if let Some(keep) = &write_pack_bundle.keep_path {
-            let _ = std::fs::remove_file(keep);
-        }
-    }
-    Ok(())
+    receive(prepare, url, depth, ctx)
 }
 
 /// Whether some tip's commit is not in `repo` (a miss makes gix re-read the packs on disk).
