@@ -132,7 +132,10 @@ fn history(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path) {
             Some((t, c, _)) => (format!("{t:.2}"), c.to_string()),
             None => ("-".into(), "-".into()),
         };
-        println!("{:<28} {cold:>12.2} {cold_conns:>8} {warm:>12.2} {warm_conns:>8} {p3:>12} {p3_conns:>8}", format!("{commits} commits"));
+        println!(
+            "{:<28} {cold:>12.2} {cold_conns:>8} {warm:>12.2} {warm_conns:>8} {p3:>12} {p3_conns:>8}",
+            format!("{commits} commits")
+        );
     }
 }
 

@@ -8,8 +8,10 @@ use super::decide::Write;
 use super::{Backend, BackendError, LockName, Outcome};
 use crate::storage::{CommitInfo, ObjectId, RequestContext};
 
-/// Commits walked at most looking for a version: the longest history gitstate reads.
-const MAX_WALK: usize = 1_000_000;
+/// Commits walked at most looking for a version or a `before` commit: the longest history
+/// gitstate reads, so that an unknown commit id cannot make it fetch an unbounded history
+/// (the request's deadline bounds it too).
+const MAX_WALK: usize = 50_000;
 
 /// One version of a state, as the history lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
