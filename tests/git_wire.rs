@@ -17,7 +17,7 @@ fn push_(
     url: &RepoUrl,
     updates: &[gitstate::storage::RefUpdate],
 ) -> Result<gitstate::storage::UpdateOutcome, gitstate::storage::StorageError> {
-    push::push(repo, url, updates, &RequestContext::unbounded())
+    push::push(repo, url, updates, &RequestContext::unbounded()).map(|p| p.outcome)
 }
 
 fn fetch_(

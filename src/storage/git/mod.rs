@@ -6,6 +6,7 @@ pub mod embedded;
 pub mod pack;
 pub mod push;
 pub mod remote;
+mod smart_http;
 pub mod transport;
 pub mod tree;
 

@@ -13,13 +13,52 @@ use gix::protocol::transport::{Protocol, Service};
 use super::transport::{self, classify, HostFailure};
 use crate::storage::{ObjectId, RefUpdate, RepoUrl, RequestContext, StorageError, UpdateOutcome};
 
+/// What receive-pack offers that a push uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceiveCaps {
+    pub atomic: bool,
+    pub side_band_64k: bool,
+    pub report_status: bool,
+    pub quiet: bool,
+}
+
+impl ReceiveCaps {
+    /// The capabilities as a line of names (how they are remembered on disk).
+    pub fn to_line(self) -> String {
+        [
+            ("atomic", self.atomic),
+            ("side-band-64k", self.side_band_64k),
+            ("report-status", self.report_status),
+            ("quiet", self.quiet),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+
+    pub fn from_line(line: &str) -> Self {
+        let has = |name: &str| line.split_whitespace().any(|c| c == name);
+        ReceiveCaps {
+            atomic: has("atomic"),
+            side_band_64k: has("side-band-64k"),
+            report_status: has("report-status"),
+            quiet: has("quiet"),
+        }
+    }
+}
+
 /// What the server said about itself before we sent anything.
-struct Advertisement {
-    refs: HashMap<String, ObjectId>,
-    atomic: bool,
-    side_band_64k: bool,
-    report_status: bool,
-    quiet: bool,
+pub struct Advertisement {
+    pub refs: HashMap<String, ObjectId>,
+    pub caps: ReceiveCaps,
+}
+
+/// The outcome of a push and what its advertisement showed.
+pub struct Pushed {
+    pub outcome: UpdateOutcome,
+    pub advertisement: Advertisement,
 }
 
 /// Push `updates` to the remote at `url`, taking new objects from `repo`.
@@ -33,7 +72,19 @@ pub fn push(
     url: &RepoUrl,
     updates: &[RefUpdate],
     ctx: &RequestContext,
-) -> Result<UpdateOutcome, StorageError> {
+) -> Result<Pushed, StorageError> {
+    let (outcome, advertisement) = push_over_connection(repo, url, updates, ctx)?;
+    Ok(Pushed { outcome: outcome?, advertisement })
+}
+
+/// The push itself; the advertisement comes back whatever the outcome.
+#[allow(clippy::type_complexity)]
+fn push_over_connection(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    updates: &[RefUpdate],
+    ctx: &RequestContext,
+) -> Result<(Result<UpdateOutcome, StorageError>, Advertisement), StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
     let (mut transport, adv) = transport::retrying(ctx, || {
         let mut transport = transport::connect(url, Protocol::V1, ctx)?;
@@ -50,11 +101,11 @@ pub fn push(
         .collect();
     if !stale.is_empty() {
         end_without_commands(&mut transport);
-        return Ok(UpdateOutcome::Rejected(stale));
+        return Ok((Ok(UpdateOutcome::Rejected(stale)), adv));
     }
 
     // Absence checks were settled by the advertisement above: "0000 0000" is no command.
-    let commands: Vec<&RefUpdate> = if adv.atomic {
+    let commands: Vec<&RefUpdate> = if adv.caps.atomic {
         updates.iter().filter(|u| !u.is_absence_check()).collect()
     } else {
         if updates.iter().any(RefUpdate::is_guard) {
@@ -68,34 +119,15 @@ pub fn push(
     };
     if commands.is_empty() {
         end_without_commands(&mut transport);
-        return Ok(UpdateOutcome::Applied);
+        return Ok((Ok(UpdateOutcome::Applied), adv));
     }
-    if !adv.report_status {
+    if !adv.caps.report_status {
         end_without_commands(&mut transport);
         return Err(StorageError::Protocol(format!(
             "{url} does not offer report-status; cannot learn the outcome of a push"
         )));
     }
-
-    // receive-pack wants a pack unless every command is a delete, even an empty one.
-    let pack = if commands.iter().any(|u| u.new.is_some()) {
-        let new_commits: Vec<ObjectId> = commands
-            .iter()
-            .filter(|u| !u.is_guard())
-            .filter_map(|u| u.new)
-            .filter(|id| !adv.refs.values().any(|have| have == id))
-            .collect();
-        // A server accepting these commits must hold their parents, and so all the parents hold.
-        let mut remote_has = Vec::new();
-        for id in &new_commits {
-            let commit =
-                repo.find_commit(*id).map_err(|e| StorageError::CacheCorrupt(format!("commit {id} to push: {e}")))?;
-            remote_has.extend(commit.parent_ids().map(|p| p.detach()));
-        }
-        Some(super::pack::build_pack(repo, &new_commits, &remote_has)?)
-    } else {
-        None
-    };
+    let pack = pack_for(repo, &commands, |id| adv.refs.values().any(|have| have == id))?;
 
     // From here on the server may act: a failure is never repeated blindly, and one that
     // ends the request says whether the push may have happened.
@@ -103,13 +135,7 @@ pub fn push(
     let mut writer = transport
         .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
         .map_err(|e| classify(url, ctx, &e).error)?;
-    let null = repo.object_hash().null();
-    for (i, u) in commands.iter().enumerate() {
-        let mut line = format!("{} {} {}", u.old.unwrap_or(null), u.new.unwrap_or(null), u.name);
-        if i == 0 {
-            line.push('\0');
-            line.push_str(&capabilities(&adv));
-        }
+    for line in command_lines(&commands, adv.caps, repo.object_hash().null()) {
         writer.write_all(line.as_bytes()).map_err(io_err)?;
     }
     writer.write_message(MessageKind::Flush).map_err(io_err)?;
@@ -122,9 +148,48 @@ pub fn push(
     drop(raw);
     // The reader stopped at the flush ending the advertisement.
     reader.reset(Protocol::V1);
-    let report = read_report(&mut reader, adv.side_band_64k, url, ctx).map_err(after_send)?;
+    let report = read_report(&mut reader, adv.caps.side_band_64k, url, ctx).map_err(after_send)?;
     drop(reader);
-    outcome(&report, &commands, url)
+    Ok((outcome(&report, &commands, url), adv))
+}
+
+/// The pack a push of `commands` needs: the new commits (those the remote does not have
+/// already, by `remote_has`) and what they add to their parents. `None` when every command
+/// is a delete (receive-pack then wants no pack at all).
+pub(crate) fn pack_for(
+    repo: &gix::Repository,
+    commands: &[&RefUpdate],
+    remote_has: impl Fn(&ObjectId) -> bool,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    if !commands.iter().any(|u| u.new.is_some()) {
+        return Ok(None);
+    }
+    let new_commits: Vec<ObjectId> =
+        commands.iter().filter(|u| !u.is_guard()).filter_map(|u| u.new).filter(|id| !remote_has(id)).collect();
+    // A server accepting these commits must hold their parents, and so all the parents hold.
+    let mut parents = Vec::new();
+    for id in &new_commits {
+        let commit =
+            repo.find_commit(*id).map_err(|e| StorageError::CacheCorrupt(format!("commit {id} to push: {e}")))?;
+        parents.extend(commit.parent_ids().map(|p| p.detach()));
+    }
+    Ok(Some(super::pack::build_pack(repo, &new_commits, &parents)?))
+}
+
+/// The command lines of a push, capabilities on the first.
+pub(crate) fn command_lines(commands: &[&RefUpdate], caps: ReceiveCaps, null: ObjectId) -> Vec<String> {
+    commands
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let mut line = format!("{} {} {}", u.old.unwrap_or(null), u.new.unwrap_or(null), u.name);
+            if i == 0 {
+                line.push('\0');
+                line.push_str(&capabilities(caps));
+            }
+            line
+        })
+        .collect()
 }
 
 /// Handshake for receive-pack and read the v0/v1 ref advertisement to its end, with
@@ -140,8 +205,12 @@ fn advertisement(
     }
     let caps: &Capabilities = &response.capabilities;
     let has = |name: &str| caps.contains(name);
-    let (atomic, side_band_64k, report_status, quiet) =
-        (has("atomic"), has("side-band-64k"), has("report-status"), has("quiet"));
+    let receive_caps = ReceiveCaps {
+        atomic: has("atomic"),
+        side_band_64k: has("side-band-64k"),
+        report_status: has("report-status"),
+        quiet: has("quiet"),
+    };
     let mut lines = response.refs.ok_or_else(|| StorageError::Protocol(format!("{url} sent no ref advertisement")))?;
     let (advertised, _shallow) =
         gix::protocol::handshake::refs::from_v1_refs_received_as_part_of_handshake_and_capabilities(
@@ -155,11 +224,11 @@ fn advertisement(
             refs.insert(name.to_string(), id.to_owned());
         }
     }
-    Ok(Advertisement { refs, atomic, side_band_64k, report_status, quiet })
+    Ok(Advertisement { refs, caps: receive_caps })
 }
 
 /// The capabilities we ask for on the first command line.
-fn capabilities(adv: &Advertisement) -> String {
+fn capabilities(adv: ReceiveCaps) -> String {
     let mut caps = vec!["report-status".to_owned()];
     if adv.atomic {
         caps.push("atomic".into());
@@ -222,6 +291,50 @@ fn read_report(
     Ok(lines)
 }
 
+/// The report-status lines of a whole response body (a push over smart HTTP without a
+/// preceding advertisement), demultiplexed from side-band channel 1 when negotiated.
+pub(crate) fn report_from_bytes(body: &[u8], side_band: bool, url: &RepoUrl) -> Result<Vec<String>, StorageError> {
+    if !side_band {
+        return split_pkt_lines(body).ok_or_else(|| garbage(url, &String::from_utf8_lossy(body)));
+    }
+    let mut band_data = Vec::new();
+    for frame in pkt_frames(body).ok_or_else(|| garbage(url, "a broken side-band frame"))? {
+        match frame.split_first() {
+            Some((1, rest)) => band_data.extend_from_slice(rest),
+            Some((2, progress)) => {
+                tracing::debug!(remote = %url, "remote: {}", String::from_utf8_lossy(progress).trim_end().escape_debug());
+            }
+            Some((3, error)) => {
+                return Err(StorageError::Protocol(format!(
+                    "{url}: remote error: {}",
+                    String::from_utf8_lossy(error).trim_end().escape_debug()
+                )))
+            }
+            _ => return Err(garbage(url, &String::from_utf8_lossy(frame))),
+        }
+    }
+    split_pkt_lines(&band_data).ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))
+}
+
+/// The data of each packet line of `bytes`, up to the first flush.
+pub(crate) fn pkt_frames(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let len = usize::from_str_radix(std::str::from_utf8(bytes.get(..4)?).ok()?, 16).ok()?;
+        if len == 0 {
+            break;
+        }
+        if len < 4 {
+            // A delimiter (0001) or response-end (0002): no data.
+            bytes = &bytes[4..];
+            continue;
+        }
+        frames.push(bytes.get(4..len)?);
+        bytes = &bytes[len..];
+    }
+    Some(frames)
+}
+
 /// The data lines of packet-line `bytes`, up to the first flush.
 fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
     let mut lines = Vec::new();
@@ -239,7 +352,11 @@ fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
 }
 
 /// `unpack ok`, then `ok <ref>` or `ng <ref> <reason>` for every command.
-fn outcome(report: &[String], commands: &[&RefUpdate], url: &RepoUrl) -> Result<UpdateOutcome, StorageError> {
+pub(crate) fn outcome(
+    report: &[String],
+    commands: &[&RefUpdate],
+    url: &RepoUrl,
+) -> Result<UpdateOutcome, StorageError> {
     let mut lines = report.iter();
     match lines.next().map(String::as_str) {
         Some("unpack ok") => {}

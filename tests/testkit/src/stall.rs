@@ -15,7 +15,7 @@ use std::time::Duration;
 /// How long the proxy waits for the target to accept a forwarded connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What the proxy does with the connections it accepts from now on.
+/// What the proxy does with connections from now on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Pipe bytes both ways between the client and the target.
@@ -25,8 +25,9 @@ pub enum Mode {
 }
 
 /// A TCP proxy on `127.0.0.1:<free port>` in front of `target`; see the module docs.
-/// The mode applies to connections accepted after it is set; a connection keeps the mode
-/// it was accepted in. Dropping the proxy closes every connection and joins every thread.
+/// Stalling applies to new connections and to open ones (a kept-alive HTTP connection stops
+/// carrying bytes); forwarding again applies to new connections. Dropping the proxy closes
+/// every connection and joins every thread.
 pub struct StallProxy {
     port: u16,
     shared: Arc<Shared>,
@@ -167,7 +168,7 @@ fn spawn_reader(shared: &Arc<Shared>, from: TcpStream, to: Option<TcpStream>) {
     lock(&shared.sockets).insert(id, handle);
     let thread_shared = Arc::clone(shared);
     let spawned = std::thread::Builder::new().name(format!("stall-proxy-conn-{id}")).spawn(move || {
-        pump(from, to);
+        pump(&thread_shared, from, to);
         lock(&thread_shared.sockets).remove(&id);
     });
     match spawned {
@@ -178,13 +179,15 @@ fn spawn_reader(shared: &Arc<Shared>, from: TcpStream, to: Option<TcpStream>) {
     }
 }
 
-fn pump(mut from: TcpStream, to: Option<TcpStream>) {
+fn pump(shared: &Shared, mut from: TcpStream, to: Option<TcpStream>) {
     let mut buf = [0u8; 16 * 1024];
     match to {
         Some(mut to) => {
             loop {
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
+                    // A kept-alive connection stalls too once the proxy does: what arrives is dropped.
+                    Ok(_) if shared.mode.load(Ordering::SeqCst) == STALL => {}
                     Ok(n) => {
                         if to.write_all(&buf[..n]).is_err() {
                             break;

@@ -1,0 +1,142 @@
+//! Requests to a smart-HTTP git host per Terraform operation (issue 13), counted from a real
+//! lighttpd access log: with what the process already knows, a push is one
+//! `POST /git-receive-pack` and a look one protocol-v2 `POST /git-upload-pack`, with no
+//! `GET info/refs` before either. Behaviour, not timing: these are counts.
+//! Also the trap of blind deletes: a lock commit pruned on the host must not let a stale
+//! UNLOCK delete a newer lock.
+
+use gitstate_testkit::fixtures::lock_info;
+use gitstate_testkit::gitd::{git, git_out, git_try, rev_parse};
+use gitstate_testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+use gitstate_testkit::serve::{http, Serve, ServeOpts};
+use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
+
+const STATE: &str = "envs/counts/terraform.tfstate";
+
+fn basic() -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:{DEFAULT_PASSWORD}")))
+}
+
+fn tf_for(serve: &Serve) -> TfWorkdir {
+    let mut backend = HttpBackend::lock_unlock(serve.state_url(STATE));
+    backend.username = Some(DEFAULT_USER.into());
+    backend.password = Some(DEFAULT_PASSWORD.into());
+    TfWorkdir::new(backend)
+}
+
+/// The requests `f` made the git host answer (lighttpd flushes its log on `access_log`).
+fn requests(httpd: &GitHttpServer, f: impl FnOnce()) -> Vec<AccessEntry> {
+    let before = httpd.access_log().len();
+    f();
+    httpd.access_log()[before..].to_vec()
+}
+
+fn describe(reqs: &[AccessEntry]) -> String {
+    reqs.iter().map(|r| format!("{} {} {}", r.method, r.target, r.status)).collect::<Vec<_>>().join("\n")
+}
+
+fn advertisements(reqs: &[AccessEntry]) -> usize {
+    reqs.iter().filter(|r| r.target.contains("info/refs")).count()
+}
+
+#[test]
+fn warm_terraform_operations_cost_one_request_each() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let serve = Serve::start(ServeOpts::new().repository(&url));
+    let mut tf = tf_for(&serve);
+    tf.set_outputs(&[("x", "one")]);
+
+    let cold = requests(&httpd, || {
+        tf.init().assert_success();
+        tf.apply().assert_success();
+    });
+    println!("cold init + first apply: {} requests\n{}", cold.len(), describe(&cold));
+
+    // A warm apply with a change: LOCK, GET, POST, UNLOCK.
+    tf.set_outputs(&[("x", "two")]);
+    let apply = requests(&httpd, || {
+        tf.apply().assert_success();
+    });
+    println!("warm apply with a change: {} requests\n{}", apply.len(), describe(&apply));
+    assert_eq!(advertisements(&apply), 0, "a warm apply asked for an advertisement:\n{}", describe(&apply));
+    assert_eq!(apply.len(), 4, "a warm apply is LOCK 1 + GET 1 + POST 1 + UNLOCK 1:\n{}", describe(&apply));
+    let stored = git_out(&httpd.repo_dir("states.git"), &["show", &format!("main:{STATE}")]);
+    assert!(stored.contains("\"two\""), "the apply did not land: {stored}");
+
+    // A plan: LOCK, GET, UNLOCK.
+    let plan = requests(&httpd, || {
+        tf.plan().assert_success();
+    });
+    println!("warm plan: {} requests\n{}", plan.len(), describe(&plan));
+    assert_eq!(plan.len(), 3, "a warm plan is LOCK 1 + GET 1 + UNLOCK 1:\n{}", describe(&plan));
+
+    // A GET of an unchanged state: one ls-refs.
+    let auth = basic();
+    let get = requests(&httpd, || {
+        let got = http("GET", &serve.state_url(STATE), &[("Authorization", &auth)], None);
+        assert_eq!(got.status, 200, "{}", got.text());
+    });
+    assert_eq!(get.len(), 1, "a GET of an unchanged state is one request:\n{}", describe(&get));
+
+    // Someone else writes: the next GET sees the new tip (a fetch follows the look).
+    let server = httpd.repo_dir("states.git");
+    let other = git_out(&server, &["commit-tree", "main^{tree}", "-p", "main", "-m", "someone else"]);
+    git(&server, &["update-ref", "refs/heads/main", &other]);
+    let moved = requests(&httpd, || {
+        let got = http("GET", &serve.state_url(STATE), &[("Authorization", &auth)], None);
+        assert_eq!(got.status, 200, "{}", got.text());
+    });
+    println!("GET after another writer moved main ({other}): {} requests\n{}", moved.len(), describe(&moved));
+    // One ls-refs, then gix's fetch (its own advertisement and ls-refs, then the pack).
+    assert!(moved.len() <= 4, "{}", describe(&moved));
+
+    // A fresh process on an empty cache: at most a few more than warm for a whole apply.
+    let fresh = Serve::start(ServeOpts::new().repository(&url));
+    let mut tf2 = tf_for(&fresh);
+    tf2.set_outputs(&[("x", "three")]);
+    tf2.init().assert_success();
+    let cold_apply = requests(&httpd, || {
+        tf2.apply().assert_success();
+    });
+    println!("cold apply with a change (empty cache): {} requests\n{}", cold_apply.len(), describe(&cold_apply));
+    assert!(cold_apply.len() <= 4 + 2, "{}", describe(&cold_apply));
+}
+
+/// git's receive-pack deletes a ref unchecked when the old id is an object it does not have.
+/// A lock commit force-unlocked and pruned on the host, then a new lock taken by someone else:
+/// an UNLOCK under the old lock's ID must not delete the new lock.
+#[test]
+fn a_stale_unlock_never_deletes_a_newer_lock() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let repo = httpd.repo_dir("states.git");
+    let a = Serve::start(ServeOpts::new().repository(&url));
+    let b = Serve::start(ServeOpts::new().repository(&url));
+    let auth = basic();
+    let h = [("Authorization", auth.as_str())];
+    let lock_ref = format!("refs/heads/locks/{STATE}");
+
+    // A takes the lock (and so knows its commit: a blind UNLOCK would name it).
+    assert_eq!(http("LOCK", &a.state_url(STATE), &h, Some(lock_info("old").as_bytes())).status, 200);
+    let old_commit = rev_parse(&repo, &lock_ref).expect("the lock branch");
+    // Someone force-unlocks it on the host and the commit is pruned.
+    git(&repo, &["update-ref", "-d", &lock_ref]);
+    git(&repo, &["reflog", "expire", "--expire=now", "--all"]);
+    git(&repo, &["gc", "-q", "--prune=now"]);
+    assert!(
+        !git_try(&repo, &["cat-file", "-e", &old_commit]).status.success(),
+        "the old lock commit is still on the host; the trap needs it pruned"
+    );
+    // B takes a new lock.
+    assert_eq!(http("LOCK", &b.state_url(STATE), &h, Some(lock_info("new").as_bytes())).status, 200);
+    let new_commit = rev_parse(&repo, &lock_ref).expect("B's lock");
+    // A's UNLOCK with its old ID: refused (another ID holds it), and B's lock stays.
+    let got = http("UNLOCK", &a.state_url(STATE), &h, Some(lock_info("old").as_bytes()));
+    assert_eq!(got.status, 409, "the stale UNLOCK: {}", got.text());
+    assert_eq!(rev_parse(&repo, &lock_ref).as_deref(), Some(new_commit.as_str()), "B's lock was deleted");
+    // A force-unlock still works (it looks first).
+    assert_eq!(http("UNLOCK", &a.state_url(STATE), &h, Some(b"")).status, 200);
+    assert_eq!(rev_parse(&repo, &lock_ref), None);
+}
