@@ -15,5 +15,6 @@ pub mod context;
 pub mod error;
 pub mod lambda;
 pub mod protocol;
+pub mod run;
 pub mod serve;
 pub mod storage;

@@ -44,6 +44,14 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run a command (Terraform, OpenTofu) against a one-time backend on a loopback port:
+    /// `gitstate run [--state PATH] -- terraform apply`.
+    ///
+    /// The command finds the backend in TF_HTTP_ADDRESS, TF_HTTP_LOCK_ADDRESS,
+    /// TF_HTTP_UNLOCK_ADDRESS, TF_HTTP_USERNAME and TF_HTTP_PASSWORD (a random pair valid for this
+    /// run only), so `backend "http" {}` is all the configuration needs. gitstate exits with the
+    /// command's exit code. Every flag overrides the environment variable of the same setting.
+    Run(gitstate::run::RunArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +70,7 @@ fn main() -> std::process::ExitCode {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
     match command {
+        Command::Run(args) => gitstate::run::main(args),
         Command::Decrypt { file } => run_async(decrypt(file)),
         Command::Lambda => {
             // CloudWatch takes stdout line by line: one JSON object per event, no colours.
