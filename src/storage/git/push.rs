@@ -258,8 +258,7 @@ fn read_report(
     url: &RepoUrl,
     ctx: &RequestContext,
 ) -> Result<Vec<String>, StorageError> {
-    let mut lines = Vec::new();
-    let mut band_data = Vec::new();
+    let mut frames = Vec::new();
     while let Some(line) = reader.readline() {
         let line = line
             .map_err(|e| classify(url, ctx, &e).error)?
@@ -267,38 +266,30 @@ fn read_report(
         let PacketLineRef::Data(data) = line else {
             break;
         };
-        if !side_band {
-            lines.push(String::from_utf8_lossy(data).trim_end().to_owned());
-            continue;
-        }
-        match data.split_first() {
-            Some((1, rest)) => band_data.extend_from_slice(rest),
-            Some((2, progress)) => {
-                tracing::debug!(remote = %url, "remote: {}", String::from_utf8_lossy(progress).trim_end().escape_debug());
-            }
-            Some((3, error)) => {
-                return Err(StorageError::Protocol(format!(
-                    "{url}: remote error: {}",
-                    String::from_utf8_lossy(error).trim_end().escape_debug()
-                )))
-            }
-            _ => return Err(garbage(url, &String::from_utf8_lossy(data))),
-        }
+        frames.push(data.to_vec());
     }
-    if side_band {
-        lines = split_pkt_lines(&band_data).ok_or_else(|| garbage(url, &String::from_utf8_lossy(&band_data)))?;
-    }
-    Ok(lines)
+    report_lines(frames.iter().map(Vec::as_slice), side_band, url)
 }
 
 /// The report-status lines of a whole response body (a push over smart HTTP without a
-/// preceding advertisement), demultiplexed from side-band channel 1 when negotiated.
+/// preceding advertisement).
 pub(crate) fn report_from_bytes(body: &[u8], side_band: bool, url: &RepoUrl) -> Result<Vec<String>, StorageError> {
+    let frames = pkt_frames(body).ok_or_else(|| garbage(url, "a broken packet line"))?;
+    report_lines(frames.into_iter(), side_band, url)
+}
+
+/// The report-status lines in packet-line `frames`, demultiplexed from side-band channel 1
+/// when negotiated (channel 2 is progress, for the log; channel 3 the host's error).
+fn report_lines<'a>(
+    frames: impl Iterator<Item = &'a [u8]>,
+    side_band: bool,
+    url: &RepoUrl,
+) -> Result<Vec<String>, StorageError> {
     if !side_band {
-        return split_pkt_lines(body).ok_or_else(|| garbage(url, &String::from_utf8_lossy(body)));
+        return Ok(frames.map(|f| String::from_utf8_lossy(f).trim_end().to_owned()).collect());
     }
     let mut band_data = Vec::new();
-    for frame in pkt_frames(body).ok_or_else(|| garbage(url, "a broken side-band frame"))? {
+    for frame in frames {
         match frame.split_first() {
             Some((1, rest)) => band_data.extend_from_slice(rest),
             Some((2, progress)) => {
@@ -336,19 +327,8 @@ pub(crate) fn pkt_frames(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
 }
 
 /// The data lines of packet-line `bytes`, up to the first flush.
-fn split_pkt_lines(mut bytes: &[u8]) -> Option<Vec<String>> {
-    let mut lines = Vec::new();
-    while !bytes.is_empty() {
-        let len = std::str::from_utf8(bytes.get(..4)?).ok()?;
-        let len = usize::from_str_radix(len, 16).ok()?;
-        if len == 0 {
-            break;
-        }
-        let data = bytes.get(4..len)?;
-        lines.push(String::from_utf8_lossy(data).trim_end().to_owned());
-        bytes = &bytes[len..];
-    }
-    Some(lines)
+fn split_pkt_lines(bytes: &[u8]) -> Option<Vec<String>> {
+    Some(pkt_frames(bytes)?.into_iter().map(|f| String::from_utf8_lossy(f).trim_end().to_owned()).collect())
 }
 
 /// `unpack ok`, then `ok <ref>` or `ng <ref> <reason>` for every command.
