@@ -27,6 +27,8 @@ const MISSING_OBJECTS: &str = "missing necessary objects";
 
 pub(crate) struct SmartHttp {
     base: String,
+    /// Credentials go over `http://` only to a loopback host (as in `transport::connect_http`).
+    clear_text_ok: bool,
     client: reqwest::blocking::Client,
     /// Set when the host answered something unexpected: the full handshake from then on.
     disabled: AtomicBool,
@@ -56,6 +58,7 @@ impl SmartHttp {
             .ok()?;
         Some(SmartHttp {
             base: url.to_string(),
+            clear_text_ok: url.scheme() == Scheme::Https || url.is_loopback(),
             client,
             disabled: AtomicBool::new(false),
             caps: Mutex::new(caps),
@@ -111,6 +114,12 @@ impl SmartHttp {
             request = request.header("Git-Protocol", "version=2");
         }
         if let Some(c) = ctx.credentials() {
+            if !self.clear_text_ok {
+                return Err(StorageError::Protocol(format!(
+                    "refusing to send credentials in clear text to {}; use https://",
+                    self.base
+                )));
+            }
             let pair = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
             request = request.header("Authorization", format!("Basic {pair}"));
         }
@@ -273,6 +282,19 @@ mod tests {
         let caps = ReceiveCaps { atomic: true, side_band_64k: false, report_status: true, quiet: true };
         assert_eq!(ReceiveCaps::from_line(&caps.to_line()), caps);
         assert_eq!(ReceiveCaps::from_line(""), ReceiveCaps::default());
+    }
+
+    #[test]
+    fn credentials_never_go_over_plain_http_to_another_host() {
+        let ctx = RequestContext::new(
+            Some(crate::context::Credentials { username: "u".into(), password: "p".into() }),
+            crate::context::Deadline::after(Duration::from_secs(5)),
+        );
+        let remote = SmartHttp::new(&RepoUrl::parse("http://192.0.2.1/x.git").unwrap(), None).unwrap();
+        // Refused before any connection is made (192.0.2.1 is TEST-NET: nothing would answer).
+        assert!(matches!(remote.ls_refs(&ctx, &["refs/heads/main".into()]), Err(StorageError::Protocol(_))));
+        assert!(SmartHttp::new(&RepoUrl::parse("https://192.0.2.1/x.git").unwrap(), None).unwrap().clear_text_ok);
+        assert!(SmartHttp::new(&RepoUrl::parse("http://127.0.0.1/x.git").unwrap(), None).unwrap().clear_text_ok);
     }
 
     #[test]
