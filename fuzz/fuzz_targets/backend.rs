@@ -19,9 +19,9 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use gitstate::app::App;
+use gitstate::auth::Auth;
 use gitstate::config::Config;
 use gitstate::protocol::content_md5;
-use gitstate::auth::Auth;
 use gitstate_testkit::memory::MemoryStore;
 use libfuzzer_sys::fuzz_target;
 
@@ -276,7 +276,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                         model.locks.insert(path, id);
                         let tip = mem.tip(&format!("refs/heads/locks/{path}")).expect("a lock branch");
                         check_message(&mem.message(tip).expect("the tip's commit is stored"));
-                        let stored = mem.0.lock().unwrap().commits[&tip].0.get(&format!("{path}.lock")).cloned();
+                        let stored = mem.file(&format!("refs/heads/locks/{path}"), &format!("{path}.lock"));
                         assert_eq!(stored.as_deref(), Some(info.as_slice()), "the lock file is the LockInfo as sent");
                     }
                 }
@@ -311,9 +311,9 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             Op::Raw { method, uri, body } => {
                 // Anything at all, as long as it is not a 5xx and stores nothing the model
                 // cannot see: compare the store before and after.
-                let before = mem.0.lock().unwrap().refs.clone();
+                let before = mem.refs();
                 if let Some((status, _)) = send(&app, method, uri, body.to_vec()) {
-                    let after = mem.0.lock().unwrap().refs.clone();
+                    let after = mem.refs();
                     if status >= 300 {
                         assert_eq!(before, after, "a refused request {method} {uri:?} ({status}) changed refs");
                     } else if before != after {
@@ -323,11 +323,9 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                             if let Some(f) = mem.file("refs/heads/main", path) {
                                 model.files.insert(path, f);
                             }
-                            if let Some(tip) = mem.tip(&format!("refs/heads/locks/{path}")) {
-                                let info = mem.0.lock().unwrap().commits[&tip]
-                                    .0
-                                    .get(&format!("{path}.lock"))
-                                    .cloned()
+                            if mem.tip(&format!("refs/heads/locks/{path}")).is_some() {
+                                let info = mem
+                                    .file(&format!("refs/heads/locks/{path}"), &format!("{path}.lock"))
                                     .unwrap_or_default();
                                 let id = holder_id(&String::from_utf8_lossy(&info)).unwrap_or_default();
                                 match IDS.iter().find(|i| **i == id) {

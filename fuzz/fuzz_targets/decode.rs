@@ -6,8 +6,8 @@
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
-use gitstate::error::Error;
 use gitstate::backend::Operation;
+use gitstate::error::Error;
 use gitstate::protocol::{self, content_md5};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
@@ -156,7 +156,7 @@ fuzz_target!(|input: Input<'_>| {
                 Operation::Unlock { id: Some(id) } => assert!(!id.trim().is_empty(), "unlock ID {id:?}"),
                 _ => {}
             }
-            let _ = protocol::encode(protocol::Outcome::State(body));
+            let _ = protocol::encode(gitstate::backend::Outcome::State(body));
         }
     }
 });
