@@ -1,24 +1,60 @@
 //! Benchmark (figures, not a test): median latency of GET, LOCK, POST, UNLOCK and a
 //! full apply cycle through `App::handle` against a local `git daemon`, next to the
-//! git CLI doing the same git work, with cold and warm caches and several history sizes.
+//! git CLI doing the same git work, with cold and warm caches and several history sizes;
+//! then the tables of issue 13: requests to a smart-HTTP host per operation and per real
+//! `terraform apply`/`plan` (lighttpd's access log), latency through a latency-injecting
+//! proxy next to the git CLI, states per repository, concurrent writers, cold start, and the
+//! peak memory of `gitstate serve` with large states. Every target is printed beside its
+//! figure; nothing is asserted on time.
 //!
-//! Run: `cargo run --release --example bench [-- ROUNDS]` (needs `git` for the daemon
-//! and the comparison; gitstate itself never runs it).
+//! Run: `cargo build --release && cargo run --release --example bench [-- ROUNDS] [--tiny]`
+//! (needs `git` for the daemon and the comparison, lighttpd and Terraform for the request
+//! counts; gitstate itself never runs git). `--tiny` shrinks every table (100 states instead
+//! of 10,000, writers up to 4, a 1 MB state instead of 5 and 50 MB) so that
+//! `tests/bench_runs.rs` can run it in a debug build.
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gitstate::app::App;
-use gitstate_testkit::gitd::{git, git_with_input, GitDaemon};
+use gitstate_testkit::gitd::{git, git_out, git_with_input, GitDaemon};
 use gitstate_testkit::races;
 
+/// The heading printed above each table (tests/bench_runs.rs checks that each one appears).
+const HEADINGS: [&str; 10] = [
+    "== latency by history size (git daemon, medians) ==",
+    "== history pages ==",
+    "== encryption ==",
+    "== 5 MB state in this process ==",
+    "== requests to the git host per operation (lighttpd access log) ==",
+    "== latency with an added round trip (latency proxy in front of git daemon) ==",
+    "== states per repository ==",
+    "== concurrent writers on one repository ==",
+    "== cold start ==",
+    "== memory of gitstate serve ==",
+];
+
 fn main() {
-    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let tiny = args.iter().any(|a| a == "--tiny");
+    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(20).max(1);
+    install_event_counter();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let daemon = GitDaemon::start();
-    println!("gitstate benchmark: {rounds} rounds per figure, git daemon on 127.0.0.1:{}", daemon.port());
+    let started = Instant::now();
+    let heading = |i: usize| println!("{} [{:.0} s]", HEADINGS[i], started.elapsed().as_secs_f64());
+    println!(
+        "gitstate benchmark: {rounds} rounds per figure{}, {} build, git daemon on 127.0.0.1:{}",
+        if tiny { ", tiny sizes" } else { "" },
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        daemon.port()
+    );
+    heading(0);
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms"
@@ -41,21 +77,46 @@ fn main() {
             );
         }
     }
+    heading(1);
     history(&rt, &daemon, tmp.path());
+    heading(2);
     encryption(&rt, &daemon, tmp.path(), rounds);
+    heading(3);
     let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
     println!(
         "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
         after - before
     );
+
+    heading(4);
+    requests_per_operation();
+    heading(5);
+    latency(&rt, &daemon, tmp.path(), rounds, tiny);
+    heading(6);
+    states_per_repository(&rt, &daemon, tmp.path(), rounds, tiny);
+    heading(7);
+    concurrency(&rt, &daemon, tmp.path(), rounds, tiny);
+    heading(8);
+    cold_start(&rt, &daemon, tmp.path(), rounds, tiny);
+    heading(9);
+    memory(&daemon, tiny);
+    println!("benchmark done [{:.0} s]", started.elapsed().as_secs_f64());
 }
 
 /// Medians (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle.
 async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
+    run_samples(url, tmp, rounds, cold).await.map(|mut s| median(&mut s))
+}
+
+/// Every sample (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle, `rounds`
+/// cycles. Warm: one App, after one cycle not counted (the App's first look fills its cache);
+/// cold: a new App with an empty cache directory for every cycle.
+async fn run_samples(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [Vec<f64>; 5] {
     let mut samples: [Vec<f64>; 5] = Default::default();
     let mut app = new_app(url, tmp, 0);
     let path = "/state/bench/terraform.tfstate";
-    for i in 0..rounds {
+    let warmup = usize::from(!cold);
+    for i in 0..rounds + warmup {
         if cold {
             app = new_app(url, tmp, i + 1);
         }
@@ -67,24 +128,30 @@ async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
             "{{\n  \"version\": 4,\n  \"serial\": {},\n  \"lineage\": \"bench\",\n  \"outputs\": {{}}\n}}\n",
             i + 1_000_000 * (fastrand::u32(..) as usize)
         );
+        let mut took = [0.0; 5];
         let cycle = Instant::now();
         let t = Instant::now();
         assert_eq!(call(&app, "LOCK", path, &lock).await, 200);
-        samples[1].push(ms(t.elapsed()));
+        took[1] = ms(t.elapsed());
         let t = Instant::now();
         let s = call(&app, "GET", path, "").await;
         assert!(s == 200 || s == 204);
-        samples[0].push(ms(t.elapsed()));
+        took[0] = ms(t.elapsed());
         let t = Instant::now();
         let s = call(&app, "POST", &format!("{path}?ID={id}&force=true"), &state).await;
         assert_eq!(s, 200);
-        samples[2].push(ms(t.elapsed()));
+        took[2] = ms(t.elapsed());
         let t = Instant::now();
         assert_eq!(call(&app, "UNLOCK", path, &lock).await, 200);
-        samples[3].push(ms(t.elapsed()));
-        samples[4].push(ms(cycle.elapsed()));
+        took[3] = ms(t.elapsed());
+        took[4] = ms(cycle.elapsed());
+        if i >= warmup {
+            for (s, t) in samples.iter_mut().zip(took) {
+                s.push(t);
+            }
+        }
     }
-    samples.map(|mut s| median(&mut s))
+    samples
 }
 
 /// One page of `/history/` (50 versions) at 10 / 1,000 / 10,000 commits that all touch the
@@ -245,6 +312,11 @@ async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> u16 {
 
 /// The same git work with the CLI: shallow fetch, commit, push; create and delete a lock branch.
 fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
+    median(&mut git_cli_samples(url, tmp, rounds))
+}
+
+/// [`git_cli_cycle`]'s every sample (ms).
+fn git_cli_samples(url: &str, tmp: &Path, rounds: usize) -> Vec<f64> {
     let work = tmp.join(format!("cli-{}", fastrand::u64(..)));
     git(tmp, &["clone", "-q", "--depth", "1", url, work.to_str().unwrap()]);
     let mut samples = Vec::new();
@@ -266,7 +338,7 @@ fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
         git(&work, &["push", "-q", "origin", ":refs/heads/locks/bench/terraform.tfstate"]);
         samples.push(ms(t.elapsed()));
     }
-    median(&mut samples)
+    samples
 }
 
 fn ms(d: Duration) -> f64 {
@@ -301,4 +373,593 @@ fn repo_with_history(daemon: &GitDaemon, name: &str, commits: usize) -> String {
     }
     git_with_input(&dir, &["fast-import", "--quiet"], script.as_bytes());
     daemon.url(name)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13's tables
+// ---------------------------------------------------------------------------------------------
+
+/// p-th percentile (0..=100) of `v` (nearest rank), 0 when empty.
+fn percentile(v: &mut [f64], p: usize) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * v.len()).div_ceil(100).max(1);
+    v[rank - 1]
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// `pushes` of every `compare-and-swap applied` event and how many `lost the race` events
+/// gitstate logged: the attempts per write come from the server code's own events.
+static APPLIED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static LOST_RACES: AtomicUsize = AtomicUsize::new(0);
+
+struct EventCounter;
+
+#[derive(Default)]
+struct EventFields {
+    message: String,
+    pushes: Option<u64>,
+}
+
+impl tracing::field::Visit for EventFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        }
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "pushes" {
+            self.pushes = Some(value);
+        }
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.record_u64(field, value.max(0) as u64);
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut f = EventFields::default();
+        event.record(&mut f);
+        match f.message.as_str() {
+            "compare-and-swap applied" => APPLIED.lock().unwrap().push(f.pushes.unwrap_or(0)),
+            "lost the race; looking again" => {
+                LOST_RACES.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The event counter, plus gitstate's errors on stderr (`GITSTATE_LOG` for more).
+fn install_event_counter() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GITSTATE_LOG").unwrap_or_else(|_| "error".into());
+    tracing_subscriber::registry()
+        .with(EventCounter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+        .init();
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:target` that delivers every chunk `delay`
+/// after it arrived, in each direction (so a round trip costs `2 × delay` more), and holds a
+/// new connection back one round trip (the TCP handshake; no TLS), without limiting
+/// throughput; TCP_NODELAY on both sides. Its threads end with their connections;
+/// the accepting thread lives as long as the process (nothing to kill: no child process).
+struct LatencyProxy {
+    port: u16,
+}
+
+impl LatencyProxy {
+    fn start(target: u16, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the latency proxy");
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                // A TCP handshake costs one round trip before the first byte can go out: the
+                // client's first bytes wait in the socket buffer meanwhile.
+                std::thread::spawn(move || {
+                    std::thread::sleep(2 * delay);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { return };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
+                    delayed_pipe(client, s2, delay);
+                    delayed_pipe(server, c2, delay);
+                });
+            }
+        });
+        LatencyProxy { port }
+    }
+}
+
+/// Copy `from` to `to`, each chunk `delay` late: a reader stamps chunks, a writer waits for
+/// each stamp; end of input is passed on as a half close once everything before it is written.
+fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, bytes) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&bytes).is_err() {
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+// --- 1. requests per operation ---------------------------------------------------------------
+
+fn basic_auth() -> String {
+    use base64::Engine as _;
+    use gitstate_testkit::httpd::{DEFAULT_PASSWORD, DEFAULT_USER};
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:{DEFAULT_PASSWORD}")))
+}
+
+/// `GET info/refs, POST git-upload-pack`: what the git host answered, in short.
+fn describe(reqs: &[gitstate_testkit::httpd::AccessEntry]) -> String {
+    reqs.iter()
+        .map(|r| {
+            let what = r.target.split_once(".git/").map_or(r.target.as_str(), |(_, w)| w);
+            let what = what.split('?').next().unwrap_or(what);
+            format!("{} {what}{}", r.method, if r.status >= 300 { format!(" ({})", r.status) } else { String::new() })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Requests the git host (lighttpd + git http-backend) answered per operation through
+/// `gitstate serve`, warm and cold, and per real `terraform apply` / `plan`.
+fn requests_per_operation() {
+    use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+    use gitstate_testkit::serve::{http, Serve, ServeOpts};
+    use gitstate_testkit::terraform::{terraform_bin, HttpBackend, TfWorkdir};
+
+    if std::panic::catch_unwind(gitstate_testkit::httpd::lighttpd_bin).is_err() {
+        println!("skipped: lighttpd not found (`bash scripts/test.sh` installs it)");
+        return;
+    }
+    let terraform = std::panic::catch_unwind(terraform_bin).is_ok();
+    const STATE: &str = "envs/bench/terraform.tfstate";
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("counts.git");
+    let auth = basic_auth();
+    let h = [("Authorization", auth.as_str())];
+    // One flush of lighttpd's log per row: each count starts where the previous one ended.
+    let seen = std::cell::Cell::new(httpd.access_log().len());
+    let count = |f: &mut dyn FnMut()| {
+        f();
+        let log = httpd.access_log();
+        let new = log[seen.get()..].to_vec();
+        seen.set(log.len());
+        new
+    };
+    let tf_for = |serve: &Serve| {
+        let mut backend = HttpBackend::lock_unlock(serve.state_url(STATE));
+        backend.username = Some(DEFAULT_USER.into());
+        backend.password = Some(DEFAULT_PASSWORD.into());
+        TfWorkdir::new(backend)
+    };
+    println!("{:<52} {:>8} {:>9} {:>8} {:>7}  requests", "operation", "requests", "info/refs", "target", "");
+    let row = |name: &str, reqs: &[gitstate_testkit::httpd::AccessEntry], target: Option<usize>| {
+        let adverts = reqs.iter().filter(|r| r.target.contains("info/refs")).count();
+        let (t, m) = match target {
+            Some(t) => (format!("<= {t}"), met(reqs.len() <= t)),
+            None => ("-".to_string(), ""),
+        };
+        println!("{name:<52} {:>8} {adverts:>9} {t:>8} {m:>7}  {}", reqs.len(), describe(reqs));
+    };
+    let serial = std::cell::Cell::new(100u64);
+    let next_state = || {
+        serial.set(serial.get() + 1);
+        gitstate_testkit::fixtures::state_with_lineage("bench", serial.get(), "x")
+    };
+    let serve = Serve::start(ServeOpts::new().repository(&url));
+    if terraform {
+        let mut tf = tf_for(&serve);
+        tf.set_outputs(&[("x", "one")]);
+        let reqs = count(&mut || {
+            tf.init().assert_success();
+            tf.apply().assert_success();
+        });
+        row("terraform init + first apply (new serve, empty cache)", &reqs, None);
+        tf.set_outputs(&[("x", "two")]);
+        let reqs = count(&mut || {
+            tf.apply().assert_success();
+        });
+        row("terraform apply with a change, warm", &reqs, Some(4));
+        let reqs = count(&mut || {
+            tf.plan();
+        });
+        row("terraform plan, warm", &reqs, Some(3));
+    } else {
+        println!("terraform rows skipped: Terraform 1.0.3 not found (`bash scripts/test.sh` installs it)");
+        // Warm the server up as an apply would.
+        count(&mut || {
+            assert_eq!(http("POST", &serve.state_url(STATE), &h, Some(next_state().as_bytes())).status, 200);
+        });
+    }
+    let lock = gitstate_testkit::fixtures::lock_info("bench-warm");
+    let op = |serve: &Serve, method: &str, query: &str, body: Option<&[u8]>| {
+        let got = http(method, &format!("{}{query}", serve.state_url(STATE)), &h, body);
+        assert!(got.status == 200 || got.status == 204, "{method} {STATE}: {} {}", got.status, got.text());
+    };
+    let reqs = count(&mut || op(&serve, "LOCK", "", Some(lock.as_bytes())));
+    row("LOCK, warm", &reqs, Some(1));
+    let reqs = count(&mut || op(&serve, "GET", "", None));
+    row("GET of an unchanged state, warm", &reqs, Some(1));
+    let reqs = count(&mut || op(&serve, "POST", "?ID=bench-warm&force=true", Some(next_state().as_bytes())));
+    row("POST under the lock, warm", &reqs, Some(1));
+    let reqs = count(&mut || op(&serve, "UNLOCK", "", Some(lock.as_bytes())));
+    row("UNLOCK, warm", &reqs, Some(1));
+    let server = httpd.repo_dir("counts.git");
+    let other = git_out(&server, &["commit-tree", "main^{tree}", "-p", "main", "-m", "someone else"]);
+    git(&server, &["update-ref", "refs/heads/main", &other]);
+    let reqs = count(&mut || op(&serve, "GET", "", None));
+    row("GET after another writer moved the branch, warm", &reqs, None);
+    // Cold: each operation by a new `gitstate serve` with an empty cache.
+    let lock = gitstate_testkit::fixtures::lock_info("bench-cold");
+    let cold_ops: [(&str, &str, Option<Vec<u8>>); 4] = [
+        ("GET", "", None),
+        ("POST", "?force=true", Some(next_state().into_bytes())),
+        ("LOCK", "", Some(lock.clone().into_bytes())),
+        ("UNLOCK", "", Some(lock.into_bytes())),
+    ];
+    for (method, query, body) in cold_ops {
+        let fresh = Serve::start(ServeOpts::new().repository(&url));
+        let reqs = count(&mut || op(&fresh, method, query, body.as_deref()));
+        row(&format!("{method}, cold (new serve, empty cache)"), &reqs, None);
+    }
+    if terraform {
+        let fresh = Serve::start(ServeOpts::new().repository(&url));
+        let mut tf = tf_for(&fresh);
+        tf.set_outputs(&[("x", "three")]);
+        let init = count(&mut || {
+            tf.init().assert_success();
+        });
+        let reqs = count(&mut || {
+            tf.apply().assert_success();
+        });
+        row("terraform apply with a change, cold (after init)", &reqs, Some(6));
+        let mut both = init;
+        both.extend(reqs);
+        row("terraform init + apply, cold (new serve)", &both, None);
+        let fresh = Serve::start(ServeOpts::new().repository(&url));
+        let mut tf = tf_for(&fresh);
+        tf.set_outputs(&[("x", "three")]);
+        count(&mut || {
+            tf.init().assert_success();
+        });
+        let reqs = count(&mut || {
+            tf.plan();
+        });
+        row("terraform plan, cold (after init)", &reqs, Some(5));
+    }
+    println!("targets: warm apply <= 4, warm plan 3, every warm operation 1; cold at most 2 more than warm");
+}
+
+// --- 2. latency with an added round trip -----------------------------------------------------
+
+fn latency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize, tiny: bool) {
+    repo_with_history(daemon, "latency.git", 10);
+    let delays: &[u64] = if tiny { &[0, 20] } else { &[0, 10, 20] };
+    println!(
+        "{:<18} {:>15} {:>15} {:>15} {:>15} {:>15} {:>15} {:>7} {:>13} {:>8}",
+        "added each way",
+        "GET p50/p90",
+        "LOCK p50/p90",
+        "POST p50/p90",
+        "UNLOCK p50/p90",
+        "cycle p50/p90",
+        "git CLI p50/p90",
+        "ratio",
+        "RTTs cyc/CLI",
+        "target"
+    );
+    let mut at_zero = (0.0, 0.0);
+    for &d in delays {
+        let proxy = LatencyProxy::start(daemon.port(), Duration::from_millis(d));
+        let proxied = format!("git://127.0.0.1:{}/latency.git", proxy.port);
+        let mut samples = rt.block_on(run_samples(&proxied, tmp, rounds, false));
+        let mut cli = git_cli_samples(&proxied, tmp, rounds);
+        let cell = |v: &mut Vec<f64>| format!("{:.1}/{:.1}", percentile(v, 50), percentile(v, 90));
+        let (cycle, cli50) = (percentile(&mut samples[4], 50), percentile(&mut cli, 50));
+        let ratio = cycle / cli50;
+        if d == 0 {
+            at_zero = (cycle, cli50);
+        }
+        // Round trips a cycle costs: its growth over the 0 ms row, in units of the added RTT.
+        let rtts = if d == 0 {
+            "-".to_string()
+        } else {
+            let rtt = 2.0 * d as f64;
+            format!("{:.1}/{:.1}", (cycle - at_zero.0) / rtt, (cli50 - at_zero.1) / rtt)
+        };
+        let target = if d == 20 { format!("<= 0.25 {}", met(ratio <= 0.25)) } else { "-".into() };
+        println!(
+            "{:<18} {:>15} {:>15} {:>15} {:>15} {:>15} {:>15} {:>7.3} {:>13} {:>8}",
+            format!("{d} ms (RTT +{} ms)", 2 * d),
+            cell(&mut samples[0]),
+            cell(&mut samples[1]),
+            cell(&mut samples[2]),
+            cell(&mut samples[3]),
+            cell(&mut samples[4]),
+            cell(&mut cli),
+            ratio,
+            rtts,
+            target
+        );
+    }
+    println!("ms through App::handle (warm, one App) and the git CLI's fetch + commit + 3 pushes; ratio = cycle p50 / git CLI p50; RTTs = (p50 - p50 at 0 ms) / added RTT, i.e. round trips per cycle; target at 20 ms each way: <= 0.25");
+}
+
+// --- 3. states per repository -----------------------------------------------------------------
+
+/// A bare repository `name` of `daemon` whose `main` holds `states` states in one commit
+/// (fast-import): `envs/<n % 100>/<n>.tfstate` with `dirs`, else `<n>.tfstate` at the top.
+fn repo_with_states(daemon: &GitDaemon, name: &str, states: usize, dirs: bool) -> String {
+    let dir = daemon.repo_dir(name);
+    git(daemon.base_dir(), &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
+    let mut script = String::from("commit refs/heads/main\ncommitter b <b@b> 1700000000 +0000\ndata 6\nstates\n");
+    for n in 0..states {
+        let content = gitstate_testkit::fixtures::state_with_lineage(&format!("s{n}"), 1, &format!("state {n}"));
+        script.push_str(&format!("M 100644 inline {}\ndata {}\n{content}\n", state_path(n, dirs), content.len()));
+    }
+    git_with_input(&dir, &["fast-import", "--quiet"], script.as_bytes());
+    daemon.url(name)
+}
+
+fn state_path(n: usize, dirs: bool) -> String {
+    if dirs {
+        format!("envs/{}/{n}.tfstate", n % 100)
+    } else {
+        format!("{n}.tfstate")
+    }
+}
+
+fn states_per_repository(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize, tiny: bool) {
+    let counts: &[usize] = if tiny { &[1, 100] } else { &[1, 100, 10_000] };
+    println!(
+        "{:<34} {:>10} {:>10} {:>11} {:>11} {:>16}",
+        "states in the repository", "POST ms", "GET ms", "POST ratio", "GET ratio", "target"
+    );
+    for dirs in [true, false] {
+        let mut base = (0.0, 0.0);
+        for &n in counts {
+            let name = format!("states-{n}-{}.git", if dirs { "dirs" } else { "flat" });
+            let url = repo_with_states(daemon, &name, n, dirs);
+            let app = new_app(&url, tmp, 0);
+            let uri = format!("/state/{}", state_path(0, dirs));
+            let (post, get) = rt.block_on(async {
+                // Warm: the first look and write fill the cache.
+                assert_eq!(call(&app, "GET", &uri, "").await, 200);
+                let (mut posts, mut gets) = (Vec::new(), Vec::new());
+                for i in 0..=rounds {
+                    let state =
+                        gitstate_testkit::fixtures::state_with_lineage("s0", i as u64 + 2, &format!("round {i}"));
+                    let t = Instant::now();
+                    assert_eq!(call(&app, "POST", &uri, &state).await, 200);
+                    let post = ms(t.elapsed());
+                    let t = Instant::now();
+                    assert_eq!(call(&app, "GET", &uri, "").await, 200);
+                    if i > 0 {
+                        posts.push(post);
+                        gets.push(ms(t.elapsed()));
+                    }
+                }
+                (median(&mut posts), median(&mut gets))
+            });
+            if n == 1 {
+                base = (post, get);
+            }
+            let (pr, gr) = (post / base.0, get / base.1);
+            let target = if dirs && n > 1 { format!("<= 1.5 {}", met(pr <= 1.5 && gr <= 1.5)) } else { "-".into() };
+            println!(
+                "{:<34} {post:>10.2} {get:>10.2} {pr:>11.2} {gr:>11.2} {target:>16}",
+                format!("{n} ({})", if dirs { "envs/<n % 100>/<n>" } else { "flat: <n>.tfstate" })
+            );
+        }
+    }
+    println!("medians of a warm App writing and reading one state; ratio to the 1-state repository of the same layout");
+}
+
+// --- 4. concurrent writers --------------------------------------------------------------------
+
+fn concurrency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize, tiny: bool) {
+    let writers: &[usize] = if tiny { &[1, 4] } else { &[1, 4, 16, 64] };
+    let per_writer = if tiny { 2 } else { rounds.max(5) };
+    println!(
+        "{:<9} {:>5} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>16}",
+        "writers", "apps", "writes", "failed", "writes/s", "att. p50", "att. max", "pushes", "lost races", "target"
+    );
+    for &n in writers {
+        let name = format!("writers-{n}.git");
+        let url = daemon.create_repo(&name);
+        let app_count = n.min(16);
+        let apps: Vec<Arc<App>> = (0..app_count).map(|i| new_app(&url, tmp, 10_000 + i)).collect();
+        let pushes = || daemon.log().matches("Request receive-pack").count();
+        let (landed, failed, took, attempts, pushed, lost) = rt.block_on(async {
+            // Warm instances: each has looked at the repository once.
+            for app in &apps {
+                let s = call(app, "GET", "/state/warmup.tfstate", "").await;
+                assert!(s == 200 || s == 204);
+            }
+            APPLIED.lock().unwrap().clear();
+            LOST_RACES.store(0, Ordering::SeqCst);
+            let pushes_before = pushes();
+            let barrier = Arc::new(tokio::sync::Barrier::new(n));
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|w| {
+                    let app = Arc::clone(&apps[w % app_count]);
+                    let barrier = Arc::clone(&barrier);
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        let mut statuses = Vec::new();
+                        for k in 0..per_writer {
+                            let body = gitstate_testkit::fixtures::state_with_lineage(
+                                &format!("w{w}"),
+                                k as u64 + 1,
+                                &format!("writer {w} write {k}"),
+                            );
+                            statuses.push(call(&app, "POST", &format!("/state/conc/w{w}.tfstate"), &body).await);
+                        }
+                        statuses
+                    })
+                })
+                .collect();
+            let mut landed = 0;
+            let mut failed = 0;
+            for t in tasks {
+                for s in t.await.expect("writer task") {
+                    if s == 200 {
+                        landed += 1
+                    } else {
+                        failed += 1
+                    }
+                }
+            }
+            let took = start.elapsed();
+            let attempts: Vec<f64> = APPLIED.lock().unwrap().iter().map(|&p| p as f64).collect();
+            (landed, failed, took, attempts, pushes() - pushes_before, LOST_RACES.load(Ordering::SeqCst))
+        });
+        let mut attempts = attempts;
+        let p50 = percentile(&mut attempts, 50);
+        let max = attempts.iter().cloned().fold(0.0, f64::max);
+        let target = if n == 16 { format!("{}", met(failed == 0 && p50 <= 3.0)) } else { "-".into() };
+        println!(
+            "{n:<9} {app_count:>5} {:>7} {failed:>9} {:>9.1} {p50:>9} {max:>9} {pushed:>9} {lost:>12} {target:>16}",
+            landed + failed,
+            landed as f64 / took.as_secs_f64(),
+        );
+    }
+    println!(
+        "every writer its own state (conc/w<i>.tfstate), {per_writer} writes each, no lock, all at once; writers spread over up to 16 Apps (own caches, as Lambda instances); attempts = pushes per landed write, from gitstate's own `compare-and-swap applied` event (pushes=N); pushes = `Request receive-pack` lines of git daemon's log; target at 16 writers: no failure, median attempts <= 3"
+    );
+}
+
+// --- 5. cold start ----------------------------------------------------------------------------
+
+fn cold_start(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize, tiny: bool) {
+    let url = repo_with_states(daemon, "cold.git", if tiny { 100 } else { 1_000 }, true);
+    let uri = format!("/state/{}", state_path(0, true));
+    println!(
+        "{:<18} {:>22} {:>26} {:>8} {:>10}",
+        "added each way", "cold first GET p50 ms", "warm GET, changed, p50 ms", "ratio", "target"
+    );
+    let writer = new_app(&url, tmp, 20_000);
+    let serial = AtomicUsize::new(10);
+    for d in [0u64, 20] {
+        let proxy = LatencyProxy::start(daemon.port(), Duration::from_millis(d));
+        let proxied = format!("git://127.0.0.1:{}/cold.git", proxy.port);
+        let warm = new_app(&proxied, tmp, 20_001 + d as usize);
+        let (cold, changed) = rt.block_on(async {
+            assert_eq!(call(&warm, "GET", &uri, "").await, 200);
+            let (mut cold, mut changed) = (Vec::new(), Vec::new());
+            for i in 0..rounds {
+                let fresh = new_app(&proxied, tmp, 30_000 + i);
+                let t = Instant::now();
+                assert_eq!(call(&fresh, "GET", &uri, "").await, 200);
+                cold.push(ms(t.elapsed()));
+                // Another instance writes the state, then the warm one reads it.
+                let n = serial.fetch_add(1, Ordering::SeqCst) as u64;
+                let state = gitstate_testkit::fixtures::state_with_lineage("s0", n, &format!("changed {n}"));
+                assert_eq!(call(&writer, "POST", &uri, &state).await, 200);
+                let t = Instant::now();
+                assert_eq!(call(&warm, "GET", &uri, "").await, 200);
+                changed.push(ms(t.elapsed()));
+            }
+            (median(&mut cold), median(&mut changed))
+        });
+        let ratio = cold / changed;
+        println!(
+            "{:<18} {cold:>22.2} {changed:>26.2} {ratio:>8.2} {:>10}",
+            format!("{d} ms (RTT +{} ms)", 2 * d),
+            format!("<= 2 {}", met(ratio <= 2.0))
+        );
+    }
+    println!("cold: a new App with an empty cache directory; warm: an App that read the state before another App wrote it (both need a fetch); the repository holds {} states", if tiny { 100 } else { 1_000 });
+}
+
+// --- 6. memory of gitstate serve --------------------------------------------------------------
+
+/// VmHWM (peak resident set) of process `pid`, in MiB.
+fn peak_rss_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn memory(daemon: &GitDaemon, tiny: bool) {
+    use gitstate_testkit::serve::{http, Serve, ServeOpts};
+    let sizes: &[usize] = if tiny { &[1] } else { &[5, 50] };
+    println!(
+        "{:<12} {:>14} {:>14} {:>14} {:>10} {:>10} {:>14}",
+        "state", "RSS idle MiB", "after POST", "after GET", "POST ms", "GET ms", "target"
+    );
+    for &mib in sizes {
+        let url = daemon.create_repo(&format!("memory-{mib}.git"));
+        let serve = Serve::start(ServeOpts::new().repository(&url));
+        let pid = serve.pid().expect("the server's pid");
+        let uri = serve.state_url("big/terraform.tfstate");
+        let small = gitstate_testkit::fixtures::state_with_lineage("big", 1, "small");
+        assert_eq!(http("POST", &uri, &[], Some(small.as_bytes())).status, 200);
+        assert_eq!(http("GET", &uri, &[], None).status, 200);
+        let idle = peak_rss_of(pid);
+        let mut state =
+            String::from("{\n  \"version\": 4,\n  \"serial\": 2,\n  \"lineage\": \"big\",\n  \"resources\": [\n");
+        let mut i = 0;
+        while state.len() < mib << 20 {
+            state.push_str(&format!("    {{\"name\": \"r{i}\", \"value\": \"{:032x}\"}},\n", fastrand::u128(..)));
+            i += 1;
+        }
+        state.push_str("    {}\n  ]\n}\n");
+        let md5 = gitstate::protocol::content_md5(state.as_bytes());
+        let t = Instant::now();
+        let got = http("POST", &uri, &[("Content-MD5", &md5)], Some(state.as_bytes()));
+        assert_eq!(got.status, 200, "{}", got.text());
+        let post = ms(t.elapsed());
+        let after_post = peak_rss_of(pid);
+        let t = Instant::now();
+        let got = http("GET", &uri, &[], None);
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body.len(), state.len());
+        let get = ms(t.elapsed());
+        let after_get = peak_rss_of(pid);
+        let target = if mib >= 50 { format!("<= 256 {}", met(after_get <= 256.0)) } else { "-".into() };
+        println!(
+            "{:<12} {idle:>14.1} {after_post:>14.1} {after_get:>14.1} {post:>10.1} {get:>10.1} {target:>14}",
+            format!("{mib} MB")
+        );
+    }
+    println!("peak RSS (VmHWM of /proc/<pid>/status) of a `gitstate serve` child on a git daemon, one per size; target: a 50 MB state within 256 MiB");
 }

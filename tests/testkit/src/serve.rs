@@ -341,3 +341,10 @@ impl Serve {
         self.dir.path().join("cache")
     }
 }
+
+impl Serve {
+    /// The id of the `gitstate serve` process while it runs (e.g. for `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
