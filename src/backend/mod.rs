@@ -151,19 +151,20 @@ impl Backend {
         // Try to create the lock straight away: a rejected create means a lock exists. Rejected
         // again with no lock to be seen, it is a nesting lock (`a` while `a/b` is held).
         let mut unseen_blockers = 0;
-        let outcome = self.compare_and_swap(ctx, std::slice::from_ref(&lock.reference), Some(Tips::new()), |tips| {
-            Ok(match self.holder_in(tips, lock)? {
-                Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
-                Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
-                None if tips.is_empty() && unseen_blockers >= NESTED_LOCK_EVIDENCE => {
-                    Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
-                }
-                None => {
-                    unseen_blockers += 1;
-                    Step::Push(vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }])
-                }
-            })
-        })?;
+        let (outcome, _) =
+            self.compare_and_swap(ctx, std::slice::from_ref(&lock.reference), Some(Tips::new()), |tips| {
+                Ok(match self.holder_in(tips, lock)? {
+                    Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
+                    Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
+                    None if tips.is_empty() && unseen_blockers >= NESTED_LOCK_EVIDENCE => {
+                        Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
+                    }
+                    None => {
+                        unseen_blockers += 1;
+                        Step::Push(vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }])
+                    }
+                })
+            })?;
         self.remember(commit, info.raw.clone());
         tracing::info!(lock_id = ?info.id, "lock taken");
         Ok(outcome)
@@ -187,6 +188,7 @@ impl Backend {
                 }
             })
         })
+        .map(|(outcome, _)| outcome)
     }
 
     fn write(
@@ -239,13 +241,14 @@ impl Backend {
             };
             Ok(Step::Push(vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }, lock_update]))
         });
+        let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
-            Ok(_) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "write answered"),
-            Err(e) => {
-                tracing::info!(error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "write refused or failed")
-            }
+            // A commit landed: how many pushes it took (the stress command reads this line).
+            Ok((_, attempts @ 1..)) => tracing::info!(attempts, elapsed_ms, "state written"),
+            Ok(_) => tracing::info!(elapsed_ms, "write answered without a commit"),
+            Err(e) => tracing::info!(error = %e, elapsed_ms, "write refused or failed"),
         }
-        outcome
+        outcome.map(|(outcome, _)| outcome)
     }
 
     /// The one compare-and-swap loop of lock, unlock and write. `step` turns tips into an
@@ -259,7 +262,7 @@ impl Backend {
         refs: &[String],
         mut guess: Option<Tips>,
         mut step: impl FnMut(&Tips) -> Result<Step, BackendError>,
-    ) -> Result<Outcome, BackendError> {
+    ) -> Result<(Outcome, u32), BackendError> {
         let attempts = self.settings.write_retries.max(1);
         let mut pushes = 0;
         loop {
@@ -272,7 +275,7 @@ impl Backend {
                 None => self.sync(ctx, refs)?,
             };
             let updates = match step(&tips)? {
-                Step::Answer(answer) if fresh => return answer,
+                Step::Answer(answer) if fresh => return answer.map(|a| (a, pushes)),
                 Step::Answer(_) => continue,
                 Step::Push(updates) => updates,
             };
@@ -280,7 +283,7 @@ impl Backend {
             match self.update(ctx, &updates)? {
                 UpdateOutcome::Applied => {
                     tracing::debug!(pushes, guessed = !fresh, "compare-and-swap applied");
-                    return Ok(Outcome::Done);
+                    return Ok((Outcome::Done, pushes));
                 }
                 UpdateOutcome::Rejected(why) => {
                     tracing::info!(attempt = pushes, rejected = ?why, "lost the race; looking again");
