@@ -291,7 +291,7 @@ impl Backend {
                         tracing::warn!(attempts, "gave up on a moving branch");
                         return Err(BackendError::Contended { attempts });
                     }
-                    if fresh && !ctx.pause(jitter(pushes)) {
+                    if fresh && !ctx.pause(jitter(pushes, round_trip(ctx))) {
                         return Err(BackendError::DeadlineExceeded { pushes });
                     }
                 }
@@ -364,8 +364,39 @@ fn branch_ref(branch: &str) -> String {
     format!("refs/heads/{branch}")
 }
 
-/// Back off before retrying a lost race: grows with the attempt, randomised so racers spread out.
-fn jitter(attempt: u32) -> Duration {
-    let ceiling = 10u64 * (1 << attempt.min(6));
-    Duration::from_millis(fastrand::u64(1..=ceiling))
+/// Back off before retrying a lost race: a random pause up to a ceiling that grows with the
+/// attempt from the git host's round trip (a racer that waits less than a round trip only
+/// meets the winner's push again), so racers spread out over what one push costs.
+fn jitter(attempt: u32, round_trip: Duration) -> Duration {
+    let unit = round_trip.clamp(Duration::from_millis(5), Duration::from_millis(500));
+    let ceiling = unit * (1u32 << attempt.min(6));
+    Duration::from_micros(fastrand::u64(1..=ceiling.as_micros().max(1) as u64))
+}
+
+/// The mean time of this request's conversations with the git host so far.
+fn round_trip(ctx: &RequestContext) -> Duration {
+    match ctx.counters.round_trips() {
+        0 => Duration::from_millis(10),
+        n => ctx.counters.time() / n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_grows_from_the_round_trip_and_stays_bounded() {
+        for attempt in 0..20 {
+            let pause = jitter(attempt, Duration::from_millis(40));
+            assert!(pause <= Duration::from_millis(40) * (1 << attempt.min(6)), "{attempt}: {pause:?}");
+        }
+        // A slow host's round trip is capped: 500 ms × 64 at most.
+        assert!(jitter(30, Duration::from_secs(10)) <= Duration::from_millis(500) * 64);
+        let ctx = RequestContext::unbounded();
+        assert_eq!(round_trip(&ctx), Duration::from_millis(10));
+        ctx.counters.record(Duration::from_millis(30));
+        ctx.counters.record(Duration::from_millis(50));
+        assert_eq!(round_trip(&ctx), Duration::from_millis(40));
+    }
 }
