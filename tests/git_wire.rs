@@ -83,7 +83,7 @@ fn assert_rejected(outcome: UpdateOutcome, name: &str) -> String {
                 .unwrap_or_else(|| panic!("{name} not among the rejected refs {refs:?}"));
             reason.clone()
         }
-        UpdateOutcome::Applied => panic!("expected {name} to be rejected, the push was applied"),
+        other => panic!("expected {name} to be rejected, the push came to {other:?}"),
     }
 }
 
@@ -475,6 +475,9 @@ fn twenty_concurrent_creators_one_winner() {
         .filter_map(|(c, out)| match out {
             Ok(UpdateOutcome::Applied) => Some(*c),
             Ok(UpdateOutcome::Rejected(_)) => None,
+            Ok(partial @ UpdateOutcome::PartlyApplied { .. }) => {
+                panic!("a single create was partly applied: {partial:?}")
+            }
             Err(e) => panic!("push failed: {e}\n{}", daemon.log()),
         })
         .collect();

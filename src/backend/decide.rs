@@ -13,6 +13,8 @@ pub struct Holder {
     pub id: String,
     /// The LockInfo JSON as stored (shown to competitors as it is).
     pub info: Bytes,
+    /// The lock branch it was read from (full ref name).
+    pub reference: String,
 }
 
 /// A write (or delete, `content: None`) as the caller asked for it.
@@ -269,6 +271,7 @@ mod tests {
             commit: gix::ObjectId::empty_tree(gix::hash::Kind::Sha1),
             id: id.into(),
             info: Bytes::from(format!(r#"{{"ID":"{id}","Who":"me@host","Operation":"OperationTypeApply"}}"#)),
+            reference: "refs/heads/locks/a.tfstate".into(),
         }
     }
 

@@ -87,7 +87,7 @@ impl Backend {
         op: &Operation,
     ) -> Result<Outcome, BackendError> {
         let branch = branch.unwrap_or(&self.settings.branch);
-        let lock = LockName::new(branch == self.settings.branch, branch, path);
+        let lock = LockName::new(branch, path);
         match op {
             Operation::GetState => self.get(ctx, branch, path),
             Operation::PutState { lock_id, body, force } => {
@@ -120,8 +120,8 @@ impl Backend {
                 self.restore(ctx, branch, &lock, *commit, lock_id.as_deref(), *force)
             }
             Operation::GetLock => {
-                let tips = self.sync(ctx, std::slice::from_ref(&lock.reference))?;
-                match self.holder_in(&tips, &lock)? {
+                let tips = self.sync(ctx, &lock.refs())?;
+                match self.lock_view(&tips, &lock)?.holder {
                     Some(h) => Ok(Outcome::LockInfo(h.info)),
                     None => Err(BackendError::NoLock),
                 }
@@ -141,50 +141,56 @@ impl Backend {
 
     fn lock(&self, ctx: &RequestContext, lock: &LockName, info: &LockInfo) -> Result<Outcome, BackendError> {
         let message = format!(
-            "Lock {}\n\nLock-ID: {}\nWho: {}\nOperation: {}\n",
+            "Lock {}\n\nLock-ID: {}\nWho: {}\nOperation: {}\n{BRANCH_TRAILER}{}\n",
             lock.path,
             one_line(&info.id),
             one_line(&info.who),
-            one_line(&info.operation)
+            one_line(&info.operation),
+            lock.branch,
         );
         let commit = self.storage.commit(None, &lock.file, Some(&info.raw), &message)?;
         // Try to create the lock straight away: a rejected create means a lock exists. Rejected
         // again with no lock to be seen, it is a nesting lock (`a` while `a/b` is held).
         let mut unseen_blockers = 0;
-        let (outcome, _) =
-            self.compare_and_swap(ctx, std::slice::from_ref(&lock.reference), Some(Tips::new()), |tips| {
-                Ok(match self.holder_in(tips, lock)? {
-                    Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
-                    Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
-                    None if tips.is_empty() && unseen_blockers >= NESTED_LOCK_EVIDENCE => {
-                        Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
-                    }
-                    None => {
-                        unseen_blockers += 1;
-                        Step::Push(vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }])
-                    }
-                })
-            })?;
+        let (outcome, _) = self.compare_and_swap(ctx, &lock.refs(), Some(Tips::new()), |tips| {
+            let view = self.lock_view(tips, lock)?;
+            Ok(match view.holder {
+                Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
+                Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
+                None if unseen_blockers >= NESTED_LOCK_EVIDENCE => {
+                    Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
+                }
+                None => {
+                    unseen_blockers += 1;
+                    // The other layout's lock is never created, only checked absent.
+                    let mut updates = vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }];
+                    updates.extend(view.absence_checks());
+                    Step::Push(updates)
+                }
+            })
+        })?;
         self.remember(commit, info.raw.clone());
         tracing::info!(lock_id = ?info.id, "lock taken");
         Ok(outcome)
     }
 
     fn unlock(&self, ctx: &RequestContext, lock: &LockName, id: Option<&str>) -> Result<Outcome, BackendError> {
-        let lock_ref = &lock.reference;
-        let refs = std::slice::from_ref(lock_ref);
-        // Usually this process took the lock itself: try the delete against what it knows first.
-        let guess =
-            self.memory.guess(refs).filter(|t| t.get(lock_ref).is_some_and(|c| self.memory.lock_info(c).is_some()));
-        self.compare_and_swap(ctx, refs, guess, |tips| {
-            Ok(match self.holder_in(tips, lock)? {
+        let refs = lock.refs();
+        // Usually this process took the lock itself: try the delete against what it knows first
+        // (the push's advertisement says whether that is still so).
+        let guess = self
+            .memory
+            .guess(&refs)
+            .filter(|t| t.get(&lock.reference).is_some_and(|c| self.memory.lock_info(c).is_some()));
+        self.compare_and_swap(ctx, &refs, guess, |tips| {
+            Ok(match self.lock_view(tips, lock)?.holder {
                 None => Step::Answer(Ok(Outcome::Done)),
                 Some(h) if id.is_some_and(|id| id != h.id) => {
                     Step::Answer(Err(BackendError::WrongLockId { holder: h.info }))
                 }
                 Some(h) => {
                     tracing::info!(lock_id = ?h.id, forced = id.is_none(), "releasing the lock");
-                    Step::Push(vec![RefUpdate { name: lock_ref.clone(), old: Some(h.commit), new: None }])
+                    Step::Push(vec![RefUpdate { name: h.reference.clone(), old: Some(h.commit), new: None }])
                 }
             })
         })
@@ -199,14 +205,15 @@ impl Backend {
         write: &Write<'_>,
     ) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
-        let lock_ref = &lock.reference;
-        let refs = [branch_ref.clone(), lock_ref.clone()];
+        let mut refs = vec![branch_ref.clone()];
+        refs.extend(lock.refs());
         let started = Instant::now();
         // First try against what this process last saw (one round trip when nobody else wrote).
         // Sealed once, on the first attempt that commits (a KMS seal costs a round trip).
         let mut sealed: Option<Vec<u8>> = None;
         let outcome = self.compare_and_swap(ctx, &refs, self.memory.guess(&refs), |tips| {
-            let holder = self.holder_in(tips, lock)?;
+            let view = self.lock_view(tips, lock)?;
+            let holder = view.holder.as_ref();
             let base = tips.get(&branch_ref).copied();
             // The rules see states as Terraform sent them, never their stored form.
             let raw = base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten();
@@ -220,7 +227,7 @@ impl Backend {
             {
                 stored = None;
             }
-            let (message, guard) = match decide_write(write, holder.as_ref(), stored) {
+            let (message, guard) = match decide_write(write, holder, stored) {
                 Decision::Answer(answer) => return Ok(Step::Answer(answer)),
                 Decision::Commit { message, guard } => (message, guard),
             };
@@ -233,13 +240,15 @@ impl Backend {
                 Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),
                 other => other?,
             };
-            let lock_update = match guard {
-                // The write lands only if the lock is still this one at that instant (atomic push).
-                Some(lock) => RefUpdate { name: lock_ref.clone(), old: Some(lock), new: Some(lock) },
-                // No lock may appear meanwhile (checked against the push's own ref advertisement).
-                None => RefUpdate { name: lock_ref.clone(), old: None, new: None },
-            };
-            Ok(Step::Push(vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }, lock_update]))
+            // The write lands only if the lock is still this one at that instant (a guard in an
+            // atomic push); no other lock may appear meanwhile (checked against the push's own
+            // ref advertisement).
+            let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];
+            if let (Some(h), Some(held)) = (holder, guard) {
+                updates.push(RefUpdate { name: h.reference.clone(), old: Some(held), new: Some(held) });
+            }
+            updates.extend(view.absence_checks());
+            Ok(Step::Push(updates))
         });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
@@ -281,11 +290,15 @@ impl Backend {
             };
             pushes += 1;
             match self.update(ctx, &updates)? {
-                UpdateOutcome::Applied => {
+                // The first update is what the operation is for (the branch of a write, the
+                // lock of a lock or unlock); the rest only guard it. Once it is applied the
+                // operation happened, whatever became of its guards, and is never pushed again.
+                outcome if outcome.applied(&updates[0].name) => {
                     tracing::debug!(pushes, guessed = !fresh, "compare-and-swap applied");
                     return Ok((Outcome::Done, pushes));
                 }
-                UpdateOutcome::Rejected(why) => {
+                UpdateOutcome::Applied => unreachable!("an applied push applied its first update"),
+                UpdateOutcome::Rejected(why) | UpdateOutcome::PartlyApplied { rejected: why, .. } => {
                     tracing::info!(attempt = pushes, rejected = ?why, "lost the race; looking again");
                     if pushes >= attempts {
                         tracing::warn!(attempts, "gave up on a moving branch");
@@ -310,27 +323,53 @@ impl Backend {
     fn update(&self, ctx: &RequestContext, updates: &[RefUpdate]) -> Result<UpdateOutcome, BackendError> {
         let outcome = self.storage.update(ctx, updates)?;
         for u in updates {
-            match outcome {
-                UpdateOutcome::Applied => self.memory.set_tip(&u.name, u.new),
-                UpdateOutcome::Rejected(_) => self.memory.forget_tip(&u.name),
+            if outcome.applied(&u.name) {
+                self.memory.set_tip(&u.name, u.new);
+            } else {
+                self.memory.forget_tip(&u.name);
             }
         }
         Ok(outcome)
     }
 
     /// Who holds `lock` according to `tips`.
-    fn holder_in(&self, tips: &Tips, lock: &LockName) -> Result<Option<Holder>, BackendError> {
-        let Some(&commit) = tips.get(&lock.reference) else { return Ok(None) };
-        let info = match self.memory.lock_info(&commit) {
-            Some(info) => info,
-            None => {
-                let stored = self.storage.read_file(commit, &lock.file)?.unwrap_or_default();
-                let info = decide::readable_lock_info(stored.into(), &lock.reference, commit);
-                self.memory.remember_lock_info(commit, info.clone());
-                info
+    /// Who holds `lock` according to `tips` (its own branch first, else the other layout's),
+    /// and which of its branches are absent.
+    fn lock_view(&self, tips: &Tips, lock: &LockName) -> Result<LockView, BackendError> {
+        let mut view = LockView { holder: None, absent: Vec::new() };
+        for reference in lock.refs() {
+            let Some(&commit) = tips.get(&reference) else {
+                view.absent.push(reference);
+                continue;
+            };
+            if view.holder.is_some() || (reference == lock.legacy && self.is_plain_branch_lock(lock, commit)?) {
+                continue;
             }
-        };
-        Ok(Some(Holder { commit, id: decide::lock_id_of(&info), info }))
+            let info = match self.memory.lock_info(&commit) {
+                Some(info) => info,
+                None => {
+                    let stored = self.storage.read_file(commit, &lock.file)?.unwrap_or_default();
+                    let info = decide::readable_lock_info(stored.into(), &reference, commit);
+                    self.memory.remember_lock_info(commit, info.clone());
+                    info
+                }
+            };
+            view.holder = Some(Holder { commit, id: decide::lock_id_of(&info), info, reference });
+        }
+        Ok(view)
+    }
+
+    /// Whether `commit`, found on `locks/<path>` while looking at another branch's lock, is
+    /// [`PLAIN_LOCKS_BRANCH`]'s own lock as this version takes it (its commit says so): then it
+    /// locks that branch only. Without the trailer it is a lock of the older layout (or
+    /// terraform-backend-git's), which does not say for which branch: it holds every branch.
+    fn is_plain_branch_lock(&self, lock: &LockName, commit: ObjectId) -> Result<bool, BackendError> {
+        if lock.branch == PLAIN_LOCKS_BRANCH {
+            return Ok(false);
+        }
+        let message = self.storage.commit_info(commit)?.map(|c| c.message).unwrap_or_default();
+        let mark = format!("{BRANCH_TRAILER}{PLAIN_LOCKS_BRANCH}");
+        Ok(message.lines().any(|line| line == mark))
     }
 
     fn remember(&self, commit: ObjectId, info: Bytes) {
@@ -338,25 +377,56 @@ impl Backend {
     }
 }
 
-/// The branch holding the lock of one state, and the file in its commit.
+/// The branch whose locks keep terraform-backend-git's layout, `locks/<path>`.
+pub const PLAIN_LOCKS_BRANCH: &str = "main";
+
+/// The trailer of a lock commit naming the branch it locks.
+const BRANCH_TRAILER: &str = "Branch: ";
+
+/// What the lock branches of one state show.
+struct LockView {
+    holder: Option<Holder>,
+    /// Lock branches that do not exist: no lock may appear there while an operation lands.
+    absent: Vec<String>,
+}
+
+impl LockView {
+    /// Checks, settled by the push's advertisement, that the absent lock branches stay absent.
+    fn absence_checks(&self) -> impl Iterator<Item = RefUpdate> + '_ {
+        self.absent.iter().map(|name| RefUpdate { name: name.clone(), old: None, new: None })
+    }
+}
+
+/// The branch holding the lock of one state, and the file in its commit. A function of the
+/// branch and the path alone: every deployment, whatever its settings, takes the same lock.
 struct LockName {
+    branch: String,
     path: String,
+    /// `locks/<path>` for [`PLAIN_LOCKS_BRANCH`] (terraform-backend-git's layout, so both tools
+    /// see each other's locks); `locks/@/<branch>/@/<path>` for any other branch. `@` is never
+    /// a component of a branch or a state path, so no two (branch, path) pairs share a lock
+    /// or collide as refs.
     reference: String,
+    /// The lock the other layout names for this state. Earlier versions chose the layout by
+    /// the deployment's default branch, and terraform-backend-git takes `locks/<path>` on every
+    /// branch: such a lock is honoured (it blocks, its holder may write and unlock) until it
+    /// is released, and never created. A `locks/<path>` that this version took for
+    /// [`PLAIN_LOCKS_BRANCH`] says so in its commit and blocks that branch only.
+    legacy: String,
     file: String,
 }
 
 impl LockName {
-    /// The default branch keeps terraform-backend-git's layout, `locks/<path>`, so both tools
-    /// see each other's locks. Any other branch gets locks of its own under
-    /// `locks/@/<branch>/@/<path>`: `@` is never a component of a branch or a state path, so
-    /// no two (branch, path) pairs share a lock or collide as refs.
-    fn new(default_branch: bool, branch: &str, path: &str) -> Self {
-        let reference = if default_branch {
-            format!("refs/heads/locks/{path}")
-        } else {
-            format!("refs/heads/locks/@/{branch}/@/{path}")
-        };
-        LockName { path: path.to_owned(), reference, file: format!("{path}.lock") }
+    fn new(branch: &str, path: &str) -> Self {
+        let plain = format!("refs/heads/locks/{path}");
+        let tagged = format!("refs/heads/locks/@/{branch}/@/{path}");
+        let (reference, legacy) = if branch == PLAIN_LOCKS_BRANCH { (plain, tagged) } else { (tagged, plain) };
+        LockName { branch: branch.to_owned(), path: path.to_owned(), reference, legacy, file: format!("{path}.lock") }
+    }
+
+    /// Both lock branches, this layout's first.
+    fn refs(&self) -> Vec<String> {
+        vec![self.reference.clone(), self.legacy.clone()]
     }
 }
 

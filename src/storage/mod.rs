@@ -88,6 +88,20 @@ pub enum UpdateOutcome {
     Applied,
     /// Nothing was applied: some ref was not at its expected old value (a lost race).
     Rejected(Vec<(String, String)>),
+    /// The host applied some updates and refused others: it did not honour `atomic` (or
+    /// skipped a command). Read per ref from the host's report; never pushed again.
+    PartlyApplied { applied: Vec<String>, rejected: Vec<(String, String)> },
+}
+
+impl UpdateOutcome {
+    /// Whether the update of `name` was applied.
+    pub fn applied(&self, name: &str) -> bool {
+        match self {
+            UpdateOutcome::Applied => true,
+            UpdateOutcome::Rejected(_) => false,
+            UpdateOutcome::PartlyApplied { applied, .. } => applied.iter().any(|a| a == name),
+        }
+    }
 }
 
 /// A commit as stored: what history needs of it, without its tree.

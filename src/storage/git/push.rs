@@ -22,33 +22,6 @@ pub struct ReceiveCaps {
     pub quiet: bool,
 }
 
-impl ReceiveCaps {
-    /// The capabilities as a line of names (how they are remembered on disk).
-    pub fn to_line(self) -> String {
-        [
-            ("atomic", self.atomic),
-            ("side-band-64k", self.side_band_64k),
-            ("report-status", self.report_status),
-            ("quiet", self.quiet),
-        ]
-        .iter()
-        .filter(|(_, on)| *on)
-        .map(|(name, _)| *name)
-        .collect::<Vec<_>>()
-        .join(" ")
-    }
-
-    pub fn from_line(line: &str) -> Self {
-        let has = |name: &str| line.split_whitespace().any(|c| c == name);
-        ReceiveCaps {
-            atomic: has("atomic"),
-            side_band_64k: has("side-band-64k"),
-            report_status: has("report-status"),
-            quiet: has("quiet"),
-        }
-    }
-}
-
 /// What the server said about itself before we sent anything.
 pub struct Advertisement {
     pub refs: HashMap<String, ObjectId>,
@@ -164,8 +137,17 @@ pub(crate) fn pack_for(
     if !commands.iter().any(|u| u.new.is_some()) {
         return Ok(None);
     }
-    let new_commits: Vec<ObjectId> =
+    let mut new_commits: Vec<ObjectId> =
         commands.iter().filter(|u| !u.is_guard()).filter_map(|u| u.new).filter(|id| !remote_has(id)).collect();
+    // A guard's commit travels whether or not the host seems to have it: receive-pack skips
+    // (rather than fails) a command whose objects are missing, even in an atomic push, so a
+    // lock commit pruned on the host would turn the guard into no check at all. With its
+    // objects in the pack, the guard is compared with the ref's value, always.
+    for id in commands.iter().filter(|u| u.is_guard()).filter_map(|u| u.new) {
+        if !new_commits.contains(&id) {
+            new_commits.push(id);
+        }
+    }
     // A server accepting these commits must hold their parents, and so all the parents hold.
     let mut parents = Vec::new();
     for id in &new_commits {
@@ -271,13 +253,6 @@ fn read_report(
     report_lines(frames.iter().map(Vec::as_slice), side_band, url)
 }
 
-/// The report-status lines of a whole response body (a push over smart HTTP without a
-/// preceding advertisement).
-pub(crate) fn report_from_bytes(body: &[u8], side_band: bool, url: &RepoUrl) -> Result<Vec<String>, StorageError> {
-    let frames = pkt_frames(body).ok_or_else(|| garbage(url, "a broken packet line"))?;
-    report_lines(frames.into_iter(), side_band, url)
-}
-
 /// The report-status lines in packet-line `frames`, demultiplexed from side-band channel 1
 /// when negotiated (channel 2 is progress, for the log; channel 3 the host's error).
 fn report_lines<'a>(
@@ -357,6 +332,11 @@ pub(crate) fn outcome(
         } else {
             return Err(garbage(url, line));
         }
+    }
+    if !rejected.is_empty() && !ok.is_empty() {
+        // The host applied part of the push (it did not honour `atomic`, or skipped a command):
+        // what was applied stays applied, and the caller must hear which.
+        return Ok(UpdateOutcome::PartlyApplied { applied: ok, rejected });
     }
     if !rejected.is_empty() {
         // A ref that moved under us is a lost race; anything else is the host's policy, for good.

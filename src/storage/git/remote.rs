@@ -13,7 +13,6 @@ use gix::protocol::transport::Protocol;
 use gix::remote::fetch::{Shallow, Tags};
 use gix::remote::Direction;
 
-use super::push::ReceiveCaps;
 use super::smart_http::{Blind, SmartHttp};
 use super::transport::{self, classify, HostFailure};
 use super::tree::{self, Author, MAX_CACHE_PACKS};
@@ -62,8 +61,10 @@ impl RemoteStore {
                 tree::open_or_init_bare(&first)?
             }
         };
-        let caps = std::fs::read_to_string(first.join(CAPS_FILE)).ok().map(|line| ReceiveCaps::from_line(&line));
-        let smart = SmartHttp::new(&url, caps);
+        // Earlier versions remembered receive-pack's capabilities here; pushes no longer trust
+        // anything but the push's own advertisement.
+        let _ = std::fs::remove_file(first.join("gitstate-receive-caps"));
+        let smart = SmartHttp::new(&url);
         let generation = Generation { dir: first, repo, discard: AtomicBool::new(false) };
         Ok(RemoteStore {
             url,
@@ -234,9 +235,6 @@ fn deepen_once(
     receive(prepare, url, depth, ctx)
 }
 
-/// Where a cache remembers receive-pack's capabilities for the next process.
-const CAPS_FILE: &str = "gitstate-receive-caps";
-
 /// Whether some tip's commit is not in `repo` (a miss makes gix re-read the packs on disk).
 fn missing(repo: &gix::Repository, tips: &Tips) -> bool {
     tips.values().any(|id| !repo.has_object(id))
@@ -255,31 +253,6 @@ fn cache_error(e: StorageError) -> StorageError {
     }
 }
 
-impl RemoteStore {
-    /// The full push (advertisement first), learning receive-pack's capabilities and what the
-    /// advertisement showed of the refs pushed.
-    fn push_with_advertisement(
-        &self,
-        repo: &gix::Repository,
-        dir: &Path,
-        ctx: &RequestContext,
-        updates: &[RefUpdate],
-    ) -> Result<UpdateOutcome, StorageError> {
-        let pushed = ctx.count_round_trip(|| super::push::push(repo, &self.url, updates, ctx))?;
-        if let Some(smart) = &self.smart {
-            let caps = pushed.advertisement.caps;
-            smart.learn_caps(caps);
-            // Best effort: a cache that cannot keep it learns it again next time.
-            let _ = std::fs::write(dir.join(CAPS_FILE), caps.to_line());
-            let refs: Vec<String> = updates.iter().map(|u| u.name.clone()).collect();
-            let seen: Tips =
-                refs.iter().filter_map(|r| pushed.advertisement.refs.get(r).map(|id| (r.clone(), *id))).collect();
-            smart.saw(&refs, &seen);
-        }
-        Ok(pushed.outcome)
-    }
-}
-
 impl Storage for RemoteStore {
     fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         if Self::needs_rebuild(&self.generation().dir) {
@@ -293,11 +266,7 @@ impl Storage for RemoteStore {
                 }
             }
         }
-        let tips = ctx.count_round_trip(|| fetch_tips(&repo, &self.url, refs, ctx, &self.fetch_turn))?;
-        if let Some(smart) = &self.smart {
-            smart.saw(refs, &tips);
-        }
-        Ok(tips)
+        ctx.count_round_trip(|| fetch_tips(&repo, &self.url, refs, ctx, &self.fetch_turn))
     }
 
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -335,23 +304,19 @@ impl Storage for RemoteStore {
     }
 
     fn update(&self, ctx: &RequestContext, updates: &[RefUpdate]) -> Result<UpdateOutcome, StorageError> {
-        let (generation, repo) = self.local();
-        let outcome = match &self.smart {
-            Some(smart) => match ctx.count_round_trip(|| smart.push(&repo, &self.url, ctx, updates))? {
-                Blind::Done(outcome) => outcome,
-                Blind::Fallback => self.push_with_advertisement(&repo, &generation.dir, ctx, updates)?,
-            },
-            None => ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx))?.outcome,
-        };
-        if let Some(smart) = &self.smart {
-            let names = updates.iter().map(|u| u.name.clone());
-            match &outcome {
-                UpdateOutcome::Applied => {
-                    let refs: Vec<String> = names.collect();
-                    let tips: Tips = updates.iter().filter_map(|u| u.new.map(|id| (u.name.clone(), id))).collect();
-                    smart.saw(&refs, &tips);
-                }
-                UpdateOutcome::Rejected(_) => smart.forget(names),
+        let (_generation, repo) = self.local();
+        // Always with the advertisement of the same push: only it says whether the host offers
+        // `atomic` now and whether a lock commit named as old id is still there (DESIGN §3).
+        let outcome = ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx))?.outcome;
+        if let UpdateOutcome::PartlyApplied { applied, rejected } = &outcome {
+            tracing::error!(
+                remote = %self.url,
+                ?applied,
+                ?rejected,
+                "the git host applied part of an atomic push; it does not honour `atomic`"
+            );
+            if let Some(smart) = &self.smart {
+                smart.disable("a push was partly applied");
             }
         }
         Ok(outcome)

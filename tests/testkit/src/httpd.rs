@@ -119,6 +119,18 @@ impl GitHttpServer {
 
     /// Start a server accepting exactly these `(user, password)` pairs.
     pub fn start_with_users(users: &[(&str, &str)]) -> Self {
+        Self::start_with(users, "")
+    }
+
+    /// Start a server ([`DEFAULT_USER`]) whose lighttpd configuration also holds `extra`
+    /// inside the `/git/` block: e.g. a condition that hands the receive-pack POSTs other
+    /// git settings than the advertisements (two differently configured servers behind one
+    /// name, as after a failover).
+    pub fn start_with_config(extra: &str) -> Self {
+        Self::start_with(&[(DEFAULT_USER, DEFAULT_PASSWORD)], extra)
+    }
+
+    fn start_with(users: &[(&str, &str)], extra: &str) -> Self {
         let bin = lighttpd_bin();
         let backend = git_http_backend();
         let dir = tempfile::Builder::new()
@@ -137,7 +149,7 @@ impl GitHttpServer {
 
         for _ in 0..5 {
             let port = free_port();
-            let conf = config(root, port, &backend);
+            let conf = config(root, port, &backend, extra);
             std::fs::write(root.join("lighttpd.conf"), conf).unwrap();
             let _ = std::fs::remove_file(root.join("error.log"));
             let stderr = std::fs::File::create(root.join("lighttpd.out")).unwrap();
@@ -264,7 +276,7 @@ impl Drop for GitHttpServer {
 pub const ACCESS_LOG_FORMAT: &str =
     r#"%h %V %u %t \"%r\" %>s %b \"%{Referer}i\" \"%{User-Agent}i\" \"%{Git-Protocol}i\""#;
 
-fn config(root: &Path, port: u16, backend: &Path) -> String {
+fn config(root: &Path, port: u16, backend: &Path, extra: &str) -> String {
     let q = |p: &Path| {
         let s = p.display().to_string();
         assert!(!s.contains('"'), "path with a quote: {s}");
@@ -298,6 +310,7 @@ $HTTP["url"] =~ "^/git/" {{
   $REQUEST_HEADER["Git-Protocol"] =~ "version=2" {{
     setenv.set-environment = ( "GIT_PROTOCOL" => "version=2" )
   }}
+{extra}
 }}
 "#,
         htdocs = q(&root.join("htdocs")),
