@@ -37,6 +37,12 @@ pub struct App {
     /// Other allowed repositories, one store (and cache directory) each, opened on first use;
     /// the least recently used is closed (and its cache deleted) when there are too many.
     other_repositories: Mutex<LruCache<RepoUrl, Arc<Repository>>>,
+    /// Blocking work on repositories other than the default, all together: the overflow is
+    /// refused at once, so hosts that hang cannot hold every thread or connection.
+    others_in_flight: Arc<Semaphore>,
+    /// Body checks (MD5, a JSON scan of up to the body limit) in flight: CPU work that never
+    /// waits on a host, bounded so a flood of large bodies cannot take every blocking thread.
+    decoding: Arc<Semaphore>,
 }
 
 /// One repository being served: its backend, and the bulkhead that bounds the requests
@@ -77,7 +83,10 @@ impl App {
         let _ = default.opened.set(Opened { backend: Arc::new(backend), remote: None });
         let capacity = NonZeroUsize::new(config.max_repositories).unwrap_or(NonZeroUsize::MIN);
         let other_repositories = Mutex::new(LruCache::new(capacity));
-        App { config, auth, sealing, default: Arc::new(default), other_repositories }
+        let others_in_flight = Arc::new(Semaphore::new(config.max_blocking.max(1)));
+        let cores = std::thread::available_parallelism().map_or(2, NonZeroUsize::get);
+        let decoding = Arc::new(Semaphore::new(2 * cores));
+        App { config, auth, sealing, default: Arc::new(default), other_repositories, others_in_flight, decoding }
     }
 
     /// Read the access rules (the secret in `secret` mode) and open the configured repository.
@@ -181,7 +190,15 @@ impl App {
             return Err(ProtocolError::PayloadTooLarge { limit: self.config.max_body_bytes }.into());
         }
         // The body checks (MD5, a JSON scan of up to the body limit) are CPU work: off the async workers.
+        let decode_turn = tokio::time::timeout_at(
+            tokio::time::Instant::from(deadline.instant()),
+            Arc::clone(&self.decoding).acquire_owned(),
+        )
+        .await
+        .map_err(|_| Error::DeadlineExceeded)?
+        .map_err(|_| Error::Internal("the decoding bound closed".into()))?;
         let request = tokio::task::spawn_blocking(move || {
+            let _turn = decode_turn;
             protocol::decode(&parts.method, parts.uri.path(), parts.uri.query(), &parts.headers, body)
         })
         .await
@@ -222,12 +239,25 @@ impl App {
                 return Err(Error::DeadlineExceeded);
             }
         };
+        // The configured repository has its own bulkhead in reserve; every other one shares
+        // one bound, and what does not fit is refused now rather than queued behind hung hosts.
+        let shared = if Arc::ptr_eq(&repository, &self.default) {
+            None
+        } else {
+            match Arc::clone(&self.others_in_flight).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracing::warn!(limit = self.config.max_blocking, "too much work on other repositories in flight");
+                    return Err(Error::Overloaded);
+                }
+            }
+        };
         let this = Arc::clone(self);
         let work_ctx = ctx.clone();
         let work_span = span.clone();
         let work = tokio::task::spawn_blocking(move || {
             let _enter = work_span.enter();
-            let _permit = permit;
+            let _permits = (permit, shared);
             let backend = this.backend_of(&repository, request.target.repository.as_ref())?;
             backend
                 .handle(&work_ctx, request.target.branch.as_deref(), &request.target.path, &request.op)

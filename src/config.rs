@@ -58,6 +58,11 @@ pub struct Config {
     /// `GITSTATE_REPOSITORY_CONCURRENCY`: requests per repository worked on at once (default 8);
     /// more wait, within their deadline, so one slow host cannot take every worker thread.
     pub repository_concurrency: usize,
+    /// `GITSTATE_MAX_BLOCKING`: requests on repositories other than the configured one worked
+    /// on at once, all of them together (default 64); more are answered 503 at once, so hosts
+    /// that hang cannot take every thread. The configured repository keeps its own
+    /// `GITSTATE_REPOSITORY_CONCURRENCY` in reserve.
+    pub max_blocking: usize,
     /// Encryption at rest: `GITSTATE_AGE_RECIPIENTS`, `GITSTATE_AGE_IDENTITIES` or
     /// `GITSTATE_AGE_IDENTITY_FILE`, `GITSTATE_KMS_KEY_ID`, `GITSTATE_KMS_DECRYPT_KEY_IDS`.
     pub sealing: SealingSettings,
@@ -86,6 +91,7 @@ impl Default for Config {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 6061)),
             max_repositories: 16,
             repository_concurrency: 8,
+            max_blocking: 64,
             serve_limits: ServeLimits::default(),
             sealing: SealingSettings::default(),
         }
@@ -239,6 +245,9 @@ impl Config {
         }
         if let Some(n) = count("GITSTATE_REPOSITORY_CONCURRENCY")? {
             c.repository_concurrency = n;
+        }
+        if let Some(n) = count("GITSTATE_MAX_BLOCKING")? {
+            c.max_blocking = n;
         }
         if let Some(d) = seconds("GITSTATE_REQUEST_TIMEOUT", 900.0)? {
             c.request_timeout = d;

@@ -30,6 +30,9 @@ pub enum Error {
     /// The request's deadline passed before the work finished.
     #[error("the request ran out of time; retry later")]
     DeadlineExceeded,
+    /// Too much work on other repositories is in flight (`GITSTATE_MAX_BLOCKING`): refused at once.
+    #[error("too many requests on other repositories are in flight; retry later")]
+    Overloaded,
     /// A bug or an unexpected local failure (e.g. a panicked worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -76,13 +79,14 @@ impl Error {
             Error::RepositoryNotAllowed => (S::FORBIDDEN, Plain),
             Error::Unauthorized(_) => (S::UNAUTHORIZED, Challenge),
             Error::ResponseTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, Plain),
-            Error::DeadlineExceeded => (S::SERVICE_UNAVAILABLE, Retry),
+            Error::DeadlineExceeded | Error::Overloaded => (S::SERVICE_UNAVAILABLE, Retry),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, Plain),
             Error::Backend(b) => match b {
                 B::Locked { .. } => (S::LOCKED, Holder),
                 B::WrongLockId { .. } => (S::CONFLICT, Holder),
                 B::NotLocked(_) | B::StaleState(_) | B::NestedLock(_) => (S::CONFLICT, Plain),
-                B::NoLock | B::NoSuchVersion => (S::NOT_FOUND, Plain),
+                B::NoLock | B::NoSuchVersion | B::UnknownCursor(_) => (S::NOT_FOUND, Plain),
+                B::StoredNotAState { .. } => (S::INTERNAL_SERVER_ERROR, Plain),
                 B::NotRestorable(_) | B::Diff(_) => (S::UNPROCESSABLE_ENTITY, Plain),
                 B::Contended { .. } | B::DeadlineExceeded { .. } => (S::SERVICE_UNAVAILABLE, Retry),
                 B::Sealing(SealError::KeyServiceUnavailable(_)) => (S::SERVICE_UNAVAILABLE, Retry),
@@ -91,11 +95,13 @@ impl Error {
                 }
                 B::Storage(st) => match st {
                     St::PathConflict { .. } => (S::CONFLICT, Plain),
-                    St::HostUnavailable(_) | St::DeadlineExceeded(_) => (S::SERVICE_UNAVAILABLE, Retry),
+                    St::HostUnavailable(_) | St::DeadlineExceeded(_) | St::OutcomeUnknown(_) => {
+                        (S::SERVICE_UNAVAILABLE, Retry)
+                    }
                     St::CredentialsRefused => (S::UNAUTHORIZED, Challenge),
                     // The host refused this change by its own rules: trying again changes nothing.
                     St::PushRefused { .. } => (S::CONFLICT, Plain),
-                    St::RepositoryNotFound(_) | St::Protocol(_) => (S::BAD_GATEWAY, Plain),
+                    St::RepositoryNotFound(_) | St::Protocol(_) | St::CertificateRefused(_) => (S::BAD_GATEWAY, Plain),
                     St::CacheCorrupt(_) | St::Local(_) => (S::INTERNAL_SERVER_ERROR, Plain),
                 },
             },
@@ -155,7 +161,11 @@ fn public_text(e: &Error) -> String {
         St::PathConflict { .. } => st.to_string(),
         St::HostUnavailable(_) => "the git host is unavailable; try again".into(),
         St::DeadlineExceeded(_) => "the git host did not answer in time; try again".into(),
+        St::OutcomeUnknown(_) => "the git host's answer was lost; try again".into(),
         St::CredentialsRefused => "the git host refused these credentials".into(),
+        St::CertificateRefused(_) => {
+            "the git host's TLS certificate was refused (untrusted issuer, expired, or issued for another name); see the server log".into()
+        }
         St::RepositoryNotFound(_) => "the repository does not exist on the git host (or these credentials cannot see it); check the repository URL".into(),
         St::PushRefused { reference, .. } => format!(
             "the git host refused to update {reference} (a hook, a protected branch or a deletion rule); see the server log"
@@ -185,6 +195,7 @@ mod tests {
             Error::Unauthorized(_) => "unauthorized",
             Error::ResponseTooLarge { .. } => "response too large",
             Error::DeadlineExceeded => "deadline",
+            Error::Overloaded => "overloaded",
             Error::Internal(_) => "internal",
             Error::Backend(B::Locked { .. }) => "locked",
             Error::Backend(B::WrongLockId { .. }) => "wrong id",
@@ -193,6 +204,8 @@ mod tests {
             Error::Backend(B::NoLock) => "no lock",
             Error::Backend(B::NestedLock(_)) => "nested lock",
             Error::Backend(B::NoSuchVersion) => "no such version",
+            Error::Backend(B::UnknownCursor(_)) => "unknown cursor",
+            Error::Backend(B::StoredNotAState { .. }) => "stored not a state",
             Error::Backend(B::NotRestorable(_)) => "not restorable",
             Error::Backend(B::Diff(_)) => "diff",
             Error::Backend(B::Contended { .. }) => "contended",
@@ -205,10 +218,12 @@ mod tests {
             Error::Backend(B::Storage(St::CacheCorrupt(_))) => "cache corrupt",
             Error::Backend(B::Storage(St::HostUnavailable(_))) => "host unavailable",
             Error::Backend(B::Storage(St::CredentialsRefused)) => "credentials refused",
+            Error::Backend(B::Storage(St::CertificateRefused(_))) => "certificate refused",
             Error::Backend(B::Storage(St::RepositoryNotFound(_))) => "repository not found",
             Error::Backend(B::Storage(St::PushRefused { .. })) => "push refused",
             Error::Backend(B::Storage(St::Protocol(_))) => "protocol",
             Error::Backend(B::Storage(St::DeadlineExceeded(_))) => "storage deadline",
+            Error::Backend(B::Storage(St::OutcomeUnknown(_))) => "outcome unknown",
             Error::Backend(B::Storage(St::Local(_))) => "local",
         }
     }
@@ -227,6 +242,7 @@ mod tests {
             (crate::auth::AuthError::Missing.into(), 401, false, true),
             (Error::ResponseTooLarge { size: 9, limit: 1 }, 413, false, false),
             (Error::DeadlineExceeded, 503, true, false),
+            (Error::Overloaded, 503, true, false),
             (Error::Internal(secret.into()), 500, false, false),
             (BackendError::Locked { holder: holder.clone() }.into(), 423, false, false),
             (BackendError::WrongLockId { holder: holder.clone() }.into(), 409, false, false),
@@ -235,6 +251,14 @@ mod tests {
             (BackendError::NoLock.into(), 404, false, false),
             (BackendError::NestedLock("a/b".into()).into(), 409, false, false),
             (BackendError::NoSuchVersion.into(), 404, false, false),
+            (BackendError::UnknownCursor(gix::ObjectId::null(gix::hash::Kind::Sha1)).into(), 404, false, false),
+            (
+                BackendError::StoredNotAState { path: "a".into(), why: crate::backend::decide::NotAState::NotUtf8(3) }
+                    .into(),
+                500,
+                false,
+                false,
+            ),
             (BackendError::NotRestorable("not JSON").into(), 422, false, false),
             (
                 BackendError::Diff(crate::backend::diff::DiffError::Empty { side: crate::backend::diff::Side::From })
@@ -272,6 +296,8 @@ mod tests {
             ),
             (StorageError::Protocol(secret.into()).into(), 502, false, false),
             (StorageError::DeadlineExceeded("while reading").into(), 503, true, false),
+            (StorageError::OutcomeUnknown(secret.into()).into(), 503, true, false),
+            (StorageError::CertificateRefused(secret.into()).into(), 502, false, false),
             (StorageError::Local(secret.into()).into(), 500, false, false),
         ];
         let mut rows: Vec<&str> = cases.iter().map(|(e, ..)| row(e)).collect();

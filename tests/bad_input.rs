@@ -58,7 +58,7 @@ fn cases() -> Vec<Case> {
         case("non-JSON body", "POST", "/state/good.tfstate", "hello, world\n", 400, "not JSON"),
         case("JSON that is not an object", "POST", "/state/good.tfstate", "[1, 2, 3]", 400, "JSON object"),
         case("JSON string", "POST", "/state/good.tfstate", "\"state\"", 400, "JSON object"),
-        case("binary body", "POST", "/state/good.tfstate", vec![0xff, 0xfe, 0x00, 0x01], 400, "not JSON"),
+        case("binary body", "POST", "/state/good.tfstate", vec![0xff, 0xfe, 0x00, 0x01], 400, "not UTF-8"),
         case("force=maybe", "POST", "/state/good.tfstate?force=maybe", valid.clone(), 400, "force"),
     ];
     let mut md5 = case("Content-MD5 mismatch", "POST", "/state/good.tfstate", valid.clone(), 400, "Content-MD5");
@@ -166,6 +166,65 @@ fn cases() -> Vec<Case> {
         400,
         "credentials",
     ));
+
+    // Bytes that are not UTF-8 (RFC 8259: JSON is UTF-8), wherever they stand: refused with
+    // the offset of the first bad byte, never stored for Terraform to choke on later.
+    let head = br#"{"version":4,"serial":8,"lineage":"lin-1","outputs":{"#.to_vec();
+    for (what, bad) in [
+        ("0xff in a string value", &b"\"x\":{\"value\":\"a\xffb\",\"type\":\"string\"}"[..]),
+        ("a lone continuation byte in a value", b"\"x\":{\"value\":\"\x80\"}"),
+        ("an overlong encoding in a value", b"\"x\":{\"value\":\"\xc0\xaf\"}"),
+        ("a UTF-16 surrogate in a value", b"\"x\":{\"value\":\"\xed\xa0\x80\"}"),
+        ("a sequence cut short at the end of a string", b"\"x\":{\"value\":\"\xe2\x82\"}"),
+        ("a code point above U+10FFFF", b"\"x\":{\"value\":\"\xf4\x90\x80\x80\"}"),
+        ("0xff in a nested key", b"\"\xc3\x28\":{\"value\":1}"),
+        ("Latin-1 text in a nested key", b"\"caf\xe9\":{\"value\":1}"),
+    ] {
+        let mut body = head.clone();
+        body.extend_from_slice(bad);
+        body.extend_from_slice(b"}}");
+        c.push(case(format!("state with {what}"), "POST", "/state/good.tfstate", body, 400, "offset"));
+    }
+    for (field, body) in [
+        ("ID", &b"{\"ID\":\"a\xffb\",\"Who\":\"me\"}"[..]),
+        ("Who", b"{\"ID\":\"u8\",\"Who\":\"m\xe9\"}"),
+        ("Info", b"{\"ID\":\"u8\",\"Info\":\"\xed\xa0\x80\"}"),
+        ("a key", b"{\"ID\":\"u8\",\"\xff\":\"x\"}"),
+    ] {
+        c.push(case(format!("LockInfo with non-UTF-8 {field}"), "LOCK", "/state/new.tfstate", body, 400, "UTF-8"));
+        c.push(case(
+            format!("UNLOCK LockInfo with non-UTF-8 {field}"),
+            "UNLOCK",
+            "/state/held.tfstate",
+            body,
+            400,
+            "UTF-8",
+        ));
+    }
+    for (what, query) in [
+        ("ID=%FF", "ID=%FF"),
+        ("ID=%C3%28", "ID=a%C3%28b"),
+        ("ID with an overlong encoding", "ID=%C0%AF"),
+        ("ref=%FF", "ref=ma%FFin"),
+        ("a parameter name %FF", "%FF=1"),
+    ] {
+        c.push(case(
+            format!("query {what}"),
+            "POST",
+            format!("/state/held.tfstate?{query}"),
+            valid.clone(),
+            400,
+            "UTF-8",
+        ));
+        c.push(case(
+            format!("query {what} (DELETE)"),
+            "DELETE",
+            format!("/state/held.tfstate?{query}"),
+            "",
+            400,
+            "UTF-8",
+        ));
+    }
 
     // LOCK bodies that are not a LockInfo.
     for (what, body) in [

@@ -210,9 +210,9 @@ fn a_host_that_stops_offering_atomic_never_takes_a_write_under_another_lock() {
 #[test]
 fn a_partly_applied_push_is_answered_as_landed() {
     let httpd = GitHttpServer::start_with_config(
-        r#"  $HTTP["url"] =~ "/git-receive-pack$" {
-    setenv.set-environment = ( "GIT_CONFIG_PARAMETERS" => "'receive.advertiseatomic'='false'" )
-  }"#,
+        r#"$HTTP["url"] =~ "^/git/.*/git-receive-pack$" {
+  setenv.set-environment = ( "GIT_CONFIG_PARAMETERS" => "'receive.advertiseatomic'='false'" )
+}"#,
     );
     let host = Host::http_with(httpd);
     let hook = host.dir.join("hooks/update");

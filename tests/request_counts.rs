@@ -1,7 +1,9 @@
-//! Requests to a smart-HTTP git host per Terraform operation (issue 13), counted from a real
-//! lighttpd access log: with what the process already knows, a push is one
-//! `POST /git-receive-pack` and a look one protocol-v2 `POST /git-upload-pack`, with no
-//! `GET info/refs` before either. Behaviour, not timing: these are counts.
+//! Requests to a smart-HTTP git host per Terraform operation, counted from a real lighttpd
+//! access log. A look is one protocol-v2 `POST /git-upload-pack` (`ls-refs`) with no
+//! `GET info/refs` before it. A push is always `GET info/refs?service=git-receive-pack` and
+//! `POST /git-receive-pack`: only the push's own advertisement says whether the host offers
+//! `atomic` now and whether a lock commit named as old id still holds the ref (lock safety,
+//! issue 16), whether or not the host offers `atomic`. Behaviour, not timing: these are counts.
 //! Also the trap of blind deletes: a lock commit pruned on the host must not let a stale
 //! UNLOCK delete a newer lock.
 
@@ -41,9 +43,24 @@ fn advertisements(reqs: &[AccessEntry]) -> usize {
 }
 
 #[test]
-fn warm_terraform_operations_cost_one_request_each() {
+fn warm_terraform_operations_cost_a_look_or_a_push_each() {
+    warm_counts(true);
+}
+
+#[test]
+fn a_host_without_atomic_costs_the_same() {
+    warm_counts(false);
+}
+
+/// A push: its advertisement and its POST.
+const PUSH: usize = 2;
+
+fn warm_counts(atomic: bool) {
     let httpd = GitHttpServer::start();
     let url = httpd.create_repo("states.git");
+    if !atomic {
+        git(&httpd.repo_dir("states.git"), &["config", "receive.advertiseAtomic", "false"]);
+    }
     let serve = Serve::start(ServeOpts::new().repository(&url));
     let mut tf = tf_for(&serve);
     tf.set_outputs(&[("x", "one")]);
@@ -54,14 +71,14 @@ fn warm_terraform_operations_cost_one_request_each() {
     });
     println!("cold init + first apply: {} requests\n{}", cold.len(), describe(&cold));
 
-    // A warm apply with a change: LOCK, GET, POST, UNLOCK.
+    // A warm apply with a change: LOCK (a push), GET (a look), POST (a push), UNLOCK (a push).
     tf.set_outputs(&[("x", "two")]);
     let apply = requests(&httpd, || {
         tf.apply().assert_success();
     });
-    println!("warm apply with a change: {} requests\n{}", apply.len(), describe(&apply));
-    assert_eq!(advertisements(&apply), 0, "a warm apply asked for an advertisement:\n{}", describe(&apply));
-    assert_eq!(apply.len(), 4, "a warm apply is LOCK 1 + GET 1 + POST 1 + UNLOCK 1:\n{}", describe(&apply));
+    println!("warm apply with a change (atomic {atomic}): {} requests\n{}", apply.len(), describe(&apply));
+    assert_eq!(advertisements(&apply), 3, "one advertisement per push:\n{}", describe(&apply));
+    assert_eq!(apply.len(), 3 * PUSH + 1, "a warm apply is LOCK 2 + GET 1 + POST 2 + UNLOCK 2:\n{}", describe(&apply));
     let stored = git_out(&httpd.repo_dir("states.git"), &["show", &format!("main:{STATE}")]);
     assert!(stored.contains("\"two\""), "the apply did not land: {stored}");
 
@@ -70,7 +87,7 @@ fn warm_terraform_operations_cost_one_request_each() {
         tf.plan().assert_success();
     });
     println!("warm plan: {} requests\n{}", plan.len(), describe(&plan));
-    assert_eq!(plan.len(), 3, "a warm plan is LOCK 1 + GET 1 + UNLOCK 1:\n{}", describe(&plan));
+    assert_eq!(plan.len(), 2 * PUSH + 1, "a warm plan is LOCK 2 + GET 1 + UNLOCK 2:\n{}", describe(&plan));
 
     // A GET of an unchanged state: one ls-refs.
     let auth = basic();
@@ -79,6 +96,7 @@ fn warm_terraform_operations_cost_one_request_each() {
         assert_eq!(got.status, 200, "{}", got.text());
     });
     assert_eq!(get.len(), 1, "a GET of an unchanged state is one request:\n{}", describe(&get));
+    assert_eq!(advertisements(&get), 0, "{}", describe(&get));
 
     // Someone else writes: the next GET sees the new tip (a fetch follows the look).
     let server = httpd.repo_dir("states.git");
@@ -101,7 +119,7 @@ fn warm_terraform_operations_cost_one_request_each() {
         tf2.apply().assert_success();
     });
     println!("cold apply with a change (empty cache): {} requests\n{}", cold_apply.len(), describe(&cold_apply));
-    assert!(cold_apply.len() <= 4 + 2, "{}", describe(&cold_apply));
+    assert!(cold_apply.len() <= 3 * PUSH + 1 + 2, "{}", describe(&cold_apply));
 }
 
 /// git's receive-pack deletes a ref unchecked when the old id is an object it does not have.

@@ -50,6 +50,14 @@ pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&
         // A retried write (or deleting what is not there): already in place, nothing to commit.
         return Decision::Answer(Ok(Outcome::Done));
     }
+    // What is stored is not a state (damaged, or not ours): no guard can read it, so only a
+    // deliberate overwrite replaces it.
+    if let Some(Err(why)) = stored.map(StateHead::check) {
+        if !write.force {
+            return Decision::Answer(Err(BackendError::StaleState(Stale::StoredNotAState(why))));
+        }
+        tracing::warn!(reason = %why, "a stored file that is not a state replaced with force=true");
+    }
     if let (Some(stored), Some(incoming)) = (stored, write.content) {
         match guard_serial(stored, incoming) {
             Verdict::Write => {}
@@ -131,6 +139,21 @@ pub struct StateHead {
     pub lineage: Option<String>,
 }
 
+/// Why bytes are not a Terraform state document: the one check for what a caller sends and
+/// for what is found stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAState {
+    /// JSON is UTF-8 (RFC 8259): a byte sequence that is not is refused wherever it stands.
+    #[error("the body is not UTF-8: invalid byte at offset {0}")]
+    NotUtf8(usize),
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("the state must be a JSON object")]
+    NotAnObject,
+    #[error("the state is malformed: {0}")]
+    Field(StateFieldError),
+}
+
 /// Why a body's guard fields cannot be trusted; the caller gets a 400 naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateFieldError {
@@ -145,6 +168,22 @@ pub enum StateFieldError {
 }
 
 impl StateHead {
+    /// Check that `body` is a state document (UTF-8, one JSON object, guard fields well
+    /// typed) and read its head. Validates without building the document: a state can be
+    /// many megabytes.
+    pub fn check(body: &[u8]) -> Result<Self, NotAState> {
+        let text = std::str::from_utf8(body).map_err(|e| NotAState::NotUtf8(e.valid_up_to()))?;
+        let parsed = serde_json::from_str::<serde::de::IgnoredAny>(text);
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(match parsed {
+                Ok(_) => NotAState::NotAnObject,
+                Err(e) => NotAState::NotJson(e.to_string()),
+            });
+        }
+        parsed.map_err(|e| NotAState::NotJson(e.to_string()))?;
+        Self::read(body).map_err(NotAState::Field)
+    }
+
     /// Read `serial` and `lineage` of a JSON object, refusing any that is mistyped or repeated
     /// (two parsers must never read two different serials from one body).
     pub fn read(body: &[u8]) -> Result<Self, StateFieldError> {

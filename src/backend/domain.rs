@@ -101,6 +101,8 @@ pub enum Stale {
     SameSerial { serial: u64 },
     #[error("the stored state has a lineage and serial and this body does not carry both; it cannot be shown to be newer (use ?force=true for a deliberate overwrite)")]
     Unguarded,
+    #[error("what is stored is not a Terraform state ({0}); use ?force=true to replace it")]
+    StoredNotAState(super::decide::NotAState),
 }
 
 /// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
@@ -131,6 +133,12 @@ pub enum BackendError {
     /// A version compared is not a readable state.
     #[error(transparent)]
     Diff(#[from] super::diff::DiffError),
+    /// What is stored at `path` is not a state document: never served as one.
+    #[error("the file stored at `{path}` is not a Terraform state ({why}); see the server log")]
+    StoredNotAState { path: String, why: super::decide::NotAState },
+    /// `before` of a history page names no commit of the branch's history.
+    #[error("`before` names {0}, which is not a commit of this branch's history")]
+    UnknownCursor(gix::ObjectId),
     /// GET of a lock that nobody holds.
     #[error("no lock is held on this state")]
     NoLock,

@@ -119,7 +119,12 @@ impl Backend {
         let reference = super::branch_ref(branch);
         let tips = self.sync(ctx, std::slice::from_ref(&reference))?;
         let mut page = Page { path: path.to_owned(), versions: Vec::new(), next: None };
-        let Some(&tip) = tips.get(&reference) else { return Ok(Outcome::Json(to_json(&page))) };
+        let Some(&tip) = tips.get(&reference) else {
+            return match before {
+                Some(id) => Err(BackendError::UnknownCursor(id)),
+                None => Ok(Outcome::Json(to_json(&page))),
+            };
+        };
         let mut walk = Walk::new(self, ctx, &reference, tip, (limit as u32).saturating_add(2));
         let mut skipping = before.is_some();
         let mut walked = 0;
@@ -146,6 +151,10 @@ impl Backend {
             }
             page.versions.push(Version::of(&commit, here.is_none()));
         }
+        // A cursor never met is no end of history: a client would stop paging for good.
+        if let (true, Some(id)) = (skipping, before) {
+            return Err(BackendError::UnknownCursor(id));
+        }
         Ok(Outcome::Json(to_json(&page)))
     }
 
@@ -158,7 +167,7 @@ impl Backend {
         commit: ObjectId,
     ) -> Result<Outcome, BackendError> {
         match self.stored_at(ctx, branch, path, commit)? {
-            Some(plain) => Ok(Outcome::State(plain)),
+            Some(plain) => Ok(Outcome::State(super::checked_state(path, plain)?)),
             None => Err(BackendError::NoSuchVersion),
         }
     }

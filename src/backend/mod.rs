@@ -134,7 +134,9 @@ impl Backend {
         let tips = self.sync(ctx, std::slice::from_ref(&branch_ref))?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
-            Some(stored) if !stored.is_empty() => Outcome::State(self.sealing.open(ctx, &stored)?.to_vec().into()),
+            Some(stored) if !stored.is_empty() => {
+                Outcome::State(checked_state(path, self.sealing.open(ctx, &stored)?)?)
+            }
             _ => Outcome::NoState,
         })
     }
@@ -164,7 +166,7 @@ impl Backend {
                     unseen_blockers += 1;
                     // The other layout's lock is never created, only checked absent.
                     let mut updates = vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }];
-                    updates.extend(view.absence_checks());
+                    updates.extend(view.absence_checks().filter(|check| check.name != lock.reference));
                     Step::Push(updates)
                 }
             })
@@ -217,7 +219,16 @@ impl Backend {
             let base = tips.get(&branch_ref).copied();
             // The rules see states as Terraform sent them, never their stored form.
             let raw = base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten();
-            let stored = raw.as_deref().map(|raw| self.sealing.open(ctx, raw)).transpose()?;
+            let stored = match raw.as_deref().map(|raw| self.sealing.open(ctx, raw)).transpose() {
+                Ok(stored) => stored,
+                // A damaged sealed form holds no state anyone can read: only a deliberate
+                // overwrite replaces it.
+                Err(sealing::SealError::Damaged(why)) if write.force => {
+                    tracing::warn!(reason = %why, "a damaged stored state replaced with force=true");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut stored = stored.as_ref().map(|s| s.as_slice());
             // The same state stored in a form this deployment no longer writes (clear, or under
             // another KMS key) is written again: that is how a repository gets encrypted.
@@ -289,7 +300,15 @@ impl Backend {
                 Step::Push(updates) => updates,
             };
             pushes += 1;
-            match self.update(ctx, &updates)? {
+            let pushed = match self.update(ctx, &updates) {
+                Err(BackendError::Storage(StorageError::OutcomeUnknown(why))) => {
+                    // The push may have landed: never send it again blindly. One look tells.
+                    tracing::warn!(reason = %why, "the git host's answer to a push was lost; looking whether it landed");
+                    self.landed(ctx, refs, &updates)?
+                }
+                other => other?,
+            };
+            match pushed {
                 // The first update is what the operation is for (the branch of a write, the
                 // lock of a lock or unlock); the rest only guard it. Once it is applied the
                 // operation happened, whatever became of its guards, and is never pushed again.
@@ -310,6 +329,25 @@ impl Backend {
                 }
             }
         }
+    }
+
+    /// After a push whose answer was lost: applied when its first ref is at the id it pushed
+    /// (a deleted ref: absent), else a lost race, to be looked at again and redone.
+    fn landed(
+        &self,
+        ctx: &RequestContext,
+        refs: &[String],
+        updates: &[RefUpdate],
+    ) -> Result<UpdateOutcome, BackendError> {
+        let tips = self.sync(ctx, refs)?;
+        let primary = &updates[0];
+        if tips.get(&primary.name).copied() == primary.new {
+            for u in updates {
+                self.memory.set_tip(&u.name, tips.get(&u.name).copied());
+            }
+            return Ok(UpdateOutcome::Applied);
+        }
+        Ok(UpdateOutcome::Rejected(vec![(primary.name.clone(), "not applied: the answer was lost".into())]))
     }
 
     /// Fresh tips from the source of truth, remembered as the latest guess.
@@ -427,6 +465,16 @@ impl LockName {
     /// Both lock branches, this layout's first.
     fn refs(&self) -> Vec<String> {
         vec![self.reference.clone(), self.legacy.clone()]
+    }
+}
+
+/// A stored state as it may be served: content that a POST would refuse is never handed out
+/// as a state (it is damaged, or not ours).
+fn checked_state(path: &str, plain: impl AsRef<[u8]>) -> Result<Bytes, BackendError> {
+    let plain = plain.as_ref();
+    match decide::StateHead::check(plain) {
+        Ok(_) => Ok(Bytes::copy_from_slice(plain)),
+        Err(why) => Err(BackendError::StoredNotAState { path: path.to_owned(), why }),
     }
 }
 

@@ -64,6 +64,12 @@ pub fn parse_lock_info(raw: Bytes) -> Result<LockInfo, ProtocolError> {
     }
     let not_lock_info =
         || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
+    if let Err(e) = std::str::from_utf8(&raw) {
+        return Err(ProtocolError::BadRequest(format!(
+            "the LockInfo is not UTF-8: invalid byte at offset {}",
+            e.valid_up_to()
+        )));
+    }
     // Via Value: serde's derived reader would also take a JSON array as the struct.
     let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
     if !value.is_object() {
@@ -122,7 +128,7 @@ pub fn decode(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<BackendRequest, ProtocolError> {
-    let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes()).into_owned().collect();
+    let params = query_params(query.unwrap_or(""))?;
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
 
     let (kind, raw_path) = route(path, &param)?;
@@ -178,8 +184,7 @@ pub fn decode(
         }
         (Kind::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
-            check_state_json(&body)?;
-            StateHead::read(&body).map_err(|e| ProtocolError::BadRequest(format!("the state is malformed: {e}")))?;
+            StateHead::check(&body).map_err(|e| ProtocolError::BadRequest(e.to_string()))?;
             Operation::PutState { lock_id, body, force }
         }
         (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
@@ -227,6 +232,33 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
     ))
 }
 
+/// The query's parameters, decoded as `application/x-www-form-urlencoded`. A name or value
+/// that is not UTF-8 once decoded is refused, never read with U+FFFD in its place (the `ID`
+/// compared with a lock's would then be another string than the one sent).
+fn query_params(query: &str) -> Result<Vec<(String, String)>, ProtocolError> {
+    let decode = |raw: &str| {
+        percent_decode_str(&raw.replace('+', " ")).decode_utf8().map(std::borrow::Cow::into_owned).map_err(|_| {
+            let name: String = raw.chars().take(32).collect();
+            ProtocolError::BadRequest(format!("the query parameter {:?} is not valid UTF-8", name.escape_debug()))
+        })
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = decode(name)?;
+            let value = decode(value).map_err(|_| {
+                ProtocolError::BadRequest(format!(
+                    "the query parameter `{}` is not valid UTF-8",
+                    name.chars().take(32).collect::<String>().escape_debug()
+                ))
+            })?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
 fn decode_path(raw: &str) -> Result<String, ProtocolError> {
     percent_decode_str(raw)
         .decode_utf8()
@@ -245,19 +277,6 @@ fn check_md5(headers: &HeaderMap, body: &[u8]) -> Result<(), ProtocolError> {
         return Err(ProtocolError::BadRequest("the Content-MD5 header does not match the body".into()));
     }
     Ok(())
-}
-
-fn check_state_json(body: &[u8]) -> Result<(), ProtocolError> {
-    // Validate without building the document: a state can be many megabytes.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Ok(_) => Err(ProtocolError::BadRequest("the state must be a JSON object".into())),
-            Err(e) => Err(ProtocolError::BadRequest(format!("the body is not JSON: {e}"))),
-        };
-    }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map(|_| ())
-        .map_err(|e| ProtocolError::BadRequest(format!("the body is not JSON: {e}")))
 }
 
 /// Base64 MD5 of `body`, as Terraform sends and checks it.

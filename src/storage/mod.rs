@@ -23,6 +23,10 @@ pub enum StorageError {
     /// The git host could not be reached, or the connection broke: try again later.
     #[error("git host unavailable: {0}")]
     HostUnavailable(String),
+    /// The git host's TLS certificate failed verification (untrusted issuer, expired, another
+    /// name): retrying does not heal it.
+    #[error("the git host's TLS certificate was refused: {0}")]
+    CertificateRefused(String),
     /// The git host refused the credentials (401/403 or equivalent).
     #[error("git host refused the credentials")]
     CredentialsRefused,
@@ -35,6 +39,10 @@ pub enum StorageError {
     /// The git host answered something we could not understand.
     #[error("git protocol error: {0}")]
     Protocol(String),
+    /// The connection broke after a push's commands were sent: it may or may not have been
+    /// applied. Never resent as it is; a look at the refs tells.
+    #[error("the git host's answer to a push was lost: {0}")]
+    OutcomeUnknown(String),
     /// The request's deadline passed while talking to the git host.
     #[error("deadline passed {0}")]
     DeadlineExceeded(&'static str),
@@ -50,7 +58,10 @@ impl StorageError {
 
     /// Transient: the same request may succeed later (answered 503 with `Retry-After`).
     pub fn is_spurious(&self) -> bool {
-        matches!(self, StorageError::HostUnavailable(_) | StorageError::DeadlineExceeded(_))
+        matches!(
+            self,
+            StorageError::HostUnavailable(_) | StorageError::DeadlineExceeded(_) | StorageError::OutcomeUnknown(_)
+        )
     }
 
     /// The cache is broken and must be rebuilt; the only error that triggers a rebuild.

@@ -194,19 +194,46 @@ fn advertisement(
         quiet: has("quiet"),
     };
     let mut lines = response.refs.ok_or_else(|| StorageError::Protocol(format!("{url} sent no ref advertisement")))?;
-    let (advertised, _shallow) =
-        gix::protocol::handshake::refs::from_v1_refs_received_as_part_of_handshake_and_capabilities(
-            &mut lines,
-            caps.iter(),
-        )
-        .map_err(|e| classify(url, ctx, &e))?;
-    let mut refs = HashMap::new();
-    for r in &advertised {
-        if let (name, Some(id), _) = r.unpack() {
-            refs.insert(name.to_string(), id.to_owned());
-        }
+    let mut frames = Vec::new();
+    while let Some(line) = lines.readline() {
+        let line = line
+            .map_err(|e| classify(url, ctx, &e))?
+            .map_err(|e| StorageError::Protocol(format!("{url}: {}", transport::chain(&e))))?;
+        let PacketLineRef::Data(data) = line else { break };
+        frames.push(data.to_vec());
     }
+    let refs = advertised_refs(frames.iter().map(Vec::as_slice)).map_err(|line| {
+        StorageError::Protocol(format!("{url} sent an advertisement line we cannot read: {:?}", line.escape_debug()))
+    })?;
     Ok(Advertisement { refs, caps: receive_caps })
+}
+
+/// The refs of a v0/v1 ref advertisement, read by us: gix-protocol's parser panics on some
+/// hosts' answers (a `symref=` capability naming an unborn HEAD), and nothing a host sends may
+/// panic gitstate. Peeled tags, `.have` lines, `shallow` lines and the `capabilities^{}`
+/// placeholder of an empty repository name no ref of ours. An unreadable line comes back.
+pub(crate) fn advertised_refs<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Result<HashMap<String, ObjectId>, String> {
+    let mut refs = HashMap::new();
+    for raw in lines {
+        // The first line carries the capabilities after a NUL.
+        let line = raw.split(|b| *b == 0).next().unwrap_or_default();
+        let line = std::str::from_utf8(line).map_err(|_| String::from_utf8_lossy(raw).into_owned())?;
+        let line = line.trim_end_matches('\n');
+        if line.starts_with("shallow ") {
+            continue;
+        }
+        let bad = || line.to_owned();
+        let (id, name) = line.split_once(' ').ok_or_else(bad)?;
+        let id = ObjectId::from_hex(id.as_bytes()).map_err(|_| bad())?;
+        if name.ends_with("^{}") || name == ".have" {
+            continue;
+        }
+        if name.is_empty() || name.contains(' ') {
+            return Err(bad());
+        }
+        refs.insert(name.to_owned(), id);
+    }
+    Ok(refs)
 }
 
 /// The capabilities we ask for on the first command line.
@@ -393,6 +420,97 @@ fn after_send(e: StorageError) -> StorageError {
         StorageError::DeadlineExceeded(_) => {
             StorageError::DeadlineExceeded("after the push was sent; it may or may not have been applied")
         }
+        StorageError::HostUnavailable(why) => StorageError::OutcomeUnknown(why),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const B: &str = "2222222222222222222222222222222222222222";
+
+    fn id(hex: &str) -> ObjectId {
+        ObjectId::from_hex(hex.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn advertisements_that_made_gix_panic_are_read() {
+        // dulwich's receive-pack on an empty repository: the placeholder line, with a symref
+        // capability naming an unborn HEAD (gix-protocol's v1 parser reaches `unreachable!()`).
+        let empty = format!(
+            "{} capabilities^{{}}\0report-status delete-refs side-band-64k quiet atomic ofs-delta symref=HEAD:refs/heads/main agent=dulwich/0.22.8\n",
+            "0".repeat(40)
+        );
+        assert_eq!(advertised_refs([empty.as_bytes()].into_iter()), Ok(HashMap::new()));
+        // A symref to a branch that exists, peeled tags, `.have` and `shallow` lines.
+        let lines = [
+            format!("{A} HEAD\0report-status atomic symref=HEAD:refs/heads/main\n"),
+            format!("{A} refs/heads/main\n"),
+            format!("{B} refs/heads/locks/a.tfstate\n"),
+            format!("{B} refs/tags/v1\n"),
+            format!("{A} refs/tags/v1^{{}}\n"),
+            format!("{B} .have\n"),
+            format!("shallow {A}\n"),
+        ];
+        let refs = advertised_refs(lines.iter().map(|l| l.as_bytes())).unwrap();
+        assert_eq!(refs.len(), 4, "{refs:?}");
+        assert_eq!(refs["refs/heads/main"], id(A));
+        assert_eq!(refs["refs/heads/locks/a.tfstate"], id(B));
+        assert_eq!(refs["refs/tags/v1"], id(B));
+    }
+
+    #[test]
+    fn unreadable_advertisement_lines_are_refused_not_guessed() {
+        for bad in [
+            "not-an-id refs/heads/main\n".to_string(),
+            format!("{A}\n"),
+            format!("{A} \n"),
+            format!("{A} refs/heads/a b\n"),
+            "ERR something broke\n".to_string(),
+        ] {
+            assert!(advertised_refs([bad.as_bytes()].into_iter()).is_err(), "{bad:?}");
+        }
+        assert!(advertised_refs([&b"\xff\xfe refs/heads/main"[..]].into_iter()).is_err());
+    }
+
+    fn update(name: &str) -> RefUpdate {
+        RefUpdate { name: name.into(), old: Some(id(A)), new: Some(id(B)) }
+    }
+
+    #[test]
+    fn reports_are_read_per_ref() {
+        let url = RepoUrl::parse("http://127.0.0.1/x.git").unwrap();
+        let (main, lock) = (update("refs/heads/main"), update("refs/heads/locks/a"));
+        let commands = [&main, &lock];
+        let report = |lines: &[&str]| lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            outcome(&report(&["unpack ok", "ok refs/heads/main", "ok refs/heads/locks/a"]), &commands, &url).unwrap(),
+            UpdateOutcome::Applied
+        );
+        // A host that did not honour `atomic`: one ref applied, one refused, whatever the reason.
+        for reason in ["failed to lock", "hook declined", "missing necessary objects", "something else entirely"] {
+            let got = outcome(
+                &report(&["unpack ok", "ok refs/heads/main", &format!("ng refs/heads/locks/a {reason}")]),
+                &commands,
+                &url,
+            )
+            .unwrap();
+            assert!(got.applied("refs/heads/main") && !got.applied("refs/heads/locks/a"), "{reason}: {got:?}");
+            assert!(matches!(got, UpdateOutcome::PartlyApplied { .. }), "{got:?}");
+        }
+        // All refused as a lost race: nothing applied.
+        let got = outcome(
+            &report(&["unpack ok", "ng refs/heads/main failed to lock", "ng refs/heads/locks/a atomic push failure"]),
+            &commands,
+            &url,
+        )
+        .unwrap();
+        assert!(matches!(got, UpdateOutcome::Rejected(_)) && !got.applied("refs/heads/main"), "{got:?}");
+        // A report that leaves a command out is no answer.
+        assert!(outcome(&report(&["unpack ok", "ok refs/heads/main"]), &commands, &url).is_err());
+        assert!(outcome(&report(&["unpack error: index-pack abnormal exit"]), &commands, &url).is_err());
     }
 }

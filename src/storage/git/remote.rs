@@ -253,8 +253,9 @@ fn cache_error(e: StorageError) -> StorageError {
     }
 }
 
-impl Storage for RemoteStore {
-    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
+impl RemoteStore {
+    /// The tips of `refs`: one blind `ls-refs` where the host allows, else gix's fetch.
+    fn sync_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         if Self::needs_rebuild(&self.generation().dir) {
             self.reset_cache()?;
         }
@@ -267,6 +268,27 @@ impl Storage for RemoteStore {
             }
         }
         ctx.count_round_trip(|| fetch_tips(&repo, &self.url, refs, ctx, &self.fetch_turn))
+    }
+}
+
+/// Run `work` that talks to the host at `url`, turning a panic inside a dependency (gix met an
+/// answer it did not expect) into a protocol error: nothing a host sends may take a request
+/// down as our own bug (500), let alone the process. 502: the host's answer is at fault.
+fn contained<T>(url: &RepoUrl, work: impl FnOnce() -> Result<T, StorageError>) -> Result<T, StorageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(remote = %url, panic = %what.escape_debug(), "the git library failed on the host's answer");
+        Err(StorageError::Protocol(format!("{url}: the host's answer made the git library fail")))
+    })
+}
+
+impl Storage for RemoteStore {
+    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
+        contained(&self.url, || self.sync_tips(ctx, refs))
     }
 
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -287,8 +309,10 @@ impl Storage for RemoteStore {
     fn deepen(&self, ctx: &RequestContext, reference: &str, depth: u32) -> Result<(), StorageError> {
         let (_generation, repo) = self.local();
         let refs = [reference.to_owned()];
-        ctx.count_round_trip(|| {
-            transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+        contained(&self.url, || {
+            ctx.count_round_trip(|| {
+                transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+            })
         })
     }
 
@@ -307,7 +331,9 @@ impl Storage for RemoteStore {
         let (_generation, repo) = self.local();
         // Always with the advertisement of the same push: only it says whether the host offers
         // `atomic` now and whether a lock commit named as old id is still there (DESIGN §3).
-        let outcome = ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx))?.outcome;
+        let outcome =
+            contained(&self.url, || ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx)))?
+                .outcome;
         if let UpdateOutcome::PartlyApplied { applied, rejected } = &outcome {
             tracing::error!(
                 remote = %self.url,

@@ -13,7 +13,11 @@ use super::push;
 use crate::storage::url::Scheme;
 use crate::storage::{ObjectId, RepoUrl, RequestContext, StorageError, Tips};
 
+/// How long a connection to the host is kept for reuse while idle.
+const IDLE_CONNECTION: Duration = Duration::from_secs(4);
+
 pub(crate) struct SmartHttp {
+    url: RepoUrl,
     base: String,
     /// Credentials go over `http://` only to a loopback host (as in `transport::connect_http`).
     clear_text_ok: bool,
@@ -38,10 +42,14 @@ impl SmartHttp {
         let client = reqwest::blocking::Client::builder()
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
+            // Retire idle connections before hosts commonly close them (lighttpd and Apache
+            // after 5 s idle), so that few requests meet a connection closed under them.
+            .pool_idle_timeout(IDLE_CONNECTION)
             .timeout(Duration::from_secs(60))
             .build()
             .ok()?;
         Some(SmartHttp {
+            url: url.clone(),
             base: url.to_string(),
             clear_text_ok: url.scheme() == Scheme::Https || url.is_loopback(),
             client,
@@ -86,9 +94,15 @@ impl SmartHttp {
         }
         request.send().map_err(|e| {
             if ctx.out_of_time() || e.is_timeout() {
-                StorageError::DeadlineExceeded("while talking to the git host")
-            } else {
-                StorageError::HostUnavailable(format!("{}: {}", self.base, super::transport::chain(&e)))
+                return StorageError::DeadlineExceeded("while talking to the git host");
+            }
+            match super::transport::classify(&self.url, ctx, &e).error {
+                // Sorted by type (a refused certificate, say); anything else here is a
+                // connection that did not carry the request.
+                StorageError::Protocol(_) => {
+                    StorageError::HostUnavailable(format!("{}: {}", self.base, super::transport::chain(&e)))
+                }
+                sorted => sorted,
             }
         })
     }
@@ -126,7 +140,15 @@ impl SmartHttp {
             pkt(&mut body, &format!("ref-prefix {r}\n"));
         }
         body.extend_from_slice(b"0000");
-        let response = self.post(ctx, "upload-pack", true, body)?;
+        let response = match self.post(ctx, "upload-pack", true, body.clone()) {
+            // A kept-alive connection that the host closed while idle fails the request sent on
+            // it; a look changes nothing on the host, so it goes once more on a fresh connection.
+            Err(StorageError::HostUnavailable(why)) if !ctx.out_of_time() => {
+                tracing::debug!(remote = %self.base, reason = %why, "a look failed; sending it again on a fresh connection");
+                self.post(ctx, "upload-pack", true, body)?
+            }
+            other => other?,
+        };
         if !self.check(&response, "upload-pack")? {
             return Ok(Blind::Fallback);
         }

@@ -46,6 +46,12 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
     if ctx.out_of_time() {
         return StorageError::DeadlineExceeded("while talking to the git host").into();
     }
+    // A certificate that fails verification does not heal by retrying: told by its type.
+    for cause in causes() {
+        if let Some(rustls::Error::InvalidCertificate(why)) = cause.downcast_ref::<rustls::Error>() {
+            return StorageError::CertificateRefused(format!("{}: {why:?}", url.host())).into();
+        }
+    }
     for cause in causes() {
         if let Some(e) = cause.downcast_ref::<reqwest::Error>() {
             if let Some(status) = e.status() {

@@ -122,10 +122,10 @@ impl GitHttpServer {
         Self::start_with(users, "")
     }
 
-    /// Start a server ([`DEFAULT_USER`]) whose lighttpd configuration also holds `extra`
-    /// inside the `/git/` block: e.g. a condition that hands the receive-pack POSTs other
-    /// git settings than the advertisements (two differently configured servers behind one
-    /// name, as after a failover).
+    /// Start a server ([`DEFAULT_USER`]) whose lighttpd configuration ends with `extra`: e.g.
+    /// a condition that hands the receive-pack POSTs other git settings than the
+    /// advertisements (two differently configured servers behind one name, as after a
+    /// failover), or a shorter keep-alive idle time.
     pub fn start_with_config(extra: &str) -> Self {
         Self::start_with(&[(DEFAULT_USER, DEFAULT_PASSWORD)], extra)
     }
@@ -310,8 +310,8 @@ $HTTP["url"] =~ "^/git/" {{
   $REQUEST_HEADER["Git-Protocol"] =~ "version=2" {{
     setenv.set-environment = ( "GIT_PROTOCOL" => "version=2" )
   }}
-{extra}
 }}
+{extra}
 "#,
         htdocs = q(&root.join("htdocs")),
         root = q(root),

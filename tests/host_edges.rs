@@ -1,0 +1,217 @@
+//! What a real git host does to connections (issue 17): it closes kept-alive connections that
+//! sat idle, and a connection can break after a push was sent and before its answer came
+//! back. A look is resent once on a fresh connection; a push whose answer was lost is never
+//! resent blindly: one look tells whether it landed (then it is answered as landed), and
+//! only otherwise is it redone.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gitstate_testkit::fixtures::{lock_info, state};
+use gitstate_testkit::gitd::{git_out, rev_parse, GitDaemon};
+use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+use gitstate_testkit::serve::{http, Serve, ServeOpts};
+
+const P: &str = "envs/edge/terraform.tfstate";
+
+/// A proxy in front of the smart-HTTP host that, on a kept-alive connection, lets the first
+/// request through and closes the connection the moment gitstate's next look arrives on it:
+/// what a host that closes idle connections does to the request that races its close.
+struct CloseKeptAlive {
+    port: u16,
+    closed: Arc<AtomicUsize>,
+}
+
+impl CloseKeptAlive {
+    fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&closed);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let count = Arc::clone(&count);
+                std::thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { return };
+                    let answered = Arc::new(AtomicBool::new(false));
+                    let (mut s_read, mut c_write) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                    let flag = Arc::clone(&answered);
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 8192];
+                        while let Ok(n) = s_read.read(&mut buf) {
+                            if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        let _ = c_write.shutdown(Shutdown::Both);
+                    });
+                    let (mut c_read, mut s_write) = (client, server);
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let look = String::from_utf8_lossy(&buf[..n]).contains("git/gitstate");
+                        if answered.load(Ordering::SeqCst) && look {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_read.shutdown(Shutdown::Both);
+                    let _ = s_write.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        CloseKeptAlive { port, closed }
+    }
+}
+
+/// Every look that arrives on a kept-alive connection meets it closed: each is answered all
+/// the same (sent again on a fresh connection), none with a 5xx.
+#[test]
+fn a_look_on_a_connection_the_host_closed_is_sent_again() {
+    use base64::Engine as _;
+    let httpd = GitHttpServer::start();
+    httpd.create_repo("states.git");
+    let proxy = CloseKeptAlive::start(httpd.port());
+    let url = format!("http://127.0.0.1:{}/git/states.git", proxy.port);
+    let serve = Serve::start(ServeOpts::new().repository(&url));
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:{DEFAULT_PASSWORD}"))
+    );
+    let h = [("Authorization", auth.as_str())];
+    assert_eq!(http("POST", &serve.state_url(P), &h, Some(state(1, "idle").as_bytes())).status, 200);
+    let mut failures = Vec::new();
+    for i in 0..12 {
+        std::thread::sleep(Duration::from_millis(150));
+        let (method, body) = match i % 4 {
+            2 => ("LOCK", Some(lock_info("idle").into_bytes())),
+            3 => ("UNLOCK", Some(lock_info("idle").into_bytes())),
+            _ => ("GET", None),
+        };
+        let got = http(method, &serve.state_url(P), &h, body.as_deref());
+        if got.status != 200 {
+            failures.push(format!("{method}: {} {}", got.status, got.text()));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}\n{}", serve.stderr_log());
+    assert!(proxy.closed.load(Ordering::SeqCst) >= 4, "the proxy closed {} looks", proxy.closed.load(Ordering::SeqCst));
+}
+
+/// A TCP proxy in front of git daemon that, while armed, lets a receive-pack connection
+/// deliver the client's push to the daemon, throws the daemon's answer away and then closes
+/// the client's socket: the push was applied and its answer lost. Other connections pass.
+struct LoseAnswers {
+    port: u16,
+    armed: Arc<AtomicUsize>,
+}
+
+impl LoseAnswers {
+    fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::clone(&armed);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                let armed = Arc::clone(&shared);
+                std::thread::spawn(move || relay(client, target, &armed));
+            }
+        });
+        LoseAnswers { port, armed }
+    }
+
+    /// Lose the answers of the next `n` pushes.
+    fn lose_next(&self, n: usize) {
+        self.armed.store(n, Ordering::SeqCst);
+    }
+}
+
+fn relay(mut client: TcpStream, target: u16, armed: &AtomicUsize) {
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)) else { return };
+    let mut first = [0u8; 512];
+    let Ok(n) = client.read(&mut first) else { return };
+    let push = String::from_utf8_lossy(&first[..n]).contains("git-receive-pack");
+    let lose = push && armed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| a.checked_sub(1)).is_ok();
+    if server.write_all(&first[..n]).is_err() {
+        return;
+    }
+    // The daemon speaks first (its advertisement); whatever the client sends after that is
+    // the push itself, and what the daemon answers to it is lost when armed.
+    let pushed = Arc::new(AtomicBool::new(false));
+    let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let seen = Arc::clone(&pushed);
+    let upstream = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = c_read.read(&mut buf) {
+            if n == 0 || s_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            seen.store(true, Ordering::SeqCst);
+        }
+        let _ = s_write.shutdown(Shutdown::Write);
+    });
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = server.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if lose && pushed.load(Ordering::SeqCst) {
+            continue;
+        }
+        if client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = upstream.join();
+}
+
+#[test]
+fn a_push_whose_answer_was_lost_is_looked_at_not_resent() {
+    let daemon = GitDaemon::start();
+    daemon.create_repo("states.git");
+    let repo = daemon.repo_dir("states.git");
+    let proxy = LoseAnswers::start(daemon.port());
+    let url = format!("git://127.0.0.1:{}/states.git", proxy.port);
+    let serve = Serve::start(ServeOpts::new().repository(&url));
+    let pushes = || daemon.log().matches("Request receive-pack").count();
+
+    for (what, method, body, check) in [
+        ("a write", "POST", state(1, "lost"), "write"),
+        ("a lock", "LOCK", lock_info("lost"), "lock"),
+        ("a write under the lock", "POST?ID=lost", state(2, "lost-2"), "write2"),
+        ("an unlock", "UNLOCK", lock_info("lost"), "unlock"),
+    ] {
+        let before = pushes();
+        proxy.lose_next(1);
+        let (method, query) = method.split_once('?').map_or((method, String::new()), |(m, q)| (m, format!("?{q}")));
+        let got = http(method, &format!("{}{query}", serve.state_url(P)), &[], Some(body.as_bytes()));
+        assert_eq!(
+            got.status,
+            200,
+            "{what} whose answer was lost: {} {}\n{}",
+            got.status,
+            got.text(),
+            serve.stderr_log()
+        );
+        assert_eq!(pushes() - before, 1, "{what} was pushed again:\n{}", daemon.log());
+        match check {
+            "write" => assert!(git_out(&repo, &["show", &format!("main:{P}")]).contains("\"lost\"")),
+            "write2" => assert!(git_out(&repo, &["show", &format!("main:{P}")]).contains("\"lost-2\"")),
+            "lock" => assert!(rev_parse(&repo, &format!("refs/heads/locks/{P}")).is_some()),
+            _ => assert_eq!(rev_parse(&repo, &format!("refs/heads/locks/{P}")), None),
+        }
+    }
+    assert!(serve.stderr_log().contains("answer to a push was lost"), "{}", serve.stderr_log());
+}
