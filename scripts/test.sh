@@ -47,6 +47,10 @@ fi
 if ! command -v lighttpd >/dev/null 2>&1 && [ ! -x /usr/sbin/lighttpd ]; then
     apt_install lighttpd
 fi
+# HTTPS git hosts (tests/tls_hosts.rs): lighttpd's TLS module, and the openssl CLI that makes
+# the tests' certificates (a CA, a certificate for 127.0.0.1, an expired one, one for another name).
+[ -f /usr/lib/lighttpd/mod_openssl.so ] || apt_install lighttpd-mod-openssl
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 # The age CLI (`age`, `age-keygen`; Debian package age): tests/encryption.rs makes
 # keys with it and decrypts what gitstate stored with no gitstate involved.
 command -v age >/dev/null 2>&1 && command -v age-keygen >/dev/null 2>&1 || apt_install age

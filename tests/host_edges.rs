@@ -215,3 +215,61 @@ fn a_push_whose_answer_was_lost_is_looked_at_not_resent() {
     }
     assert!(serve.stderr_log().contains("answer to a push was lost"), "{}", serve.stderr_log());
 }
+
+fn cache_entries(cache: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// The generations a process rebuilt beside the shared cache: kept while a process works in
+/// them (whatever its pid), removed once nobody does, as soon as a process opens the cache
+/// after a restart or rebuilds again; leftovers without a lock file go once they are old.
+#[test]
+fn rebuilt_caches_that_no_process_uses_are_removed() {
+    let daemon = GitDaemon::start();
+    let url = daemon.create_repo("states.git");
+    let cache = tempfile::tempdir().unwrap();
+    let opts = || ServeOpts::new().repository(&url).env("GITSTATE_CACHE_DIR", cache.path().display().to_string());
+    let a = Serve::start(opts());
+    assert_eq!(http("POST", &a.state_url(P), &[], Some(state(1, "a").as_bytes())).status, 200);
+    let shared: Vec<String> = cache_entries(cache.path()).into_iter().filter(|n| n.ends_with(".git")).collect();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    // The shared cache breaks under A: A rebuilds beside it and works there.
+    std::fs::remove_dir_all(cache.path().join(&shared[0]).join("objects")).unwrap();
+    assert_eq!(http("POST", &a.state_url(P), &[], Some(state(2, "a2").as_bytes())).status, 200);
+    let rebuilt: Vec<String> =
+        cache_entries(cache.path()).into_iter().filter(|n| n.ends_with(".git") && *n != shared[0]).collect();
+    assert_eq!(rebuilt.len(), 1, "no rebuilt generation: {:?}", cache_entries(cache.path()));
+
+    // A leftover of an older version (no lock file), old; and a staging directory of a crash.
+    let old = cache.path().join(format!("{}.4242-1.git", shared[0].trim_end_matches(".git")));
+    let staging = cache.path().join(format!(".{}.4242.ffff.new", shared[0]));
+    for dir in [&old, &staging] {
+        std::fs::create_dir_all(dir.join("objects")).unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+        std::fs::File::open(dir).unwrap().set_modified(two_hours_ago).unwrap();
+    }
+    // A young leftover without a lock stays (it may be a start in progress).
+    let young = cache.path().join(format!("{}.4343-1.git", shared[0].trim_end_matches(".git")));
+    std::fs::create_dir_all(&young).unwrap();
+
+    // B starts on the same cache while A still works in its rebuilt generation: A's stays.
+    let b = Serve::start(opts());
+    assert_eq!(http("GET", &b.state_url(P), &[], None).status, 200);
+    let now = cache_entries(cache.path());
+    assert!(now.contains(&rebuilt[0]), "A's generation was removed while A uses it: {now:?}");
+    assert!(!old.exists() && !staging.exists(), "old leftovers stayed: {now:?}");
+    assert!(young.exists(), "a young directory was removed: {now:?}");
+    assert_eq!(http("POST", &a.state_url(P), &[], Some(state(3, "a3").as_bytes())).status, 200, "A lost its cache");
+
+    // A stops; the next process to open the cache removes A's generation.
+    drop(a);
+    drop(b);
+    let c = Serve::start(opts());
+    assert_eq!(http("GET", &c.state_url(P), &[], None).status, 200);
+    let now = cache_entries(cache.path());
+    assert!(!now.contains(&rebuilt[0]), "a generation nobody uses stayed: {now:?}");
+    assert!(!now.iter().any(|n| n.ends_with(".in-use") && n.starts_with(&rebuilt[0])), "{now:?}");
+}

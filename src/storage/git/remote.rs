@@ -24,19 +24,69 @@ struct Generation {
     dir: PathBuf,
     repo: gix::ThreadSafeRepository,
     discard: AtomicBool,
+    /// A rebuilt generation's [`in_use_path`], locked while this process may work in it.
+    in_use: Option<std::fs::File>,
 }
 
 impl Drop for Generation {
     fn drop(&mut self) {
         if self.discard.load(Ordering::Relaxed) {
             let _ = std::fs::remove_dir_all(&self.dir);
+            if self.in_use.is_some() {
+                let _ = std::fs::remove_file(in_use_path(&self.dir));
+            }
+        }
+    }
+}
+
+/// Rebuilt generations whose process is gone are removed; one without a lock file (an older
+/// version's, or a crashed start's staging directory) once it is this old.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The lock file beside a rebuilt generation `dir`. Its process holds an exclusive lock on it
+/// (flock) from before the directory exists until it lets go of the directory, so a sweep that
+/// can take the lock knows nobody works there. Process ids are no such proof: they repeat
+/// across Lambda sandboxes and containers sharing a disk.
+fn in_use_path(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".in-use");
+    PathBuf::from(name)
+}
+
+/// Remove what earlier processes left of `base`'s cache: rebuilt generations nobody holds,
+/// and old leftovers without a lock. `<base>.git`, shared by every process, stays.
+fn sweep_leftovers(base: &Path) {
+    let (Some(parent), Some(stem)) = (base.parent(), base.file_name().and_then(|n| n.to_str())) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let shared = format!("{stem}.git");
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let rebuilt = name.starts_with(&format!("{stem}.")) && name.ends_with(".git") && name != shared;
+        let staging = name.starts_with(&format!(".{stem}.")) && name.ends_with(".new");
+        if !(rebuilt || staging) || !path.is_dir() {
+            continue;
+        }
+        let lock = in_use_path(&path);
+        let unused = match std::fs::OpenOptions::new().write(true).open(&lock) {
+            Ok(file) => file.try_lock().is_ok(),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > LEFTOVER_AGE)),
+        };
+        if unused {
+            tracing::info!(cache = %path.display(), "removing a cache no process uses");
+            let _ = std::fs::remove_dir_all(&path);
+            let _ = std::fs::remove_file(&lock);
         }
     }
 }
 
 pub struct RemoteStore {
     url: RepoUrl,
-    /// `<cache dir>/<digest of the URL>`: generations are `<base>.git`, then `<base>.<n>.git`.
+    /// `<cache dir>/<digest of the URL>`: generations are `<base>.git` (shared by every
+    /// process), then, after a rebuild, `<base>.<pid>-<n>-<random>.git` (this process's own).
     base: PathBuf,
     current: RwLock<Arc<Generation>>,
     generations: AtomicU32,
@@ -65,7 +115,8 @@ impl RemoteStore {
         // anything but the push's own advertisement.
         let _ = std::fs::remove_file(first.join("gitstate-receive-caps"));
         let smart = SmartHttp::new(&url);
-        let generation = Generation { dir: first, repo, discard: AtomicBool::new(false) };
+        sweep_leftovers(&base);
+        let generation = Generation { dir: first, repo, discard: AtomicBool::new(false), in_use: None };
         Ok(RemoteStore {
             url,
             base,
@@ -355,14 +406,18 @@ impl Storage for RemoteStore {
     fn reset_cache(&self) -> Result<bool, StorageError> {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let n = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let dir = self.base.with_extension(format!("{}-{n}.git", std::process::id()));
+        let dir = self.base.with_extension(format!("{}-{n}-{:x}.git", std::process::id(), fastrand::u32(..)));
+        // Locked before the directory exists: a sweep never sees it unclaimed.
+        let in_use = std::fs::File::create(in_use_path(&dir)).map_err(StorageError::local)?;
+        in_use.lock().map_err(StorageError::local)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(StorageError::local)?;
         }
         tracing::warn!(old = %current.dir.display(), new = %dir.display(), "rebuilding the cache repository beside the old one");
         let repo = tree::open_or_init_bare(&dir)?;
         current.discard.store(true, Ordering::Relaxed);
-        *current = Arc::new(Generation { dir, repo, discard: AtomicBool::new(false) });
+        *current = Arc::new(Generation { dir, repo, discard: AtomicBool::new(false), in_use: Some(in_use) });
+        sweep_leftovers(&self.base);
         Ok(true)
     }
 }
