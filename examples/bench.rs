@@ -852,7 +852,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rou
         let mut attempts = attempts;
         let p50 = percentile(&mut attempts, 50);
         let max = attempts.iter().cloned().fold(0.0, f64::max);
-        let target = if n == 16 { format!("{}", met(failed == 0 && p50 <= 3.0)) } else { "-".into() };
+        let target = if n == 16 { met(failed == 0 && p50 <= 3.0).to_string() } else { "-".into() };
         println!(
             "{n:<9} {app_count:>5} {:>7} {failed:>9} {:>9.1} {p50:>9} {max:>9} {pushed:>9} {lost:>12} {target:>16}",
             landed + failed,

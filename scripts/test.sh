@@ -113,5 +113,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 log "cargo build --all-targets"
 cargo build --all-targets
+# Lints are part of the suite: a warning fails it.
+cargo clippy --version >/dev/null 2>&1 || { echo "cargo clippy is missing: install the clippy component of the Rust toolchain (rustup component add clippy)" >&2; exit 1; }
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
 log "cargo test --all-targets"
 cargo test --all-targets

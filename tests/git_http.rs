@@ -686,7 +686,7 @@ fn passthrough_full_cycle_leaks_no_secret() {
     assert_eq!(got.status, 200, "GET state: {}", got.text());
     let got = record("GET lock".into(), http("GET", &serve.lock_url(STATE), &[("Authorization", &auth)], None));
     assert_eq!(got.status, 404, "GET lock when none is held: {}", got.text());
-    drop(record);
+    let _ = record;
 
     assert_eq!(state_commits(&httpd, "states.git", STATE).len(), 3, "commits of the cycle");
 

@@ -18,6 +18,9 @@ use std::path::PathBuf;
 
 const STATE: &str = "envs/safe/terraform.tfstate";
 
+/// How a test starts a host.
+type HostStart = fn() -> Host;
+
 /// A git host under test: its repository's URL and directory on the server side.
 struct Host {
     url: String,
@@ -48,8 +51,8 @@ impl Host {
         Host { url, dir, auth: Some(format!("Basic {pair}")), _daemon: None, _httpd: Some(httpd) }
     }
 
-    fn both() -> Vec<(&'static str, fn() -> Host)> {
-        vec![("git daemon", Host::daemon), ("git http-backend", Host::http)]
+    fn both() -> [(&'static str, HostStart); 2] {
+        [("git daemon", Host::daemon), ("git http-backend", Host::http)]
     }
 
     fn serve(&self) -> Serve {
