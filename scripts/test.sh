@@ -87,6 +87,9 @@ export GITSTATE_CARGO_LAMBDA="$VENV/bin/cargo-lambda"
 pip_install moto.server 'moto[server]'
 export GITSTATE_MOTO_SERVER="$VENV/bin/moto_server"
 # Template lint (tests/template_lint.rs): cfn-lint and `sam validate --lint`, offline.
+# A git server that is not git's own (tests/dulwich_hosts.rs, tests/doctor.rs).
+pip_install dulwich 'dulwich>=0.22'
+export GITSTATE_PYTHON="$VENV/bin/python"
 pip_install cfnlint 'cfn-lint>=1,<2'
 pip_install samcli 'aws-sam-cli>=1.170,<2'
 export GITSTATE_CFN_LINT="$VENV/bin/cfn-lint" GITSTATE_SAM="$VENV/bin/sam"

@@ -4,7 +4,9 @@
 //! Against real hosts (`git daemon` and `git http-backend` behind lighttpd) and a real
 //! `gitstate serve` child, each class from several sides:
 //! - a pre-receive hook that declines everything (git:// and smart HTTP; POST, LOCK,
-//!   DELETE, GitLab's POST on a lock address) → 409, one push per request, nothing changed,
+//!   DELETE, GitLab's POST on a lock address) → 409, two pushes per request (the second
+//!   push's advertisement shows the refs did not move: the host's policy, not a lost race,
+//!   decided on the refs' state and never on the reason's words), nothing changed,
 //!   the host's reason in the log; without the hook the same requests succeed;
 //! - an `update` hook protecting `refs/heads/main` → LOCK/UNLOCK work, writes 409;
 //! - `receive.denyDeletes` → UNLOCK (own ID, force-unlock, DELETE on the lock address) 409
@@ -269,7 +271,7 @@ fn pre_receive_declines_everything(serve: &Serve, client: &Client, dir: &Path, r
 
     let pushes = |n: usize, what: &str| {
         let got = lines_of(record).len();
-        assert_eq!(got, n, "{what}: pushes that reached the hook (each refused request pushes once)");
+        assert_eq!(got, 2 * n, "{what}: pushes that reached the hook (each refused request pushes twice)");
     };
 
     // A write: 409, not 503, not retried.
@@ -395,14 +397,14 @@ fn update_hook_protects_main() {
     let h = c.post(A, Some("id-1"), &state(2, "two"));
     h.refused(409, &serve);
     assert!(h.text().contains("refs/heads/main"), "the body names the refused ref: {:?}", h.text());
-    assert_eq!(main_updates(), 1, "one push of main per refused write: {:?}", lines_of(&record));
+    assert_eq!(main_updates(), 2, "two pushes of main per refused write: {:?}", lines_of(&record));
     assert_logged(&serve, "hook declined");
     // Again, same ID (as a retrying client would): the same answer, one more push.
     c.post(A, Some("id-1"), &state(2, "two")).refused(409, &serve);
-    assert_eq!(main_updates(), 2);
+    assert_eq!(main_updates(), 4);
     // A write of another state without a lock: refused too.
     c.post(B, None, &state(1, "b")).refused(409, &serve);
-    assert_eq!(main_updates(), 3);
+    assert_eq!(main_updates(), 6);
     assert_eq!(refs(&dir), refs_locked, "refused writes change no ref (the lock stays as it was)");
 
     // The lock is still ours and released normally.
@@ -451,14 +453,14 @@ fn deny_deletes_keeps_the_lock_and_allows_state_deletes() {
     let h = c.unlock(A, "id-1");
     h.refused(409, &serve);
     assert!(h.text().contains(&lock_ref), "the body names the refused ref: {:?}", h.text());
-    assert_eq!(deletes_of_lock(), pushes_on_lock + 1, "one push per refused UNLOCK: {:?}", lines_of(&record));
+    assert_eq!(deletes_of_lock(), pushes_on_lock + 2, "two pushes per refused UNLOCK: {:?}", lines_of(&record));
     assert_logged(&serve, "deletion prohibited");
     // Terraform's force-unlock (empty body): the same.
     c.force_unlock(A).refused(409, &serve);
-    assert_eq!(deletes_of_lock(), pushes_on_lock + 2);
+    assert_eq!(deletes_of_lock(), pushes_on_lock + 4);
     // GitLab's DELETE on the lock address: the same.
     c.delete_lock(A, "id-1").refused(409, &serve);
-    assert_eq!(deletes_of_lock(), pushes_on_lock + 3);
+    assert_eq!(deletes_of_lock(), pushes_on_lock + 6);
 
     // The lock is still there, still held by id-1.
     assert_eq!(rev_parse(&dir, &lock_ref).as_deref(), Some(lock_commit.as_str()));

@@ -32,6 +32,9 @@ pub struct Advertisement {
 pub struct Pushed {
     pub outcome: UpdateOutcome,
     pub advertisement: Advertisement,
+    /// Rejected by the host's own report (not by our check of its advertisement): a lost race
+    /// or the host's policy, which a second push's advertisement tells apart.
+    pub refused_by_host: bool,
 }
 
 /// Push `updates` to the remote at `url`, taking new objects from `repo`.
@@ -46,18 +49,29 @@ pub fn push(
     updates: &[RefUpdate],
     ctx: &RequestContext,
 ) -> Result<Pushed, StorageError> {
-    let (outcome, advertisement) = push_over_connection(repo, url, updates, ctx)?;
-    Ok(Pushed { outcome: outcome?, advertisement })
+    push_over_connection(repo, url, updates, ctx, true)
 }
 
-/// The push itself; the advertisement comes back whatever the outcome.
-#[allow(clippy::type_complexity)]
+/// Send `updates` as they are, whatever the advertisement shows: the host's own
+/// compare-and-swap decides (`gitstate doctor` checks that it does).
+pub fn push_unchecked(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    updates: &[RefUpdate],
+    ctx: &RequestContext,
+) -> Result<Pushed, StorageError> {
+    push_over_connection(repo, url, updates, ctx, false)
+}
+
+/// The push itself; with `check_olds`, an old id the advertisement contradicts rejects the
+/// whole set before anything is sent.
 fn push_over_connection(
     repo: &gix::Repository,
     url: &RepoUrl,
     updates: &[RefUpdate],
     ctx: &RequestContext,
-) -> Result<(Result<UpdateOutcome, StorageError>, Advertisement), StorageError> {
+    check_olds: bool,
+) -> Result<Pushed, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
     let (mut transport, adv) = transport::retrying(ctx, || {
         let mut transport = transport::connect(url, Protocol::V1, ctx)?;
@@ -72,9 +86,9 @@ fn push_over_connection(
             (actual != u.old.as_ref()).then(|| (u.name.clone(), describe_mismatch(u.old, actual)))
         })
         .collect();
-    if !stale.is_empty() {
+    if check_olds && !stale.is_empty() {
         end_without_commands(&mut transport);
-        return Ok((Ok(UpdateOutcome::Rejected(stale)), adv));
+        return Ok(Pushed { outcome: UpdateOutcome::Rejected(stale), advertisement: adv, refused_by_host: false });
     }
 
     // Absence checks were settled by the advertisement above: "0000 0000" is no command.
@@ -92,7 +106,7 @@ fn push_over_connection(
     };
     if commands.is_empty() {
         end_without_commands(&mut transport);
-        return Ok((Ok(UpdateOutcome::Applied), adv));
+        return Ok(Pushed { outcome: UpdateOutcome::Applied, advertisement: adv, refused_by_host: false });
     }
     if !adv.caps.report_status {
         end_without_commands(&mut transport);
@@ -123,7 +137,9 @@ fn push_over_connection(
     reader.reset(Protocol::V1);
     let report = read_report(&mut reader, adv.caps.side_band_64k, url, ctx).map_err(after_send)?;
     drop(reader);
-    Ok((outcome(&report, &commands, url), adv))
+    let outcome = outcome(&report, &commands, url)?;
+    let refused_by_host = matches!(outcome, UpdateOutcome::Rejected(_));
+    Ok(Pushed { outcome, advertisement: adv, refused_by_host })
 }
 
 /// The pack a push of `commands` needs: the new commits (those the remote does not have
@@ -366,39 +382,14 @@ pub(crate) fn outcome(
         return Ok(UpdateOutcome::PartlyApplied { applied: ok, rejected });
     }
     if !rejected.is_empty() {
-        // A ref that moved under us is a lost race; anything else is the host's policy, for good.
-        if let Some((reference, reason)) = rejected.iter().find(|(_, reason)| !is_race(reason)) {
-            return Err(StorageError::PushRefused {
-                reference: reference.clone(),
-                reason: reason.escape_debug().to_string(),
-            });
-        }
+        // Whether this was a lost race or the host's policy is not in the words (every
+        // implementation has its own): the caller decides on the refs' state.
         return Ok(UpdateOutcome::Rejected(rejected));
     }
     match commands.iter().find(|u| !ok.contains(&u.name)) {
         Some(u) => Err(StorageError::Protocol(format!("{url} did not report on {}", u.name))),
         None => Ok(UpdateOutcome::Applied),
     }
-}
-
-/// The reasons receive-pack gives (across git versions) when a ref transaction failed
-/// because a ref was not at its expected old value or was locked by a concurrent push.
-const RACE_REASONS: &[&str] = &[
-    "failed to update ref",
-    "failed to update refs",
-    "failed to delete",
-    "failed to lock",
-    "atomic push failure",
-    "atomic transaction failed",
-    "transaction failed to start",
-    "incorrect old value provided",
-    "reference already exists",
-    "reference is missing",
-    "stale info",
-];
-
-fn is_race(reason: &str) -> bool {
-    RACE_REASONS.contains(&reason.trim())
 }
 
 fn describe_mismatch(expected: Option<ObjectId>, actual: Option<&ObjectId>) -> String {

@@ -191,7 +191,8 @@ fn prepare<'repo>(
     refs: &[String],
     ctx: &RequestContext,
 ) -> Result<gix::remote::fetch::Prepare<'repo, 'repo, Box<dyn Transport + Send>>, HostFailure> {
-    let connection = transport::connect(url, Protocol::V2, ctx)?;
+    let connection: Box<dyn Transport + Send> =
+        Box::new(transport::WithoutSymrefs(transport::connect(url, Protocol::V2, ctx)?));
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
         .remote_at_without_url_rewrite(url.to_gix())
@@ -382,9 +383,21 @@ impl Storage for RemoteStore {
         let (_generation, repo) = self.local();
         // Always with the advertisement of the same push: only it says whether the host offers
         // `atomic` now and whether a lock commit named as old id is still there (DESIGN §3).
-        let outcome =
-            contained(&self.url, || ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx)))?
-                .outcome;
+        let push =
+            || contained(&self.url, || ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx)));
+        let mut pushed = push()?;
+        if pushed.refused_by_host {
+            // Refused by the host's report: if the refs moved, a lost race; if they did not,
+            // the host's policy or a passing fault. A second push tells (its advertisement shows
+            // whether the refs moved) and gives a passing fault its one more chance.
+            tracing::info!(remote = %self.url, refused = ?pushed.outcome, "the host refused a push; trying it once more");
+            pushed = push()?;
+            if let (true, UpdateOutcome::Rejected(refused)) = (pushed.refused_by_host, &pushed.outcome) {
+                let (reference, reason) = refused.first().cloned().unwrap_or_default();
+                return Err(StorageError::PushRefused { reference, reason: reason.escape_debug().to_string() });
+            }
+        }
+        let outcome = pushed.outcome;
         if let UpdateOutcome::PartlyApplied { applied, rejected } = &outcome {
             tracing::error!(
                 remote = %self.url,

@@ -5,13 +5,17 @@
 //! capabilities and ref values the host showed in the same push (see `push.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
 use super::push;
 use crate::storage::url::Scheme;
 use crate::storage::{ObjectId, RepoUrl, RequestContext, StorageError, Tips};
+
+/// How long blind looks rest after the host answered one with an error.
+const BLIND_PAUSE: Duration = Duration::from_secs(600);
 
 /// How long a connection to the host is kept for reuse while idle.
 const IDLE_CONNECTION: Duration = Duration::from_secs(4);
@@ -24,6 +28,8 @@ pub(crate) struct SmartHttp {
     client: reqwest::blocking::Client,
     /// Set when the host answered something unexpected: the full handshake from then on.
     disabled: AtomicBool,
+    /// Until when blind looks rest after the host answered one with an error.
+    paused_until: Mutex<Option<Instant>>,
 }
 
 /// What a blind request came to.
@@ -54,6 +60,7 @@ impl SmartHttp {
             clear_text_ok: url.scheme() == Scheme::Https || url.is_loopback(),
             client,
             disabled: AtomicBool::new(false),
+            paused_until: Mutex::new(None),
         })
     }
 
@@ -109,27 +116,43 @@ impl SmartHttp {
 
     /// A response that is no answer of the service: an auth refusal or a missing repository
     /// is final; anything else (a redirect, a proxy's page) means "use the full handshake".
-    fn check(&self, response: &reqwest::blocking::Response, service: &str) -> Result<bool, StorageError> {
+    fn check(&self, response: &reqwest::blocking::Response, service: &str) -> bool {
         let status = response.status().as_u16();
-        match status {
-            401 | 403 => return Err(StorageError::CredentialsRefused),
-            404 => return Err(StorageError::RepositoryNotFound(format!("{}: HTTP 404", self.base))),
-            500..=599 if status != 501 => {
-                return Err(StorageError::HostUnavailable(format!("{}: HTTP {status}", self.base)))
-            }
-            _ => {}
-        }
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
-        if status != 200 || content_type != format!("application/x-git-{service}-result") {
-            self.disable(&format!("HTTP {status} {content_type}"));
-            return Ok(false);
+        if status == 200 && content_type == format!("application/x-git-{service}-result") {
+            return true;
         }
-        Ok(true)
+        // A host without protocol v2 over HTTP answers a blind v2 request with an error; so does
+        // a missing repository, a refused credential or an outage. The full handshake tells
+        // them apart, for this request; blind looks rest a while, then are tried again.
+        let why = format!("HTTP {status} {}", content_type.escape_debug());
+        let mut paused = self.paused_until.lock().expect("paused_until poisoned");
+        if paused.is_none() {
+            tracing::info!(remote = %self.base, answer = %why, "a blind look was not answered; the full handshake takes over for a while");
+        }
+        *paused = Some(Instant::now() + BLIND_PAUSE);
+        false
+    }
+
+    /// Whether blind looks may be tried now.
+    fn blind_allowed(&self) -> bool {
+        if self.disabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut paused = self.paused_until.lock().expect("paused_until poisoned");
+        match *paused {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                *paused = None;
+                true
+            }
+            None => true,
+        }
     }
 
     /// The tips of `refs` from one `ls-refs`, with no advertisement before it.
     pub fn ls_refs(&self, ctx: &RequestContext, refs: &[String]) -> Result<Blind<Tips>, StorageError> {
-        if self.disabled.load(Ordering::Relaxed) || refs.is_empty() {
+        if !self.blind_allowed() || refs.is_empty() {
             return Ok(Blind::Fallback);
         }
         let mut body = Vec::new();
@@ -149,7 +172,7 @@ impl SmartHttp {
             }
             other => other?,
         };
-        if !self.check(&response, "upload-pack")? {
+        if !self.check(&response, "upload-pack") {
             return Ok(Blind::Fallback);
         }
         let bytes = response.bytes().map_err(|e| StorageError::HostUnavailable(format!("{}: {e}", self.base)))?;

@@ -235,6 +235,78 @@ fn account(c: &Credentials) -> gix::sec::identity::Account {
     }
 }
 
+/// A transport whose v0/v1 handshake comes without `symref=` capabilities. gix-protocol's v1
+/// ref parser panics (`unreachable!`) when a symref names a ref the advertisement does not
+/// list, as dulwich advertises an unborn `HEAD`; gitstate fetches refs by their full names
+/// and needs no symref. Everything else passes through.
+pub(crate) struct WithoutSymrefs(pub Box<dyn Transport + Send>);
+
+impl gix::protocol::transport::client::TransportWithoutIO for WithoutSymrefs {
+    fn set_identity(
+        &mut self,
+        identity: gix::sec::identity::Account,
+    ) -> Result<(), gix::protocol::transport::client::Error> {
+        self.0.set_identity(identity)
+    }
+
+    fn to_url(&self) -> std::borrow::Cow<'_, gix::bstr::BStr> {
+        self.0.to_url()
+    }
+
+    fn supported_protocol_versions(&self) -> &[Protocol] {
+        self.0.supported_protocol_versions()
+    }
+
+    fn connection_persists_across_multiple_requests(&self) -> bool {
+        self.0.connection_persists_across_multiple_requests()
+    }
+
+    fn configure(&mut self, config: &dyn std::any::Any) -> Result<(), gix::Error> {
+        self.0.configure(config)
+    }
+}
+
+impl Transport for WithoutSymrefs {
+    fn handshake<'a>(
+        &mut self,
+        service: gix::protocol::transport::Service,
+        extra_parameters: &'a [(&'a str, Option<&'a str>)],
+    ) -> Result<
+        gix::protocol::transport::client::blocking_io::SetServiceResponse<'_>,
+        gix::protocol::transport::client::Error,
+    > {
+        use gix::bstr::ByteSlice as _;
+        let mut response = self.0.handshake(service, extra_parameters)?;
+        if response.actual_protocol != Protocol::V2 {
+            let kept: Vec<String> = response
+                .capabilities
+                .iter()
+                .filter(|c| c.name() != b"symref".as_bstr())
+                .map(|c| match c.value() {
+                    Some(v) => format!("{}={}", c.name(), v),
+                    None => c.name().to_string(),
+                })
+                .collect();
+            if let Ok((caps, _)) =
+                gix::protocol::transport::client::Capabilities::from_bytes(format!("\0{}", kept.join(" ")).as_bytes())
+            {
+                response.capabilities = caps;
+            }
+        }
+        Ok(response)
+    }
+
+    fn request(
+        &mut self,
+        write_mode: gix::protocol::transport::client::WriteMode,
+        on_into_read: gix::protocol::transport::client::MessageKind,
+        trace: bool,
+    ) -> Result<gix::protocol::transport::client::blocking_io::RequestWriter<'_>, gix::protocol::transport::client::Error>
+    {
+        self.0.request(write_mode, on_into_read, trace)
+    }
+}
+
 /// A git:// connection on our own socket: gix's connector sets neither TCP_NODELAY (a
 /// delayed-ACK round, ~40 ms, per exchange) nor timeouts from our deadline.
 fn connect_daemon(

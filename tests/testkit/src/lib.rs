@@ -3,6 +3,7 @@
 //! shared fixtures, an in-memory store. A crate of its own (dev-dependency only); each harness
 //! stops what it started on drop.
 
+pub mod dulwich;
 pub mod fixtures;
 pub mod gitd;
 pub mod httpd;
