@@ -12,6 +12,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod context;
+pub mod doctor;
 pub mod error;
 pub mod lambda;
 pub mod protocol;

@@ -43,6 +43,30 @@ enum Command {
         /// Directory of the embedded repository and of the caches [GITSTATE_DATA_DIR; default ./.gitstate].
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Run `gitstate doctor`'s checks on the repository first and refuse to start on a
+        /// broken promise (git credentials from GITSTATE_GIT_USERNAME / GITSTATE_GIT_PASSWORD).
+        #[arg(long)]
+        check_host: bool,
+    },
+    /// Check a repository on its git host for what gitstate's promises rest on, one line per
+    /// check: exit 0 when they hold, 1 naming each broken one, 2 for a usage error.
+    ///
+    /// Reachable; credentials accepted for read and for write; protocol v2; receive-pack's
+    /// capabilities; the compare-and-swap itself, on scratch refs under refs/gitstate-doctor/
+    /// (removed afterwards); the round trip. Run it once before the first apply.
+    Doctor {
+        /// Git repository URL [GITSTATE_REPOSITORY].
+        #[arg(long)]
+        repository: Option<String>,
+        /// Branch that holds the states [GITSTATE_REF; default main].
+        #[arg(long = "ref")]
+        branch: Option<String>,
+        /// Git user name [GITSTATE_GIT_USERNAME].
+        #[arg(long)]
+        username: Option<String>,
+        /// Git password or token [GITSTATE_GIT_PASSWORD].
+        #[arg(long)]
+        password: Option<String>,
     },
     /// Run a command (Terraform, OpenTofu) against a one-time backend on a loopback port:
     /// `gitstate run [--state PATH] -- terraform apply`.
@@ -96,7 +120,8 @@ fn main() -> std::process::ExitCode {
                 gitstate::lambda::run(app).await.map_err(|e| e.to_string())
             })
         }
-        Command::Serve { listen, repository, branch, data_dir } => {
+        Command::Doctor { repository, branch, username, password } => doctor(repository, branch, username, password),
+        Command::Serve { listen, repository, branch, data_dir, check_host } => {
             tracing_subscriber::fmt()
                 .with_env_filter(filter())
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -125,12 +150,73 @@ fn main() -> std::process::ExitCode {
             if let Err(e) = config.validate() {
                 return fail(e);
             }
+            if check_host {
+                let Some(url) = config.repository.clone() else {
+                    return fail("--check-host needs a repository on a git host (--repository)");
+                };
+                let report = check_repository(&url, &config.branch, config.git_credentials.clone());
+                eprint!("{}", report.render());
+                if !report.healthy() {
+                    return fail("refusing to start: gitstate's promises do not hold on this git host");
+                }
+            }
             run_async(async move {
                 let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
                 gitstate::serve::run(app, listen).await.map_err(|e| e.to_string())
             })
         }
     }
+}
+
+/// `gitstate doctor`: the report on standard output, the exit code by its verdict.
+fn doctor(
+    repository: Option<String>,
+    branch: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+) -> std::process::ExitCode {
+    let usage = |why: String| {
+        eprintln!("gitstate doctor: {why}");
+        std::process::ExitCode::from(2)
+    };
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return usage(e.to_string()),
+    };
+    let url = match repository.filter(|r| !r.is_empty()) {
+        Some(raw) => match gitstate::storage::RepoUrl::parse(&raw) {
+            Ok(url) => url,
+            Err(e) => return usage(format!("--repository: {e}")),
+        },
+        None => match config.repository.clone() {
+            Some(url) => url,
+            None => return usage("name the repository: --repository URL (or GITSTATE_REPOSITORY)".into()),
+        },
+    };
+    let credentials = match (username, password) {
+        (Some(username), Some(password)) => Some(gitstate::context::Credentials { username, password }),
+        (None, None) => config.git_credentials.clone(),
+        _ => return usage("--username and --password go together".into()),
+    };
+    let branch = branch.unwrap_or(config.branch.clone());
+    let report = check_repository(&url, &branch, credentials);
+    print!("{}", report.render());
+    if report.healthy() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
+}
+
+fn check_repository(
+    url: &gitstate::storage::RepoUrl,
+    branch: &str,
+    credentials: Option<gitstate::context::Credentials>,
+) -> gitstate::doctor::Report {
+    let scratch = std::env::temp_dir().join(format!("gitstate-doctor-{}-{:x}", std::process::id(), fastrand::u32(..)));
+    let report = gitstate::doctor::check(url, branch, credentials, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    report
 }
 
 fn run_async<E: std::fmt::Display>(f: impl std::future::Future<Output = Result<(), E>>) -> std::process::ExitCode {

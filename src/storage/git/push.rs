@@ -20,6 +20,7 @@ pub struct ReceiveCaps {
     pub side_band_64k: bool,
     pub report_status: bool,
     pub quiet: bool,
+    pub delete_refs: bool,
 }
 
 /// What the server said about itself before we sent anything.
@@ -50,6 +51,16 @@ pub fn push(
     ctx: &RequestContext,
 ) -> Result<Pushed, StorageError> {
     push_over_connection(repo, url, updates, ctx, true)
+}
+
+/// receive-pack's advertisement of `url` (its refs and capabilities), asking nothing more.
+pub fn look(url: &RepoUrl, ctx: &RequestContext) -> Result<Advertisement, StorageError> {
+    transport::retrying(ctx, || {
+        let mut transport = transport::connect(url, Protocol::V1, ctx)?;
+        let adv = advertisement(&mut transport, url, ctx)?;
+        end_without_commands(&mut transport);
+        Ok(adv)
+    })
 }
 
 /// Send `updates` as they are, whatever the advertisement shows: the host's own
@@ -208,6 +219,7 @@ fn advertisement(
         side_band_64k: has("side-band-64k"),
         report_status: has("report-status"),
         quiet: has("quiet"),
+        delete_refs: has("delete-refs"),
     };
     let mut lines = response.refs.ok_or_else(|| StorageError::Protocol(format!("{url} sent no ref advertisement")))?;
     let mut frames = Vec::new();
