@@ -33,6 +33,12 @@ pub enum Error {
     /// Too much work on other repositories is in flight (`GITSTATE_MAX_BLOCKING`): refused at once.
     #[error("too many requests on other repositories are in flight; retry later")]
     Overloaded,
+    /// `serve`: the memory for request bodies stayed taken by other requests.
+    #[error("the server is busy reading other bodies; retry later")]
+    BodyMemoryBusy,
+    /// `serve`: the request body did not arrive in time.
+    #[error("the request body did not arrive within {seconds} seconds")]
+    BodyTooSlow { seconds: f64 },
     /// A bug or an unexpected local failure (e.g. a panicked worker).
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,7 +85,8 @@ impl Error {
             Error::RepositoryNotAllowed => (S::FORBIDDEN, Plain),
             Error::Unauthorized(_) => (S::UNAUTHORIZED, Challenge),
             Error::ResponseTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, Plain),
-            Error::DeadlineExceeded | Error::Overloaded => (S::SERVICE_UNAVAILABLE, Retry),
+            Error::DeadlineExceeded | Error::Overloaded | Error::BodyMemoryBusy => (S::SERVICE_UNAVAILABLE, Retry),
+            Error::BodyTooSlow { .. } => (S::REQUEST_TIMEOUT, Plain),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, Plain),
             Error::Backend(b) => match b {
                 B::Locked { .. } => (S::LOCKED, Holder),
@@ -93,8 +100,11 @@ impl Error {
                 B::Sealing(SealError::CannotOpen { .. } | SealError::Damaged(_) | SealError::KeyServiceRefused(_)) => {
                     (S::INTERNAL_SERVER_ERROR, Plain)
                 }
+                // The one rule for "try again": the storage layer's own predicate.
+                B::Storage(st) if st.is_spurious() => (S::SERVICE_UNAVAILABLE, Retry),
                 B::Storage(st) => match st {
                     St::PathConflict { .. } => (S::CONFLICT, Plain),
+                    // Transient, so answered by the arm above; named here only to be exhaustive.
                     St::HostUnavailable(_) | St::DeadlineExceeded(_) | St::OutcomeUnknown(_) => {
                         (S::SERVICE_UNAVAILABLE, Retry)
                     }
@@ -196,6 +206,8 @@ mod tests {
             Error::ResponseTooLarge { .. } => "response too large",
             Error::DeadlineExceeded => "deadline",
             Error::Overloaded => "overloaded",
+            Error::BodyMemoryBusy => "body memory busy",
+            Error::BodyTooSlow { .. } => "body too slow",
             Error::Internal(_) => "internal",
             Error::Backend(B::Locked { .. }) => "locked",
             Error::Backend(B::WrongLockId { .. }) => "wrong id",
@@ -243,6 +255,8 @@ mod tests {
             (Error::ResponseTooLarge { size: 9, limit: 1 }, 413, false, false),
             (Error::DeadlineExceeded, 503, true, false),
             (Error::Overloaded, 503, true, false),
+            (Error::BodyMemoryBusy, 503, true, false),
+            (Error::BodyTooSlow { seconds: 10.0 }, 408, false, false),
             (Error::Internal(secret.into()), 500, false, false),
             (BackendError::Locked { holder: holder.clone() }.into(), 423, false, false),
             (BackendError::WrongLockId { holder: holder.clone() }.into(), 409, false, false),

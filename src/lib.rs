@@ -7,6 +7,9 @@
 //! a compare-and-swap ref update. A [`context::RequestContext`] (credentials, deadline,
 //! counters) travels the whole way down; [`error`] is the one table from failure to status.
 
+// Unsafe code lives in one module only (`run::sys`, two libc calls), which allows itself.
+#![deny(unsafe_code)]
+
 pub mod app;
 pub mod auth;
 pub mod backend;

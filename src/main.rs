@@ -2,6 +2,8 @@
 //! `gitstate lambda` (or no subcommand under the Lambda runtime) serves Lambda
 //! invocations. Both only build the App once and hand requests over.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -21,6 +21,8 @@ use std::time::Duration;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::signal::unix::{signal, SignalKind};
 
+mod sys;
+
 use crate::app::App;
 use crate::config::{AuthMode, Config};
 use crate::storage::{Credentials, RepoUrl};
@@ -293,9 +295,8 @@ fn pass_on(child: &Child, own_group: bool, signal: libc::c_int) {
     };
     // The child is reaped only by the loop that calls this (try_wait), so `pid` (and the
     // group it leads) is still the command's.
-    // SAFETY: kill(2) has no memory effects.
-    if unsafe { libc::kill(target, signal) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "could not pass a signal on to the command");
+    if let Err(error) = sys::kill(target, signal) {
+        tracing::debug!(%error, "could not pass a signal on to the command");
     }
 }
 
@@ -307,9 +308,7 @@ fn terminal_foreground() -> bool {
     let Ok(tty) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open("/dev/tty") else {
         return false;
     };
-    // SAFETY: plain queries on a descriptor we hold open.
-    let (foreground, ours) = unsafe { (libc::tcgetpgrp(tty.as_raw_fd()), libc::getpgrp()) };
-    foreground != -1 && foreground == ours
+    sys::owns_terminal(tty.as_raw_fd())
 }
 
 /// The command's exit code; 128 + the signal's number when a signal ended it.

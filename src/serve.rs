@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, StatusCode};
+use http::header;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body as _;
 use hyper::server::conn::http1;
@@ -149,10 +149,7 @@ async fn respond(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> 
         Ok(permit) => permit.expect("the semaphore is never closed"),
         Err(_) => {
             tracing::warn!("body memory stayed in use by other requests; answered 503");
-            return finish(
-                plain(StatusCode::SERVICE_UNAVAILABLE, "the server is busy reading other bodies; retry later"),
-                true,
-            );
+            return finish(Error::BodyMemoryBusy.into_response(), true);
         }
     };
     // The reservation is held until the answer is built: the body lives that long.
@@ -170,11 +167,8 @@ async fn respond(shared: &Shared, req: http::Request<hyper::body::Incoming>) -> 
                 timeout_s = shared.limits.body_read_timeout.as_secs_f64(),
                 "request body too slow; answered 408"
             );
-            let text = format!(
-                "the request body did not arrive within {} seconds",
-                shared.limits.body_read_timeout.as_secs_f64()
-            );
-            return finish(plain(StatusCode::REQUEST_TIMEOUT, &text), true);
+            let seconds = shared.limits.body_read_timeout.as_secs_f64();
+            return finish(Error::BodyTooSlow { seconds }.into_response(), true);
         }
     };
     finish(app.handle(http::Request::from_parts(parts, collected)).await, false)
@@ -196,16 +190,6 @@ fn finish(mut response: http::Response<Bytes>, close: bool) -> http::Response<Fu
         response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     }
     response.map(Full::new)
-}
-
-fn plain(status: StatusCode, text: &str) -> http::Response<Bytes> {
-    let mut response = http::Response::new(Bytes::from(format!("{text}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    }
-    response
 }
 
 /// Backoff and log rate limit of a failing `accept`.

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 
+use super::trailers::{one_line, Trailers};
 use super::{BackendError, Outcome, Stale};
 
 /// Who holds a lock, as read from its branch.
@@ -98,11 +99,6 @@ pub fn lock_id_of(info: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-/// Trailers must stay on one line and short, whatever the client sent.
-pub fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(200).collect()
-}
-
 fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
     let (path, content) = (write.path, write.content);
     let mut m = match (write.subject, content) {
@@ -110,24 +106,19 @@ fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
         (None, Some(_)) => format!("Update {path}\n\n"),
         (None, None) => format!("Delete {path}\n\n"),
     };
+    let mut trailers = Trailers::default();
     if let Some(h) = lock {
         let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(one_line).unwrap_or_default();
-        m.push_str(&format!(
-            "Lock-ID: {}\nWho: {}\nOperation: {}\n",
-            one_line(&h.id),
-            field("Who"),
-            field("Operation")
-        ));
+        let field = |k: &str| Some(v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned());
+        trailers.lock_id = Some(h.id.clone());
+        trailers.who = field("Who");
+        trailers.operation = field("Operation");
     }
     if let Some(state) = content.and_then(StateHead::parse) {
-        if let Some(serial) = state.serial {
-            m.push_str(&format!("Serial: {serial}\n"));
-        }
-        if let Some(lineage) = state.lineage {
-            m.push_str(&format!("Lineage: {}\n", one_line(&lineage)));
-        }
+        trailers.serial = state.serial;
+        trailers.lineage = state.lineage;
     }
+    m.push_str(&trailers.write());
     m
 }
 
@@ -450,7 +441,6 @@ mod tests {
     #[test]
     fn trailers_stay_on_one_line() {
         assert_eq!(one_line("a\nb\rc\u{1b}"), "a b c ");
-        assert_eq!(one_line(&"x".repeat(500)).len(), 200);
         assert_eq!(lock_id_of(br#"{"ID":"abc"}"#), "abc");
         assert_eq!(lock_id_of(b"not json"), "");
     }

@@ -31,23 +31,16 @@ pub struct Version {
 
 impl Version {
     fn of(commit: &CommitInfo, deleted: bool) -> Self {
-        let trailer = |key: &str| {
-            commit
-                .message
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(": ")))
-                .map(str::to_owned)
-        };
+        let trailers = super::trailers::Trailers::read(&commit.message);
         Version {
             commit: commit.id.to_string(),
             time: commit.time,
             deleted,
-            serial: trailer("Serial").and_then(|s| s.parse().ok()),
-            lineage: trailer("Lineage"),
-            who: trailer("Who"),
-            operation: trailer("Operation"),
-            lock_id: trailer("Lock-ID"),
+            serial: trailers.serial,
+            lineage: trailers.lineage,
+            who: trailers.who,
+            operation: trailers.operation,
+            lock_id: trailers.lock_id,
             subject: commit.message.lines().next().unwrap_or_default().to_owned(),
         }
     }

@@ -8,6 +8,7 @@ mod domain;
 mod history;
 mod memory;
 pub mod sealing;
+mod trailers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
-use decide::{decide_write, one_line, Decision, Holder, Write};
+use decide::{decide_write, Decision, Holder, Write};
 pub use domain::{BackendError, LockInfo, Operation, Outcome, Stale};
 use memory::Memory;
 use sealing::Sealing;
+use trailers::Trailers;
 
 /// Rejected creates of a lock with no holder in sight before the lock is taken to nest with
 /// another (the first is our blind try; a real race would show a holder at the next look).
@@ -142,14 +144,14 @@ impl Backend {
     }
 
     fn lock(&self, ctx: &RequestContext, lock: &LockName, info: &LockInfo) -> Result<Outcome, BackendError> {
-        let message = format!(
-            "Lock {}\n\nLock-ID: {}\nWho: {}\nOperation: {}\n{BRANCH_TRAILER}{}\n",
-            lock.path,
-            one_line(&info.id),
-            one_line(&info.who),
-            one_line(&info.operation),
-            lock.branch,
-        );
+        let trailers = Trailers {
+            lock_id: Some(info.id.clone()),
+            who: Some(info.who.clone()),
+            operation: Some(info.operation.clone()),
+            branch: Some(lock.branch.clone()),
+            ..Trailers::default()
+        };
+        let message = format!("Lock {}\n\n{}", lock.path, trailers.write());
         let commit = self.storage.commit(None, &lock.file, Some(&info.raw), &message)?;
         // Try to create the lock straight away: a rejected create means a lock exists. Rejected
         // again with no lock to be seen, it is a nesting lock (`a` while `a/b` is held).
@@ -406,8 +408,7 @@ impl Backend {
             return Ok(false);
         }
         let message = self.storage.commit_info(commit)?.map(|c| c.message).unwrap_or_default();
-        let mark = format!("{BRANCH_TRAILER}{PLAIN_LOCKS_BRANCH}");
-        Ok(message.lines().any(|line| line == mark))
+        Ok(Trailers::read(&message).branch.as_deref() == Some(PLAIN_LOCKS_BRANCH))
     }
 
     fn remember(&self, commit: ObjectId, info: Bytes) {
@@ -417,9 +418,6 @@ impl Backend {
 
 /// The branch whose locks keep terraform-backend-git's layout, `locks/<path>`.
 pub const PLAIN_LOCKS_BRANCH: &str = "main";
-
-/// The trailer of a lock commit naming the branch it locks.
-const BRANCH_TRAILER: &str = "Branch: ";
 
 /// What the lock branches of one state show.
 struct LockView {

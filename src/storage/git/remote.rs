@@ -420,7 +420,11 @@ impl Storage for RemoteStore {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         let n = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let dir = self.base.with_extension(format!("{}-{n}-{:x}.git", std::process::id(), fastrand::u32(..)));
-        // Locked before the directory exists: a sweep never sees it unclaimed.
+        // Locked before the directory exists: a sweep never sees it unclaimed. (The whole cache
+        // directory may be gone: that is one way a cache breaks.)
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(StorageError::local)?;
+        }
         let in_use = std::fs::File::create(in_use_path(&dir)).map_err(StorageError::local)?;
         in_use.lock().map_err(StorageError::local)?;
         if dir.exists() {
