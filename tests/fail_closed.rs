@@ -126,6 +126,35 @@ async fn a_damaged_sealed_state_is_replaced_only_with_force() {
     assert_eq!(send(&app, "GET", &format!("/state/{P}"), b"").await, (200, state(2, "b")));
 }
 
+/// A KMS envelope this deployment cannot open (no KMS key configured), or one whose version
+/// it does not read: never served, never replaced, with or without `force=true`.
+#[tokio::test]
+async fn a_sealed_form_this_deployment_cannot_open_is_never_served_nor_replaced() {
+    for (what, envelope) in [
+        (
+            "no KMS configured",
+            r#"{"gitstate_envelope":1,"algorithm":"AES-256-GCM","key_id":"arn:aws:kms:us-east-1:1:key/k","wrapped_key":"AAAA","nonce":"AAAA","ciphertext":"AAAA"}"#,
+        ),
+        (
+            "an unknown envelope version",
+            r#"{"gitstate_envelope":99,"algorithm":"AES-256-GCM","key_id":"k","wrapped_key":"AAAA","nonce":"AAAA","ciphertext":"AAAA"}"#,
+        ),
+    ] {
+        for encrypted in [false, true] {
+            let store = Arc::new(MemoryStore::new());
+            let app = app(&store, if encrypted { age_sealing() } else { Sealing::clear() });
+            let commit = store.put("main", P, Some(envelope.as_bytes()), "sealed elsewhere");
+            let (status, body) = send(&app, "GET", &format!("/state/{P}"), b"").await;
+            assert_eq!(status, 500, "{what} (encryption {encrypted}): GET answered {body}");
+            for query in ["", "?force=true"] {
+                let (status, body) = send(&app, "POST", &format!("/state/{P}{query}"), state(1, "x").as_bytes()).await;
+                assert!(status >= 400, "{what} (encryption {encrypted}): POST{query} answered {status} {body}");
+                assert_eq!(store.tip("main"), Some(commit), "{what} (encryption {encrypted}): replaced by POST{query}");
+            }
+        }
+    }
+}
+
 /// `before` must name a commit of the branch's history: anything else is a 404 naming it.
 #[test]
 fn history_cursors_that_name_no_commit_of_the_history_are_404() {
