@@ -18,6 +18,9 @@ pub enum AuthError {
     Wrong,
     #[error("the Authorization header is not valid basic auth")]
     Malformed,
+    /// A bearer token where the backend's own basic auth is required (`env`, `secret`).
+    #[error("this backend requires basic auth; a bearer token is only handed on to the git host in passthrough mode")]
+    BearerNotAccepted,
 }
 
 /// Credentials could not be loaded at start-up.
@@ -28,6 +31,8 @@ pub struct LoadError(pub String);
 /// The access rules of one process.
 pub struct Auth {
     mode: AuthMode,
+    /// The username a bearer token goes to the git host with (passthrough).
+    bearer_username: String,
     /// Basic auth the backend itself requires, if any.
     backend: Option<Credentials>,
     /// Credentials for the git host (`env`, `secret`).
@@ -65,11 +70,21 @@ impl Auth {
                             .into(),
                     ));
                 }
-                Ok(Auth { mode: AuthMode::Passthrough, backend: None, git: None, age_identities: None })
+                Ok(Auth {
+                    mode: AuthMode::Passthrough,
+                    bearer_username: config.bearer_username.clone(),
+                    backend: None,
+                    git: None,
+                    age_identities: None,
+                })
             }
-            AuthMode::Env => {
-                Ok(Auth { mode: AuthMode::Env, backend, git: config.git_credentials.clone(), age_identities: None })
-            }
+            AuthMode::Env => Ok(Auth {
+                mode: AuthMode::Env,
+                bearer_username: config.bearer_username.clone(),
+                backend,
+                git: config.git_credentials.clone(),
+                age_identities: None,
+            }),
             AuthMode::Secret => Err(LoadError("secret mode loads its credentials with Auth::load".into())),
         }
     }
@@ -110,6 +125,7 @@ impl Auth {
         tracing::info!("git credentials loaded from Secrets Manager");
         Ok(Auth {
             mode: AuthMode::Secret,
+            bearer_username: config.bearer_username.clone(),
             backend,
             git,
             age_identities: json.age_identities.map(zeroize::Zeroizing::new),
@@ -123,7 +139,14 @@ impl Auth {
 
     /// Let the request in or not; the answer is the credentials to use for the git host.
     pub fn authorize(&self, headers: &HeaderMap) -> Result<Option<Credentials>, AuthError> {
-        let sent = basic_auth(headers)?;
+        let sent = match sent_credentials(headers)? {
+            Sent::Basic(c) => c,
+            // In passthrough a token is the git host's: as basic auth with a fixed username.
+            Sent::Bearer(token) if self.mode == AuthMode::Passthrough => {
+                Some(Credentials { username: self.bearer_username.clone(), password: token })
+            }
+            Sent::Bearer(_) => return Err(AuthError::BearerNotAccepted),
+        };
         if let Some(expected) = &self.backend {
             let sent = sent.as_ref().ok_or(AuthError::Missing)?;
             // Compare both fields in full whatever the first gives, so timing tells nothing.
@@ -141,10 +164,27 @@ impl Auth {
 }
 
 /// The `Authorization: Basic` credentials of a request, if it sent any.
-fn basic_auth(headers: &HeaderMap) -> Result<Option<Credentials>, AuthError> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(None) };
+/// What an `Authorization` header carries.
+enum Sent {
+    Basic(Option<Credentials>),
+    Bearer(String),
+}
+
+fn sent_credentials(headers: &HeaderMap) -> Result<Sent, AuthError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(Sent::Basic(None)) };
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
-    let (scheme, encoded) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    let (scheme, rest) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        let token = rest.trim();
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(AuthError::Malformed);
+        }
+        return Ok(Sent::Bearer(token.to_owned()));
+    }
+    basic_auth(scheme, rest).map(Sent::Basic)
+}
+
+fn basic_auth(scheme: &str, encoded: &str) -> Result<Option<Credentials>, AuthError> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(AuthError::Malformed);
     }
@@ -171,9 +211,19 @@ mod tests {
         let creds = auth.authorize(&headers("u", "p:with:colons")).unwrap().unwrap();
         assert_eq!((creds.username.as_str(), creds.password.as_str()), ("u", "p:with:colons"));
         assert_eq!(auth.authorize(&HeaderMap::new()).unwrap(), None);
-        let mut bad = HeaderMap::new();
-        bad.insert(http::header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
-        assert_eq!(auth.authorize(&bad), Err(AuthError::Malformed));
+        let bearer = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            h
+        };
+        // A bearer token goes on as basic auth with the configured username.
+        let creds = auth.authorize(&bearer("Bearer glpat-xyz")).unwrap().unwrap();
+        assert_eq!((creds.username.as_str(), creds.password.as_str()), ("x-access-token", "glpat-xyz"));
+        let creds = auth.authorize(&bearer("bearer  tok")).unwrap().unwrap();
+        assert_eq!(creds.password, "tok");
+        for bad in ["Bearer", "Bearer ", "Bearer a b", "Token xyz", "Digest x=y"] {
+            assert_eq!(auth.authorize(&bearer(bad)), Err(AuthError::Malformed), "{bad:?}");
+        }
     }
 
     #[test]
@@ -188,6 +238,9 @@ mod tests {
         assert_eq!(auth.authorize(&HeaderMap::new()), Err(AuthError::Missing));
         assert_eq!(auth.authorize(&headers("tf", "nope")), Err(AuthError::Wrong));
         assert_eq!(auth.authorize(&headers("tf", "pw")).unwrap().unwrap().username, "git");
+        let mut bearer = HeaderMap::new();
+        bearer.insert(http::header::AUTHORIZATION, "Bearer tok".parse().unwrap());
+        assert_eq!(auth.authorize(&bearer), Err(AuthError::BearerNotAccepted));
         assert!(!format!("{auth:?}").contains("token"));
     }
 

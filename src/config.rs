@@ -63,6 +63,11 @@ pub struct Config {
     /// that hang cannot take every thread. The configured repository keeps its own
     /// `GITSTATE_REPOSITORY_CONCURRENCY` in reserve.
     pub max_blocking: usize,
+    /// `GITSTATE_BEARER_USERNAME`: in `passthrough` mode, an `Authorization: Bearer <token>`
+    /// (OpenTofu 1.8+ sends one without a username) goes to the git host as basic auth with
+    /// this username and the token as password (default `x-access-token`, which GitHub, GitLab
+    /// and Gitea accept with a token).
+    pub bearer_username: String,
     /// Encryption at rest: `GITSTATE_AGE_RECIPIENTS`, `GITSTATE_AGE_IDENTITIES` or
     /// `GITSTATE_AGE_IDENTITY_FILE`, `GITSTATE_KMS_KEY_ID`, `GITSTATE_KMS_DECRYPT_KEY_IDS`.
     pub sealing: SealingSettings,
@@ -92,6 +97,7 @@ impl Default for Config {
             max_repositories: 16,
             repository_concurrency: 8,
             max_blocking: 64,
+            bearer_username: "x-access-token".into(),
             serve_limits: ServeLimits::default(),
             sealing: SealingSettings::default(),
         }
@@ -248,6 +254,15 @@ impl Config {
         }
         if let Some(n) = count("GITSTATE_MAX_BLOCKING")? {
             c.max_blocking = n;
+        }
+        if let Some(name) = get("GITSTATE_BEARER_USERNAME").filter(|n| !n.is_empty()) {
+            if name.contains(':') || name.chars().any(char::is_control) {
+                return Err(ConfigError {
+                    name: "GITSTATE_BEARER_USERNAME",
+                    reason: "no `:` or control characters".into(),
+                });
+            }
+            c.bearer_username = name;
         }
         if let Some(d) = seconds("GITSTATE_REQUEST_TIMEOUT", 900.0)? {
             c.request_timeout = d;

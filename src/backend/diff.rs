@@ -61,6 +61,9 @@ pub enum DiffError {
 pub fn diff(from: &[u8], to: &[u8]) -> Result<Value, DiffError> {
     let from_doc = parse(from, Side::From)?;
     let to_doc = parse(to, Side::To)?;
+    if let Some(answer) = client_encrypted(&from_doc, &to_doc) {
+        return Ok(answer);
+    }
     let old = State::read(&from_doc, Side::From)?;
     let new = State::read(&to_doc, Side::To)?;
     Ok(json!({
@@ -68,6 +71,29 @@ pub fn diff(from: &[u8], to: &[u8]) -> Result<Value, DiffError> {
         "to": {"serial": new.serial, "lineage": new.lineage},
         "outputs": diff_outputs(&old.outputs, &new.outputs),
         "resources": diff_resources(&old.instances, &new.instances),
+    }))
+}
+
+/// States that the client encrypted (OpenTofu's state encryption keeps `serial` and `lineage`
+/// in clear beside `encrypted_data`) cannot be compared: say so, with what is in clear,
+/// instead of calling them broken.
+fn client_encrypted(from: &Value, to: &Value) -> Option<Value> {
+    let sealed = |doc: &Value| doc.get("encrypted_data").is_some();
+    if !sealed(from) && !sealed(to) {
+        return None;
+    }
+    let clear = |doc: &Value| {
+        json!({
+            "serial": doc.get("serial").and_then(Value::as_u64),
+            "lineage": doc.get("lineage").and_then(Value::as_str),
+            "encrypted_by_client": sealed(doc),
+        })
+    };
+    Some(json!({
+        "from": clear(from),
+        "to": clear(to),
+        "encrypted_by_client": true,
+        "message": "the client encrypted this state (OpenTofu state encryption): gitstate stores it as it came and cannot see what changed inside",
     }))
 }
 
