@@ -173,3 +173,74 @@ fn a_refused_certificate_is_a_502_that_says_so_never_a_retry() {
         assert!(line.contains("127.0.0.1") && line.contains(cause), "{what}: {line}");
     }
 }
+
+/// A TCP proxy that counts the connections it accepts (each a TLS handshake with the host)
+/// and pipes bytes both ways.
+struct CountingProxy {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    fn start(target: u16) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        CountingProxy { port, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A warm instance keeps its TLS connections: a warm apply (LOCK, GET, POST, UNLOCK, each
+/// push an advertisement and a POST) opens no new connection to the host.
+#[test]
+fn a_warm_apply_makes_no_new_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = ca(dir.path(), "ca");
+    let (httpd, _) = https_host(&leaf(dir.path(), "ca", "good", "IP:127.0.0.1", false));
+    let proxy = CountingProxy::start(httpd.port());
+    let url = format!("https://127.0.0.1:{}/git/states.git", proxy.port);
+    let serve = Serve::start(ServeOpts::new().repository(&url).env("SSL_CERT_FILE", ca_pem.display().to_string()));
+    let apply = |serial: u64| {
+        let auth = auth();
+        let h = [("Authorization", auth.as_str())];
+        let url = serve.state_url(P);
+        assert_eq!(http("LOCK", &url, &h, Some(lock_info("warm").as_bytes())).status, 200);
+        assert_eq!(http("GET", &url, &h, None).status, if serial == 1 { 204 } else { 200 });
+        let wrote = http("POST", &format!("{url}?ID=warm"), &h, Some(state(serial, "warm").as_bytes()));
+        assert_eq!(wrote.status, 200, "{}", wrote.text());
+        assert_eq!(http("UNLOCK", &url, &h, Some(lock_info("warm").as_bytes())).status, 200);
+    };
+    apply(1);
+    let cold = proxy.accepted();
+    apply(2);
+    let warm = proxy.accepted() - cold;
+    println!("TLS handshakes: cold apply {cold}, warm apply {warm}");
+    assert_eq!(warm, 0, "a warm apply opened {warm} new TLS connections");
+}

@@ -23,6 +23,21 @@ pub struct ReceiveCaps {
     pub delete_refs: bool,
 }
 
+impl ReceiveCaps {
+    /// The capabilities named in `names` (each `name` or `name=value`).
+    pub(crate) fn from_names<'a>(names: impl Iterator<Item = &'a str>) -> Self {
+        let names: Vec<&str> = names.map(|n| n.split('=').next().unwrap_or_default()).collect();
+        let has = |name: &str| names.contains(&name);
+        ReceiveCaps {
+            atomic: has("atomic"),
+            side_band_64k: has("side-band-64k"),
+            report_status: has("report-status"),
+            quiet: has("quiet"),
+            delete_refs: has("delete-refs"),
+        }
+    }
+}
+
 /// What the server said about itself before we sent anything.
 pub struct Advertisement {
     pub refs: HashMap<String, ObjectId>,
@@ -38,7 +53,65 @@ pub struct Pushed {
     pub refused_by_host: bool,
 }
 
-/// Push `updates` to the remote at `url`, taking new objects from `repo`.
+/// One push conversation with receive-pack: its advertisement, then either nothing more or
+/// the commands with their pack and the host's report. Over gix's transport (one connection),
+/// or over smart HTTP's pooled client (`smart_http.rs`: two requests on kept-alive
+/// connections).
+pub(crate) trait Conversation {
+    /// End without commands (receive-pack then does nothing). Best effort.
+    fn end(&mut self);
+    /// Send `commands` (command lines, capabilities on the first) and `pack`; the report's
+    /// lines. A failure after the commands went out is `OutcomeUnknown` or a deadline.
+    fn send(&mut self, commands: &[String], pack: Option<&[u8]>, side_band: bool) -> Result<Vec<String>, StorageError>;
+}
+
+/// A conversation started: the way to go on, and the advertisement that opened it.
+pub(crate) type Started<'a> = (Box<dyn Conversation + 'a>, Advertisement);
+
+/// A conversation over gix's transport.
+struct OverTransport<'a> {
+    transport: Box<dyn Transport + Send>,
+    url: &'a RepoUrl,
+    ctx: &'a RequestContext,
+}
+
+impl Conversation for OverTransport<'_> {
+    fn end(&mut self) {
+        end_without_commands(&mut self.transport);
+    }
+
+    fn send(&mut self, commands: &[String], pack: Option<&[u8]>, side_band: bool) -> Result<Vec<String>, StorageError> {
+        let (url, ctx) = (self.url, self.ctx);
+        let io_err = |e: std::io::Error| after_send(classify(url, ctx, &e).error);
+        let mut writer = self
+            .transport
+            .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
+            .map_err(|e| classify(url, ctx, &e).error)?;
+        for line in commands {
+            writer.write_all(line.as_bytes()).map_err(io_err)?;
+        }
+        writer.write_message(MessageKind::Flush).map_err(io_err)?;
+        // The pack goes raw, not in packet lines.
+        let (mut raw, mut reader) = writer.into_parts();
+        if let Some(pack) = pack {
+            raw.write_all(pack).map_err(io_err)?;
+        }
+        raw.flush().map_err(io_err)?;
+        drop(raw);
+        // The reader stopped at the flush ending the advertisement.
+        reader.reset(Protocol::V1);
+        read_report(&mut reader, side_band, url, ctx).map_err(after_send)
+    }
+}
+
+/// Open a conversation over gix's transport and read the advertisement.
+pub(crate) fn over_transport<'a>(url: &'a RepoUrl, ctx: &'a RequestContext) -> Result<Started<'a>, HostFailure> {
+    let mut transport = transport::connect(url, Protocol::V1, ctx)?;
+    let adv = advertisement(&mut transport, url, ctx)?;
+    Ok((Box::new(OverTransport { transport, url, ctx }), adv))
+}
+
+/// Push `updates` to the remote at `url`, taking new objects from `repo`, over gix's transport.
 ///
 /// Every `old` is first checked against the advertised refs; any mismatch rejects
 /// the whole set without sending a command. Guards (`old == new`) travel as real
@@ -50,15 +123,14 @@ pub fn push(
     updates: &[RefUpdate],
     ctx: &RequestContext,
 ) -> Result<Pushed, StorageError> {
-    push_over_connection(repo, url, updates, ctx, true)
+    push_with(|| over_transport(url, ctx), repo, url, updates, ctx, true)
 }
 
 /// receive-pack's advertisement of `url` (its refs and capabilities), asking nothing more.
 pub fn look(url: &RepoUrl, ctx: &RequestContext) -> Result<Advertisement, StorageError> {
     transport::retrying(ctx, || {
-        let mut transport = transport::connect(url, Protocol::V1, ctx)?;
-        let adv = advertisement(&mut transport, url, ctx)?;
-        end_without_commands(&mut transport);
+        let (mut conversation, adv) = over_transport(url, ctx)?;
+        conversation.end();
         Ok(adv)
     })
 }
@@ -71,12 +143,13 @@ pub fn push_unchecked(
     updates: &[RefUpdate],
     ctx: &RequestContext,
 ) -> Result<Pushed, StorageError> {
-    push_over_connection(repo, url, updates, ctx, false)
+    push_with(|| over_transport(url, ctx), repo, url, updates, ctx, false)
 }
 
-/// The push itself; with `check_olds`, an old id the advertisement contradicts rejects the
-/// whole set before anything is sent.
-fn push_over_connection(
+/// The push itself over the conversations `open` starts; with `check_olds`, an old id the
+/// advertisement contradicts rejects the whole set before anything is sent.
+pub(crate) fn push_with<'a>(
+    mut open: impl FnMut() -> Result<Started<'a>, HostFailure>,
     repo: &gix::Repository,
     url: &RepoUrl,
     updates: &[RefUpdate],
@@ -84,11 +157,7 @@ fn push_over_connection(
     check_olds: bool,
 ) -> Result<Pushed, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
-    let (mut transport, adv) = transport::retrying(ctx, || {
-        let mut transport = transport::connect(url, Protocol::V1, ctx)?;
-        let adv = advertisement(&mut transport, url, ctx)?;
-        Ok((transport, adv))
-    })?;
+    let (mut conversation, adv) = transport::retrying(ctx, &mut open)?;
 
     let stale: Vec<(String, String)> = updates
         .iter()
@@ -98,7 +167,7 @@ fn push_over_connection(
         })
         .collect();
     if check_olds && !stale.is_empty() {
-        end_without_commands(&mut transport);
+        conversation.end();
         return Ok(Pushed { outcome: UpdateOutcome::Rejected(stale), advertisement: adv, refused_by_host: false });
     }
 
@@ -116,38 +185,20 @@ fn push_over_connection(
         updates.iter().filter(|u| !u.is_guard() && !u.is_absence_check()).collect()
     };
     if commands.is_empty() {
-        end_without_commands(&mut transport);
+        conversation.end();
         return Ok(Pushed { outcome: UpdateOutcome::Applied, advertisement: adv, refused_by_host: false });
     }
     if !adv.caps.report_status {
-        end_without_commands(&mut transport);
+        conversation.end();
         return Err(StorageError::Protocol(format!(
             "{url} does not offer report-status; cannot learn the outcome of a push"
         )));
     }
     let pack = pack_for(repo, &commands, |id| adv.refs.values().any(|have| have == id))?;
-
     // From here on the server may act: a failure is never repeated blindly, and one that
     // ends the request says whether the push may have happened.
-    let io_err = |e: std::io::Error| after_send(classify(url, ctx, &e).error);
-    let mut writer = transport
-        .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
-        .map_err(|e| classify(url, ctx, &e).error)?;
-    for line in command_lines(&commands, adv.caps, repo.object_hash().null()) {
-        writer.write_all(line.as_bytes()).map_err(io_err)?;
-    }
-    writer.write_message(MessageKind::Flush).map_err(io_err)?;
-    // The pack goes raw, not in packet lines.
-    let (mut raw, mut reader) = writer.into_parts();
-    if let Some(pack) = &pack {
-        raw.write_all(pack).map_err(io_err)?;
-    }
-    raw.flush().map_err(io_err)?;
-    drop(raw);
-    // The reader stopped at the flush ending the advertisement.
-    reader.reset(Protocol::V1);
-    let report = read_report(&mut reader, adv.caps.side_band_64k, url, ctx).map_err(after_send)?;
-    drop(reader);
+    let lines = command_lines(&commands, adv.caps, repo.object_hash().null());
+    let report = conversation.send(&lines, pack.as_deref(), adv.caps.side_band_64k)?;
     let outcome = outcome(&report, &commands, url)?;
     let refused_by_host = matches!(outcome, UpdateOutcome::Rejected(_));
     Ok(Pushed { outcome, advertisement: adv, refused_by_host })
@@ -213,14 +264,8 @@ fn advertisement(
         return Err(StorageError::Protocol(format!("{url} answered receive-pack with protocol v2")).into());
     }
     let caps: &Capabilities = &response.capabilities;
-    let has = |name: &str| caps.contains(name);
-    let receive_caps = ReceiveCaps {
-        atomic: has("atomic"),
-        side_band_64k: has("side-band-64k"),
-        report_status: has("report-status"),
-        quiet: has("quiet"),
-        delete_refs: has("delete-refs"),
-    };
+    let names: Vec<String> = caps.iter().map(|c| c.name().to_string()).collect();
+    let receive_caps = ReceiveCaps::from_names(names.iter().map(String::as_str));
     let mut lines = response.refs.ok_or_else(|| StorageError::Protocol(format!("{url} sent no ref advertisement")))?;
     let mut frames = Vec::new();
     while let Some(line) = lines.readline() {
@@ -306,6 +351,12 @@ fn read_report(
         frames.push(data.to_vec());
     }
     report_lines(frames.iter().map(Vec::as_slice), side_band, url)
+}
+
+/// The report-status lines of a whole response body (a push over smart HTTP).
+pub(crate) fn report_from_bytes(body: &[u8], side_band: bool, url: &RepoUrl) -> Result<Vec<String>, StorageError> {
+    let frames = pkt_frames(body).ok_or_else(|| garbage(url, "a broken packet line"))?;
+    report_lines(frames.into_iter(), side_band, url)
 }
 
 /// The report-status lines in packet-line `frames`, demultiplexed from side-band channel 1
@@ -418,7 +469,7 @@ fn garbage(url: &RepoUrl, line: &str) -> StorageError {
 }
 
 /// Once the commands are sent, running out of time leaves the outcome unknown: say so.
-fn after_send(e: StorageError) -> StorageError {
+pub(crate) fn after_send(e: StorageError) -> StorageError {
     match e {
         StorageError::DeadlineExceeded(_) => {
             StorageError::DeadlineExceeded("after the push was sent; it may or may not have been applied")

@@ -323,6 +323,27 @@ impl RemoteStore {
     }
 }
 
+impl RemoteStore {
+    /// One push: over smart HTTP's pooled client where the host answers there (kept-alive
+    /// connections, no new TLS handshake while warm), else over gix's transport.
+    fn push_once(
+        &self,
+        repo: &gix::Repository,
+        ctx: &RequestContext,
+        updates: &[crate::storage::RefUpdate],
+    ) -> Result<super::push::Pushed, StorageError> {
+        let url = &self.url;
+        let open = || match &self.smart {
+            Some(smart) => match smart.start_push(ctx)? {
+                Some(started) => Ok(started),
+                None => super::push::over_transport(url, ctx),
+            },
+            None => super::push::over_transport(url, ctx),
+        };
+        super::push::push_with(open, repo, url, updates, ctx, true)
+    }
+}
+
 /// Run `work` that talks to the host at `url`, turning a panic inside a dependency (gix met an
 /// answer it did not expect) into a protocol error: nothing a host sends may take a request
 /// down as our own bug (500), let alone the process. 502: the host's answer is at fault.
@@ -383,8 +404,7 @@ impl Storage for RemoteStore {
         let (_generation, repo) = self.local();
         // Always with the advertisement of the same push: only it says whether the host offers
         // `atomic` now and whether a lock commit named as old id is still there (DESIGN §3).
-        let push =
-            || contained(&self.url, || ctx.count_round_trip(|| super::push::push(&repo, &self.url, updates, ctx)));
+        let push = || contained(&self.url, || ctx.count_round_trip(|| self.push_once(&repo, ctx, updates)));
         let mut pushed = push()?;
         if pushed.refused_by_host {
             // Refused by the host's report: if the refs moved, a lost race; if they did not,

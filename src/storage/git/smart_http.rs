@@ -78,14 +78,32 @@ impl SmartHttp {
         v2: bool,
         body: Vec<u8>,
     ) -> Result<reqwest::blocking::Response, StorageError> {
+        self.request(ctx, reqwest::Method::POST, &format!("git-{service}"), service, v2, body)
+    }
+
+    /// One request to `<base>/<path>` for `service` (`upload-pack`, `receive-pack`), with the
+    /// caller's credentials and the deadline's timeout.
+    fn request(
+        &self,
+        ctx: &RequestContext,
+        method: reqwest::Method,
+        path: &str,
+        service: &str,
+        v2: bool,
+        body: Vec<u8>,
+    ) -> Result<reqwest::blocking::Response, StorageError> {
+        let post = method == reqwest::Method::POST;
         let mut request = self
             .client
-            .post(format!("{}/git-{service}", self.base))
+            .request(method, format!("{}/{path}", self.base))
             .timeout(ctx.deadline.io_timeout(Duration::from_secs(60)))
-            .header("Content-Type", format!("application/x-git-{service}-request"))
-            .header("Accept", format!("application/x-git-{service}-result"))
-            .header("User-Agent", concat!("git/gitstate-", env!("CARGO_PKG_VERSION")))
-            .body(body);
+            .header("User-Agent", concat!("git/gitstate-", env!("CARGO_PKG_VERSION")));
+        if post {
+            request = request
+                .header("Content-Type", format!("application/x-git-{service}-request"))
+                .header("Accept", format!("application/x-git-{service}-result"))
+                .body(body);
+        }
         if v2 {
             request = request.header("Git-Protocol", "version=2");
         }
@@ -112,6 +130,53 @@ impl SmartHttp {
                 sorted => sorted,
             }
         })
+    }
+
+    /// Start a push on the pooled client: receive-pack's advertisement from
+    /// `GET info/refs?service=git-receive-pack`. `None`: the answer is no smart-HTTP
+    /// advertisement (use gix's transport instead).
+    pub fn start_push<'a>(
+        &'a self,
+        ctx: &'a RequestContext,
+    ) -> Result<Option<push::Started<'a>>, super::transport::HostFailure> {
+        if self.disabled.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let advertise = || {
+            self.request(
+                ctx,
+                reqwest::Method::GET,
+                "info/refs?service=git-receive-pack",
+                "receive-pack",
+                false,
+                Vec::new(),
+            )
+        };
+        let response = match advertise() {
+            // As for a look: nothing was asked of the host yet, so a connection it closed while
+            // idle costs one more try on a fresh one.
+            Err(StorageError::HostUnavailable(_)) if !ctx.out_of_time() => advertise()?,
+            other => other?,
+        };
+        let status = response.status().as_u16();
+        match status {
+            401 | 403 => return Err(StorageError::CredentialsRefused.into()),
+            404 => return Err(StorageError::RepositoryNotFound(format!("{}: HTTP 404", self.base)).into()),
+            500..=599 if status != 501 => {
+                return Err(StorageError::HostUnavailable(format!("{}: HTTP {status}", self.base)).into())
+            }
+            _ => {}
+        }
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if status != 200 || content_type != "application/x-git-receive-pack-advertisement" {
+            return Ok(None);
+        }
+        let bytes = response.bytes().map_err(|e| StorageError::HostUnavailable(format!("{}: {e}", self.base)))?;
+        let Some(adv) = parse_advertisement(&bytes) else {
+            self.disable("an advertisement we could not read");
+            return Ok(None);
+        };
+        Ok(Some((Box::new(PooledPush { http: self, ctx }), adv)))
     }
 
     /// A response that is no answer of the service: an auth refusal or a missing repository
@@ -199,6 +264,63 @@ impl SmartHttp {
         }
         Ok(Blind::Done(tips))
     }
+}
+
+/// A push conversation on the pooled client: the commands and pack go in one POST.
+struct PooledPush<'a> {
+    http: &'a SmartHttp,
+    ctx: &'a RequestContext,
+}
+
+impl push::Conversation for PooledPush<'_> {
+    fn end(&mut self) {
+        // Stateless: an advertisement obliges the host to nothing.
+    }
+
+    fn send(&mut self, commands: &[String], pack: Option<&[u8]>, side_band: bool) -> Result<Vec<String>, StorageError> {
+        let mut body = Vec::new();
+        for line in commands {
+            pkt(&mut body, &format!("{line}\n"));
+        }
+        body.extend_from_slice(b"0000");
+        if let Some(pack) = pack {
+            body.extend_from_slice(pack);
+        }
+        let response = self
+            .http
+            .request(self.ctx, reqwest::Method::POST, "git-receive-pack", "receive-pack", false, body)
+            .map_err(push::after_send)?;
+        let status = response.status().as_u16();
+        match status {
+            200 => {}
+            401 | 403 => return Err(StorageError::CredentialsRefused),
+            404 => return Err(StorageError::RepositoryNotFound(format!("{}: HTTP 404", self.http.base))),
+            // The host may have acted before it failed: only a look can tell.
+            500..=599 => return Err(StorageError::OutcomeUnknown(format!("{}: HTTP {status}", self.http.base))),
+            _ => return Err(StorageError::Protocol(format!("{}: HTTP {status} to a push", self.http.base))),
+        }
+        let bytes = response.bytes().map_err(|e| StorageError::OutcomeUnknown(format!("{}: {e}", self.http.base)))?;
+        push::report_from_bytes(&bytes, side_band, &self.http.url)
+    }
+}
+
+/// A smart-HTTP receive-pack advertisement: `# service=git-receive-pack`, a flush, then the
+/// refs (capabilities after a NUL on the first line) up to a flush.
+fn parse_advertisement(body: &[u8]) -> Option<push::Advertisement> {
+    let service = push::pkt_frames(body)?;
+    if service.first().map(|l| l.trim_ascii_end()) != Some(&b"# service=git-receive-pack"[..]) {
+        return None;
+    }
+    // Past the service line and its flush.
+    let first_len = usize::from_str_radix(std::str::from_utf8(body.get(..4)?).ok()?, 16).ok()?;
+    let rest = body.get(first_len..)?.strip_prefix(b"0000")?;
+    let lines = push::pkt_frames(rest)?;
+    let first = lines.first()?;
+    let caps_text = first.splitn(2, |b| *b == 0).nth(1)?;
+    let caps_text = std::str::from_utf8(caps_text).ok()?;
+    let caps = push::ReceiveCaps::from_names(caps_text.split_whitespace());
+    let refs = push::advertised_refs(lines.into_iter()).ok()?;
+    Some(push::Advertisement { refs, caps })
 }
 
 fn pkt(out: &mut Vec<u8>, line: &str) {
