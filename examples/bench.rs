@@ -688,6 +688,53 @@ fn requests_per_operation() {
         row("terraform plan, cold (after init)", &reqs, Some(7));
     }
     println!("targets: warm apply <= 7, warm plan 5; a warm look 1 request, a warm push 2 (its own advertisement, for lock safety); cold at most 2 more than warm");
+    tls_handshakes();
+}
+
+/// New connections (each a TLS handshake) to an HTTPS git host per apply, cold and warm,
+/// counted by a forwarding proxy in front of lighttpd with `mod_openssl`.
+fn tls_handshakes() {
+    use gitstate_testkit::fixtures::{lock_info, state};
+    use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+    use gitstate_testkit::serve::{http, Serve, ServeOpts};
+    use gitstate_testkit::stall::StallProxy;
+    use gitstate_testkit::tls::{server_cert, test_ca};
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::panic::catch_unwind(|| {
+        let ca = test_ca(dir.path(), "ca");
+        (ca, server_cert(dir.path(), "ca", "host", "IP:127.0.0.1", false))
+    });
+    let Ok((ca, pem)) = made else {
+        println!("TLS handshakes skipped: openssl not found (`bash scripts/test.sh` installs it)");
+        return;
+    };
+    let httpd = GitHttpServer::start_tls(&pem);
+    httpd.create_repo("tls.git");
+    let proxy = StallProxy::start(([127, 0, 0, 1], httpd.port()).into());
+    let url = format!("https://127.0.0.1:{}/git/tls.git", proxy.port());
+    let serve = Serve::start(ServeOpts::new().repository(&url).env("SSL_CERT_FILE", ca.display().to_string()));
+    use base64::Engine as _;
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:{DEFAULT_PASSWORD}"))
+    );
+    let h = [("Authorization", auth.as_str())];
+    let target = serve.state_url("tls.tfstate");
+    let apply = |serial: u64| {
+        assert_eq!(http("LOCK", &target, &h, Some(lock_info("bench").as_bytes())).status, 200);
+        http("GET", &target, &h, None);
+        let url = format!("{target}?ID=bench");
+        assert_eq!(http("POST", &url, &h, Some(state(serial, "tls").as_bytes())).status, 200);
+        assert_eq!(http("UNLOCK", &target, &h, Some(lock_info("bench").as_bytes())).status, 200);
+    };
+    apply(1);
+    let cold = proxy.connections();
+    apply(2);
+    let warm = proxy.connections() - cold;
+    println!(
+        "TLS handshakes per apply (LOCK, GET, POST, UNLOCK over HTTPS): cold {cold}, warm {warm}  target warm 0 {}",
+        met(warm == 0)
+    );
 }
 
 // --- 2. latency with an added round trip -----------------------------------------------------

@@ -5,115 +5,28 @@
 //! `Retry-After` (retrying does not heal it), and the cause with the host in the log line.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use gitstate_testkit::fixtures::{lock_info, state};
 use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
 use gitstate_testkit::serve::{http, HttpResponse, Serve, ServeOpts};
+use gitstate_testkit::stall::StallProxy;
+use gitstate_testkit::tls::{server_cert, test_ca};
 
 const P: &str = "envs/tls/terraform.tfstate";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap_or_else(|e| {
-        panic!("openssl not found ({e}): the TLS tests make certificates with it; install the test tools with `bash scripts/test.sh`")
-    });
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A test CA in `dir` (`<name>.pem`, `<name>.key`).
 fn ca(dir: &Path, name: &str) -> PathBuf {
-    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
-    let subject = format!("/CN=gitstate test {name}");
-    openssl(
-        dir,
-        &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2", "-subj",
-            &subject,
-        ],
-    );
-    dir.join(pem)
+    test_ca(dir, name)
 }
 
-/// A server certificate (and its key, in one PEM file for lighttpd) signed by CA `ca`, for
-/// `san` (e.g. `IP:127.0.0.1`), valid now, or valid only in 2020.
 fn leaf(dir: &Path, ca: &str, name: &str, san: &str, expired: bool) -> PathBuf {
-    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-    openssl(
-        dir,
-        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=gitstate test host"],
-    );
-    std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName={san}\n")).unwrap();
-    if expired {
-        // `openssl ca` can date a certificate in the past; it wants a small database.
-        let db = dir.join(format!("{name}-db"));
-        std::fs::create_dir_all(&db).unwrap();
-        std::fs::write(db.join("index.txt"), "").unwrap();
-        std::fs::write(db.join("serial"), "1000\n").unwrap();
-        let conf = format!(
-            "[ca]\ndefault_ca = test\n[test]\ndatabase = {db}/index.txt\nserial = {db}/serial\nnew_certs_dir = {db}\n\
-             default_md = sha256\npolicy = any\ncopy_extensions = none\n[any]\ncommonName = supplied\n",
-            db = db.display()
-        );
-        std::fs::write(dir.join(format!("{name}.cnf")), conf).unwrap();
-        openssl(
-            dir,
-            &[
-                "ca",
-                "-batch",
-                "-config",
-                &format!("{name}.cnf"),
-                "-cert",
-                &format!("{ca}.pem"),
-                "-keyfile",
-                &format!("{ca}.key"),
-                "-in",
-                &csr,
-                "-out",
-                &crt,
-                "-startdate",
-                "20200101000000Z",
-                "-enddate",
-                "20200201000000Z",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    } else {
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
-    let pem = dir.join(format!("{name}.pem"));
-    let mut both = std::fs::read(dir.join(&crt)).unwrap();
-    both.extend(std::fs::read(dir.join(&key)).unwrap());
-    std::fs::write(&pem, both).unwrap();
-    pem
+    server_cert(dir, ca, name, san, expired)
 }
 
 /// lighttpd serving `git http-backend` over HTTPS with `pem`, and its repository's URL.
 fn https_host(pem: &Path) -> (GitHttpServer, String) {
-    let httpd = GitHttpServer::start_with_config(&format!(
-        "server.modules += ( \"mod_openssl\" )\nssl.engine = \"enable\"\nssl.pemfile = \"{}\"\n",
-        pem.display()
-    ));
-    let url = httpd.create_repo("states.git").replacen("http://", "https://", 1);
+    let httpd = GitHttpServer::start_tls(pem);
+    httpd.create_repo("states.git");
+    let url = httpd.https_url("states.git");
     (httpd, url)
 }
 
@@ -174,49 +87,6 @@ fn a_refused_certificate_is_a_502_that_says_so_never_a_retry() {
     }
 }
 
-/// A TCP proxy that counts the connections it accepts (each a TLS handshake with the host)
-/// and pipes bytes both ways.
-struct CountingProxy {
-    port: u16,
-    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl CountingProxy {
-    fn start(target: u16) -> Self {
-        use std::io::{Read, Write};
-        use std::net::{TcpListener, TcpStream};
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = std::sync::Arc::clone(&accepted);
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { break };
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
-                let pipe = |mut from: TcpStream, mut to: TcpStream| {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Write);
-                    });
-                };
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
-            }
-        });
-        CountingProxy { port, accepted }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
 /// A warm instance keeps its TLS connections: a warm apply (LOCK, GET, POST, UNLOCK, each
 /// push an advertisement and a POST) opens no new connection to the host.
 #[test]
@@ -224,8 +94,9 @@ fn a_warm_apply_makes_no_new_tls_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let ca_pem = ca(dir.path(), "ca");
     let (httpd, _) = https_host(&leaf(dir.path(), "ca", "good", "IP:127.0.0.1", false));
-    let proxy = CountingProxy::start(httpd.port());
-    let url = format!("https://127.0.0.1:{}/git/states.git", proxy.port);
+    // A forwarding proxy that counts the connections it accepts: each a TLS handshake.
+    let proxy = StallProxy::start(([127, 0, 0, 1], httpd.port()).into());
+    let url = format!("https://127.0.0.1:{}/git/states.git", proxy.port());
     let serve = Serve::start(ServeOpts::new().repository(&url).env("SSL_CERT_FILE", ca_pem.display().to_string()));
     let apply = |serial: u64| {
         let auth = auth();
@@ -238,9 +109,50 @@ fn a_warm_apply_makes_no_new_tls_handshake() {
         assert_eq!(http("UNLOCK", &url, &h, Some(lock_info("warm").as_bytes())).status, 200);
     };
     apply(1);
-    let cold = proxy.accepted();
+    let cold = proxy.connections();
     apply(2);
-    let warm = proxy.accepted() - cold;
+    let warm = proxy.connections() - cold;
     println!("TLS handshakes: cold apply {cold}, warm apply {warm}");
     assert_eq!(warm, 0, "a warm apply opened {warm} new TLS connections");
+}
+
+/// The smart-HTTP classes over HTTPS: credentials passed through (a wrong password is the
+/// host's 401), racing locks from two instances (one winner each time), writes and history.
+#[test]
+fn credentials_races_and_history_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = ca(dir.path(), "ca");
+    let (_httpd, url) = https_host(&leaf(dir.path(), "ca", "good", "IP:127.0.0.1", false));
+    let opts = || ServeOpts::new().repository(&url).env("SSL_CERT_FILE", ca_pem.display().to_string());
+    let (a, b) = (Serve::start(opts()), Serve::start(opts()));
+    let auth = auth();
+    let h = [("Authorization", auth.as_str())];
+    use base64::Engine as _;
+    let wrong = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:nope")));
+    assert_eq!(http("GET", &a.state_url(P), &[("Authorization", wrong.as_str())], None).status, 401);
+
+    for round in 0..10 {
+        let (ua, ub) = (a.lock_url(P), b.lock_url(P));
+        let (ha, hb) = (auth.clone(), auth.clone());
+        let ta = std::thread::spawn(move || {
+            http("LOCK", &ua, &[("Authorization", ha.as_str())], Some(lock_info(&format!("a{round}")).as_bytes()))
+                .status
+        });
+        let tb = std::thread::spawn(move || {
+            http("LOCK", &ub, &[("Authorization", hb.as_str())], Some(lock_info(&format!("b{round}")).as_bytes()))
+                .status
+        });
+        let (sa, sb) = (ta.join().unwrap(), tb.join().unwrap());
+        assert_eq!([sa, sb].iter().filter(|s| **s == 200).count(), 1, "round {round}: {sa} {sb}");
+        assert_eq!(http("UNLOCK", &a.lock_url(P), &h, Some(b"")).status, 200);
+    }
+    for serial in 1..=3 {
+        let wrote = http("POST", &a.state_url(P), &h, Some(state(serial, &format!("v{serial}")).as_bytes()));
+        assert_eq!(wrote.status, 200, "{}", wrote.text());
+    }
+    let history = http("GET", &format!("{}/history/{P}", b.base_url()), &h, None);
+    assert_eq!(history.status, 200, "{}", history.text());
+    let versions = history.json()["versions"].as_array().unwrap().len();
+    assert_eq!(versions, 3, "{}", history.text());
+    assert_eq!(http("GET", &b.state_url(P), &h, None).text(), state(3, "v3"));
 }

@@ -130,6 +130,22 @@ impl GitHttpServer {
         Self::start_with(&[(DEFAULT_USER, DEFAULT_PASSWORD)], extra)
     }
 
+    /// Start a server ([`DEFAULT_USER`]) over HTTPS with `pemfile` (certificate and key, see
+    /// [`super::tls::server_cert`]); its repositories' URLs come from [`GitHttpServer::https_url`].
+    /// The access log is only written on the plain port, so it is not for HTTPS servers.
+    pub fn start_tls(pemfile: &Path) -> Self {
+        let conf = format!(
+            "server.modules += ( \"mod_openssl\" )\nssl.engine = \"enable\"\nssl.pemfile = \"{}\"\n",
+            pemfile.display()
+        );
+        Self::start_with(&[(DEFAULT_USER, DEFAULT_PASSWORD)], &conf)
+    }
+
+    /// `https://127.0.0.1:PORT/git/<name>` (for a server of [`GitHttpServer::start_tls`]).
+    pub fn https_url(&self, name: &str) -> String {
+        format!("https://127.0.0.1:{}/git/{name}", self.port)
+    }
+
     fn start_with(users: &[(&str, &str)], extra: &str) -> Self {
         let bin = lighttpd_bin();
         let backend = git_http_backend();

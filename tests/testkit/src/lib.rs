@@ -14,6 +14,7 @@ pub mod races;
 pub mod serve;
 pub mod stall;
 pub mod terraform;
+pub mod tls;
 
 /// The root of the gitstate repository (where `.venv`, `events/` and `Cargo.toml` live).
 pub fn repo_root() -> std::path::PathBuf {
