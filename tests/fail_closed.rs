@@ -72,8 +72,12 @@ async fn stored_content_that_is_not_a_state_is_never_served_nor_replaced_without
         for (what, bad) in garbage() {
             let store = Arc::new(MemoryStore::new());
             let app = app(&store, if encrypted { age_sealing() } else { Sealing::clear() });
-            let commit = store.put("main", P, Some(&bad), &format!("Update {P}\n"));
             let name = format!("{what} (encryption {encrypted})");
+            // A good state first, served (and remembered as checked): what replaces it by hand
+            // is checked anew.
+            assert_eq!(send(&app, "POST", &format!("/state/{P}"), state(1, "good").as_bytes()).await.0, 200);
+            assert_eq!(send(&app, "GET", &format!("/state/{P}"), b"").await.0, 200, "{name}");
+            let commit = store.put("main", P, Some(&bad), &format!("Update {P}\n"));
 
             let (status, body) = send(&app, "GET", &format!("/state/{P}"), b"").await;
             assert_eq!(status, 500, "{name}: GET answered {body}");

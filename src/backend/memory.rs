@@ -14,10 +14,15 @@ use crate::storage::{ObjectId, Tips};
 const LOCK_INFO_BYTES: usize = 4 << 20;
 /// Refs whose tips are remembered.
 const KNOWN_REFS: usize = 4096;
+/// Stored files (by blob id) remembered as checked to be states.
+const CHECKED_STATES: usize = 4096;
 
 pub struct Memory {
     lock_infos: Mutex<(LruCache<ObjectId, Bytes>, usize)>,
     tips: Mutex<LruCache<String, Option<ObjectId>>>,
+    /// Blob ids of stored files found to be states: content-addressed, so one check is enough
+    /// (a large state is not scanned again on every GET).
+    checked_states: Mutex<LruCache<ObjectId, ()>>,
 }
 
 impl Default for Memory {
@@ -25,6 +30,7 @@ impl Default for Memory {
         Memory {
             lock_infos: Mutex::new((LruCache::unbounded(), 0)),
             tips: Mutex::new(LruCache::new(NonZeroUsize::new(KNOWN_REFS).expect("not zero"))),
+            checked_states: Mutex::new(LruCache::new(NonZeroUsize::new(CHECKED_STATES).expect("not zero"))),
         }
     }
 }
@@ -47,6 +53,15 @@ impl Memory {
                 None => break,
             }
         }
+    }
+
+    /// Whether the stored file `blob` was found to be a state before.
+    pub fn is_checked_state(&self, blob: &ObjectId) -> bool {
+        self.checked_states.lock().expect("checked_states poisoned").get(blob).is_some()
+    }
+
+    pub fn checked_state(&self, blob: ObjectId) {
+        self.checked_states.lock().expect("checked_states poisoned").put(blob, ());
     }
 
     /// Remember `tips` as the state of `refs` (a ref missing from `tips` was seen absent).
@@ -106,5 +121,15 @@ mod tests {
         }
         assert!(m.guess(&["refs/heads/locks/0".to_string()]).is_none());
         assert!(m.guess(&[format!("refs/heads/locks/{}", KNOWN_REFS + 99)]).is_some());
+        // Checked states: remembered by blob id, bounded by count.
+        assert!(!m.is_checked_state(&id(1)));
+        m.checked_state(id(1));
+        assert!(m.is_checked_state(&id(1)) && !m.is_checked_state(&id(2)));
+        for n in 0..(CHECKED_STATES + 10) {
+            let mut bytes = [0u8; 20];
+            bytes[..8].copy_from_slice(&(n as u64 + 1000).to_be_bytes());
+            m.checked_state(ObjectId::from_bytes_or_panic(&bytes));
+        }
+        assert!(!m.is_checked_state(&id(1)), "the oldest went");
     }
 }

@@ -135,9 +135,17 @@ impl Backend {
         let branch_ref = branch_ref(branch);
         let tips = self.sync(ctx, std::slice::from_ref(&branch_ref))?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
+        let Some(blob) = self.storage.file_id(*tip, path)? else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
             Some(stored) if !stored.is_empty() => {
-                Outcome::State(checked_state(path, self.sealing.open(ctx, &stored)?)?)
+                let plain = self.sealing.open(ctx, &stored)?;
+                if self.memory.is_checked_state(&blob) {
+                    Outcome::State(Bytes::copy_from_slice(&plain))
+                } else {
+                    let state = checked_state(path, plain)?;
+                    self.memory.checked_state(blob);
+                    Outcome::State(state)
+                }
             }
             _ => Outcome::NoState,
         })
