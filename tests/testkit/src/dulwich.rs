@@ -72,7 +72,10 @@ impl DulwichServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("dulwich did not start:\n{}", std::fs::read_to_string(dir.path().join("dulwich.log")).unwrap_or_default());
+        panic!(
+            "dulwich did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("dulwich.log")).unwrap_or_default()
+        );
     }
 
     /// Create the bare repository `name` (branch `main`, empty) and return its URL.

@@ -204,14 +204,7 @@ impl TfWorkdir {
     pub fn with_terraform(backend: HttpBackend, bin: PathBuf) -> Self {
         let dir = tempfile::Builder::new().prefix("gitstate-tf-").tempdir().expect("create temp dir");
         std::fs::write(dir.path().join("terraformrc"), "").unwrap();
-        let w = TfWorkdir {
-            dir,
-            bin,
-            backend,
-            body: String::new(),
-            env: Vec::new(),
-            runs: Default::default(),
-        };
+        let w = TfWorkdir { dir, bin, backend, body: String::new(), env: Vec::new(), runs: Default::default() };
         w.write_config();
         w
     }

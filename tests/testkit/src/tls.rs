@@ -19,7 +19,10 @@ pub fn test_ca(dir: &Path, name: &str) -> PathBuf {
     let subject = format!("/CN=gitstate test {name}");
     openssl(
         dir,
-        &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subject],
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2", "-subj",
+            &subject,
+        ],
     );
     dir.join(pem)
 }
@@ -28,7 +31,10 @@ pub fn test_ca(dir: &Path, name: &str) -> PathBuf {
 /// CA `ca` of [`test_ca`], for `san` (e.g. `IP:127.0.0.1`), valid now, or only in January 2020.
 pub fn server_cert(dir: &Path, ca: &str, name: &str, san: &str, expired: bool) -> PathBuf {
     let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=gitstate test host"]);
+    openssl(
+        dir,
+        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=gitstate test host"],
+    );
     std::fs::write(dir.join(format!("{name}.ext")), format!("subjectAltName={san}\n")).unwrap();
     let (ca_pem, ca_key, ext) = (format!("{ca}.pem"), format!("{ca}.key"), format!("{name}.ext"));
     if expired {
@@ -47,16 +53,45 @@ pub fn server_cert(dir: &Path, ca: &str, name: &str, san: &str, expired: bool) -
         openssl(
             dir,
             &[
-                "ca", "-batch", "-config", &cnf, "-cert", &ca_pem, "-keyfile", &ca_key, "-in", &csr, "-out", &crt,
-                "-startdate", "20200101000000Z", "-enddate", "20200201000000Z", "-extfile", &ext,
+                "ca",
+                "-batch",
+                "-config",
+                &cnf,
+                "-cert",
+                &ca_pem,
+                "-keyfile",
+                &ca_key,
+                "-in",
+                &csr,
+                "-out",
+                &crt,
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20200201000000Z",
+                "-extfile",
+                &ext,
             ],
         );
     } else {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &crt,
-                "-days", "2", "-extfile", &ext,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
             ],
         );
     }
