@@ -18,7 +18,7 @@ use gitstate_testkit::serve::{http, Serve, ServeOpts};
 const P: &str = "envs/edge/terraform.tfstate";
 
 /// A proxy in front of the smart-HTTP host that closes a kept-alive connection the moment a
-/// request of gitstate's arrives on it after the connection sat idle (over 100 ms since the
+/// request of gitstate's arrives on it after the connection sat idle (over 400 ms since the
 /// last answer): what a host that closes idle connections does to the request that races its
 /// close. Requests that follow an answer at once (a push's POST after its advertisement) pass.
 struct CloseKeptAlive {
@@ -58,7 +58,7 @@ impl CloseKeptAlive {
                             break;
                         }
                         let look = String::from_utf8_lossy(&buf[..n]).contains("git/gitstate");
-                        let idle = answered.lock().unwrap().is_some_and(|t| t.elapsed() > Duration::from_millis(100));
+                        let idle = answered.lock().unwrap().is_some_and(|t| t.elapsed() > Duration::from_millis(400));
                         if idle && look {
                             count.fetch_add(1, Ordering::SeqCst);
                             break;
@@ -95,7 +95,7 @@ fn a_request_on_a_connection_the_host_closed_is_sent_again() {
     assert_eq!(http("POST", &serve.state_url(P), &h, Some(state(1, "idle").as_bytes())).status, 200);
     let mut failures = Vec::new();
     for i in 0..12 {
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(600));
         let (method, body) = match i % 4 {
             2 => ("LOCK", Some(lock_info("idle").into_bytes())),
             3 => ("UNLOCK", Some(lock_info("idle").into_bytes())),
