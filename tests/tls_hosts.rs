@@ -110,10 +110,17 @@ fn a_warm_apply_makes_no_new_tls_handshake() {
     };
     apply(1);
     let cold = proxy.connections();
+    let before = httpd.access_log_by_signal().len();
     apply(2);
     let warm = proxy.connections() - cold;
     println!("TLS handshakes: cold apply {cold}, warm apply {warm}");
     assert_eq!(warm, 0, "a warm apply opened {warm} new TLS connections");
+    // The same requests as over plain HTTP: LOCK 2, GET 1, POST 2, UNLOCK 2.
+    let requests = httpd.access_log_by_signal()[before..].to_vec();
+    let lines: Vec<String> = requests.iter().map(|r| format!("{} {} {}", r.method, r.target, r.status)).collect();
+    println!("warm apply over HTTPS: {} requests\n{}", lines.len(), lines.join("\n"));
+    assert_eq!(requests.len(), 7, "{lines:#?}");
+    assert_eq!(requests.iter().filter(|r| r.target.contains("info/refs")).count(), 3, "{lines:#?}");
 }
 
 /// The smart-HTTP classes over HTTPS: credentials passed through (a wrong password is the

@@ -256,6 +256,28 @@ impl GitHttpServer {
         }
     }
 
+    /// Every request served so far, parsed, for a server whose port speaks TLS (the flush
+    /// marker of [`GitHttpServer::access_log_lines`] is plain HTTP): SIGHUP makes lighttpd
+    /// reopen, and so write out, its buffered access log.
+    pub fn access_log_by_signal(&self) -> Vec<AccessEntry> {
+        let path = self.dir.path().join("access.log");
+        let _ = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + LOG_FLUSH_TIMEOUT;
+        let mut last = std::fs::read_to_string(&path).unwrap_or_default();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = std::fs::read_to_string(&path).unwrap_or_default();
+            if (now == last && !now.is_empty()) || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        last.lines()
+            .filter(|l| !l.contains("/.flush-marker-"))
+            .map(|l| AccessEntry::parse(l).unwrap_or_else(|| panic!("unparsable access log line {l:?}")))
+            .collect()
+    }
+
     /// [`GitHttpServer::access_log_lines`], parsed.
     pub fn access_log(&self) -> Vec<AccessEntry> {
         self.access_log_lines()
