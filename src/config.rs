@@ -1,12 +1,171 @@
-//! Every setting of gitstate, read once from the environment (and, for
-//! `gitstate serve`, from command-line flags that override it). README.md and
-//! template.yaml list the same names.
+//! Every setting of gitstate, declared once in [`Settings`] (flag, environment variable, help)
+//! and read once into a checked [`Config`] that `serve`, `run`, `doctor`, `decrypt` and the
+//! Lambda entry all build from. README's configuration table is checked against it.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::{Args, CommandFactory, FromArgMatches};
+
 use crate::backend::sealing::SealingSettings;
 use crate::storage::{Credentials, RepoUrl, UrlPattern};
+
+/// Every setting, as given: a flag overrides its environment variable, an empty value counts as
+/// unset, and [`Config::from_settings`] reads and checks them (so an error names the variable).
+/// Defaults are stated in each help text and kept in [`Config::default`].
+#[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Settings (each flag overrides its GITSTATE_* variable)")]
+pub struct Settings {
+    /// Git repository URL (git://, http://, https://), without credentials [default: an embedded
+    /// bare repository in the data directory; required under Lambda]
+    #[arg(long, env = "GITSTATE_REPOSITORY", value_name = "URL")]
+    pub repository: Option<String>,
+    /// Branch that holds the states [default: main]
+    #[arg(long = "ref", env = "GITSTATE_REF", value_name = "BRANCH")]
+    pub branch: Option<String>,
+    /// Address `serve` listens on [default: 127.0.0.1:6061]
+    #[arg(long, env = "GITSTATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory of the embedded repository (and, for `serve` and `run`, of the caches) [default: ./.gitstate]
+    #[arg(long, env = "GITSTATE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// Bare cache repositories of remotes [default: /tmp/gitstate; `serve`, `run`: <data dir>/cache]
+    #[arg(long, env = "GITSTATE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<String>,
+    /// `Name <email>` of every commit gitstate writes [default: gitstate <gitstate@localhost>]
+    #[arg(long, env = "GITSTATE_COMMIT_AUTHOR", value_name = "AUTHOR")]
+    pub commit_author: Option<String>,
+    /// Largest request body in bytes, 413 above it [default: 67108864]
+    #[arg(long, env = "GITSTATE_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<String>,
+    /// Rebuilds of a write that lost the race for the branch [default: 16]
+    #[arg(long, env = "GITSTATE_WRITE_RETRIES", value_name = "N")]
+    pub write_retries: Option<String>,
+    /// Comma-separated URL patterns a `repository` parameter must match (`*` within one path
+    /// segment or host label) [default: only the configured repository]
+    #[arg(long, env = "GITSTATE_ALLOWED_REPOSITORIES", value_name = "PATTERNS")]
+    pub allowed_repositories: Option<String>,
+    /// Where git credentials come from: passthrough, env or secret [default: passthrough]
+    #[arg(long, env = "GITSTATE_AUTH", value_name = "MODE")]
+    pub auth: Option<String>,
+    /// In passthrough mode, the username a bearer token goes to the git host with [default: x-access-token]
+    #[arg(long, env = "GITSTATE_BEARER_USERNAME", value_name = "NAME")]
+    pub bearer_username: Option<String>,
+    /// Git user name (`env` mode, `doctor`)
+    #[arg(long, env = "GITSTATE_GIT_USERNAME", value_name = "NAME", hide_env_values = true)]
+    pub git_username: Option<String>,
+    /// Git password or token (`env` mode, `doctor`); prefer the variable: flags are visible to other users
+    #[arg(long, env = "GITSTATE_GIT_PASSWORD", value_name = "TOKEN", hide_env_values = true)]
+    pub git_password: Option<String>,
+    /// Secrets Manager id of the git credentials (`secret` mode)
+    #[arg(long, env = "GITSTATE_GIT_CREDENTIALS_SECRET", value_name = "ID")]
+    pub git_credentials_secret: Option<String>,
+    /// Basic-auth user the backend itself requires (required in `env` and `secret` modes)
+    #[arg(long, env = "GITSTATE_USERNAME", value_name = "NAME", hide_env_values = true)]
+    pub username: Option<String>,
+    /// Basic-auth password the backend itself requires; prefer the variable: flags are visible to other users
+    #[arg(long, env = "GITSTATE_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Seconds a request may take under `serve` (Lambda: the invocation's deadline) [default: 25]
+    #[arg(long, env = "GITSTATE_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    pub request_timeout: Option<String>,
+    /// Repositories besides the default kept open [default: 16]
+    #[arg(long, env = "GITSTATE_MAX_REPOSITORIES", value_name = "N")]
+    pub max_repositories: Option<String>,
+    /// Requests per repository worked on at once [default: 8]
+    #[arg(long, env = "GITSTATE_REPOSITORY_CONCURRENCY", value_name = "N")]
+    pub repository_concurrency: Option<String>,
+    /// Requests on repositories other than the configured one worked on at once, all together [default: 64]
+    #[arg(long, env = "GITSTATE_MAX_BLOCKING", value_name = "N")]
+    pub max_blocking: Option<String>,
+    /// Comma-separated age public keys every state is encrypted to
+    #[arg(long, env = "GITSTATE_AGE_RECIPIENTS", value_name = "KEYS")]
+    pub age_recipients: Option<String>,
+    /// age secret keys that open stored states; prefer the variable or the file
+    #[arg(long, env = "GITSTATE_AGE_IDENTITIES", value_name = "KEYS", hide_env_values = true)]
+    pub age_identities: Option<String>,
+    /// A file of age secret keys that open stored states
+    #[arg(long, env = "GITSTATE_AGE_IDENTITY_FILE", value_name = "FILE")]
+    pub age_identity_file: Option<String>,
+    /// KMS key every state is sealed under
+    #[arg(long, env = "GITSTATE_KMS_KEY_ID", value_name = "KEY")]
+    pub kms_key_id: Option<String>,
+    /// Further KMS key ids whose envelopes may be opened (rotation), comma-separated
+    #[arg(long, env = "GITSTATE_KMS_DECRYPT_KEY_IDS", value_name = "KEYS")]
+    pub kms_decrypt_key_ids: Option<String>,
+    /// `serve`: open connections [default: 256]
+    #[arg(long, env = "GITSTATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<String>,
+    /// `serve`: bytes of request bodies held at once [default: 268435456]
+    #[arg(long, env = "GITSTATE_BODY_MEMORY_BYTES", value_name = "BYTES")]
+    pub body_memory_bytes: Option<String>,
+    /// `serve`: seconds for a whole request head (also the idle keep-alive timeout) [default: 10]
+    #[arg(long, env = "GITSTATE_HEADER_READ_TIMEOUT", value_name = "SECONDS")]
+    pub header_read_timeout: Option<String>,
+    /// `serve`: seconds for the whole body after its head [default: 30]
+    #[arg(long, env = "GITSTATE_BODY_READ_TIMEOUT", value_name = "SECONDS")]
+    pub body_read_timeout: Option<String>,
+    /// `serve`: seconds an answer may go unread before the connection is dropped [default: 30]
+    #[arg(long, env = "GITSTATE_WRITE_TIMEOUT", value_name = "SECONDS")]
+    pub write_timeout: Option<String>,
+    /// Log level or filter (tracing EnvFilter syntax); RUST_LOG when unset [default: info]
+    #[arg(long, env = "GITSTATE_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// Only the settings, for parsing them without a subcommand.
+#[derive(clap::Parser)]
+#[command(name = "gitstate")]
+struct SettingsOnly {
+    #[command(flatten)]
+    settings: Settings,
+}
+
+impl Settings {
+    /// The settings of the process environment (no flags): the Lambda entry without a subcommand.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let matches = SettingsOnly::command().try_get_matches_from(["gitstate"]).map_err(ConfigError::unreadable)?;
+        Ok(SettingsOnly::from_arg_matches(&matches).map_err(ConfigError::unreadable)?.settings)
+    }
+
+    /// The settings from `flags` (long name, value) over `env`, a stand-in for the environment,
+    /// parsed as clap parses the command line: for tests and the benchmark.
+    pub fn from_sources(flags: &[(&str, &str)], env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let declared = SettingsOnly::command();
+        let mut argv = vec!["gitstate".to_string()];
+        for arg in declared.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let from_env = || arg.get_env().and_then(|name| env(name.to_str()?));
+            if let Some(value) = flags.iter().find(|(n, _)| *n == long).map(|(_, v)| v.to_string()).or_else(from_env) {
+                argv.push(format!("--{long}={value}"));
+            }
+        }
+        let without_env = declared.mut_args(|a| a.env(None::<&'static str>));
+        let matches = without_env.try_get_matches_from(argv).map_err(ConfigError::unreadable)?;
+        Ok(SettingsOnly::from_arg_matches(&matches).map_err(ConfigError::unreadable)?.settings)
+    }
+
+    /// Every variable a setting is read from, in declaration order.
+    pub fn variables() -> Vec<String> {
+        SettingsOnly::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    /// The log filter: `GITSTATE_LOG`, else `RUST_LOG`, else `default`.
+    pub fn log_filter(&self, default: &str) -> tracing_subscriber::EnvFilter {
+        set(&self.log)
+            .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+            .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+            .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default))
+    }
+}
+
+/// A value that was given and is not empty.
+fn set(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
+}
 
 /// Where the credentials for the git host come from (`GITSTATE_AUTH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,160 +307,81 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-impl Config {
-    /// Read every `GITSTATE_*` variable, falling back to the defaults.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+/// Which entry point reads the settings: where caches live by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Lambda (and tests): caches in `/tmp/gitstate`.
+    Lambda,
+    /// `serve` and `run`: caches under the data directory, beside the embedded repository.
+    Local,
+}
+
+impl ConfigError {
+    fn new(name: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError { name, reason: reason.into() }
     }
 
-    /// Like [`Config::from_env`] over any lookup (tests use a map).
+    fn unreadable(e: clap::Error) -> Self {
+        ConfigError::new("settings", e.kind().to_string())
+    }
+}
+
+impl Config {
+    /// Read every setting from the process environment (no flags), as the Lambda entry does.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_settings(&Settings::from_env()?, Entry::Lambda)
+    }
+
+    /// Like [`Config::from_env`] over any lookup (tests and the benchmark use a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut c = Config::default();
-        if let Some(url) = get("GITSTATE_REPOSITORY") {
-            c.repository = Some(parse_repository(&url)?);
-        }
-        if let Some(b) = get("GITSTATE_REF") {
-            c.branch = b;
-        }
-        if let Some(d) = get("GITSTATE_CACHE_DIR") {
-            c.cache_dir = d.into();
-        }
-        if let Some(l) = get("GITSTATE_LISTEN") {
-            c.listen = l.parse().map_err(|_| ConfigError {
-                name: "GITSTATE_LISTEN",
-                reason: "expected an address like 127.0.0.1:6061".into(),
-            })?;
-        }
-        if let Some(d) = get("GITSTATE_DATA_DIR") {
-            c.data_dir = d.into();
-        }
-        if let Some(a) = get("GITSTATE_COMMIT_AUTHOR") {
-            c.commit_author = parse_author(&a).ok_or_else(|| ConfigError {
-                name: "GITSTATE_COMMIT_AUTHOR",
-                reason: "expected `Name <email>`".into(),
-            })?;
-        }
-        if let Some(n) = get("GITSTATE_MAX_BODY_BYTES") {
-            c.max_body_bytes = n.parse().map_err(|_| ConfigError {
-                name: "GITSTATE_MAX_BODY_BYTES",
-                reason: "expected a number of bytes".into(),
-            })?;
-        }
-        if let Some(list) = get("GITSTATE_ALLOWED_REPOSITORIES") {
-            c.allowed_repositories = list
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    UrlPattern::parse(p).map_err(|e| ConfigError {
-                        name: "GITSTATE_ALLOWED_REPOSITORIES",
-                        reason: format!("{}: {e}", crate::storage::url::redact_raw(p)),
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        c.auth = match get("GITSTATE_AUTH").as_deref() {
-            None | Some("passthrough") => AuthMode::Passthrough,
-            Some("env") => AuthMode::Env,
-            Some("secret") => AuthMode::Secret,
-            Some(_) => {
-                return Err(ConfigError { name: "GITSTATE_AUTH", reason: "expected passthrough, env or secret".into() })
-            }
+        Self::from_settings(&Settings::from_sources(&[], get)?, Entry::Lambda)
+    }
+
+    /// Read and check the settings: the one place a value becomes a setting.
+    pub fn from_settings(s: &Settings, entry: Entry) -> Result<Self, ConfigError> {
+        let d = Config::default();
+        let data_dir = set(&s.data_dir).map_or(d.data_dir, PathBuf::from);
+        let cache_dir = match (set(&s.cache_dir), entry) {
+            (Some(dir), _) => PathBuf::from(dir),
+            (None, Entry::Lambda) => d.cache_dir,
+            (None, Entry::Local) => data_dir.join("cache"),
         };
-        let pair = |user: &'static str, pass: &'static str| -> Result<Option<Credentials>, ConfigError> {
-            match (get(user), get(pass)) {
-                (Some(username), Some(password)) => Ok(Some(Credentials { username, password })),
-                (None, None) => Ok(None),
-                _ => Err(ConfigError { name: user, reason: format!("set both {user} and {pass}, or neither") }),
-            }
+        let c = Config {
+            repository: set(&s.repository).map(parse_repository).transpose()?,
+            branch: set(&s.branch).map_or(d.branch, String::from),
+            cache_dir,
+            data_dir,
+            commit_author: match set(&s.commit_author) {
+                Some(a) => parse_author(a)
+                    .ok_or_else(|| ConfigError::new("GITSTATE_COMMIT_AUTHOR", "expected `Name <email>`"))?,
+                None => d.commit_author,
+            },
+            max_body_bytes: parse_or(
+                "GITSTATE_MAX_BODY_BYTES",
+                &s.max_body_bytes,
+                d.max_body_bytes,
+                "expected a number of bytes",
+            )?,
+            allowed_repositories: set(&s.allowed_repositories).map_or(Ok(Vec::new()), parse_allowlist)?,
+            auth: set(&s.auth).map_or(Ok(d.auth), str::parse)?,
+            git_credentials: pair(
+                ("GITSTATE_GIT_USERNAME", &s.git_username),
+                ("GITSTATE_GIT_PASSWORD", &s.git_password),
+            )?,
+            git_credentials_secret: set(&s.git_credentials_secret).map(String::from),
+            backend_credentials: pair(("GITSTATE_USERNAME", &s.username), ("GITSTATE_PASSWORD", &s.password))?,
+            write_retries: parse_or("GITSTATE_WRITE_RETRIES", &s.write_retries, d.write_retries, "expected a number")?,
+            request_timeout: seconds("GITSTATE_REQUEST_TIMEOUT", &s.request_timeout, 900.0)?
+                .unwrap_or(d.request_timeout),
+            max_repositories: count("GITSTATE_MAX_REPOSITORIES", &s.max_repositories)?.unwrap_or(d.max_repositories),
+            repository_concurrency: count("GITSTATE_REPOSITORY_CONCURRENCY", &s.repository_concurrency)?
+                .unwrap_or(d.repository_concurrency),
+            max_blocking: count("GITSTATE_MAX_BLOCKING", &s.max_blocking)?.unwrap_or(d.max_blocking),
+            bearer_username: set(&s.bearer_username).map_or(Ok(d.bearer_username), parse_bearer_username)?,
+            sealing: read_sealing(s)?,
+            serve_limits: read_serve_limits(s)?,
+            listen: parse_or("GITSTATE_LISTEN", &s.listen, d.listen, "expected an address like 127.0.0.1:6061")?,
         };
-        c.git_credentials = pair("GITSTATE_GIT_USERNAME", "GITSTATE_GIT_PASSWORD")?;
-        c.backend_credentials = pair("GITSTATE_USERNAME", "GITSTATE_PASSWORD")?;
-        c.git_credentials_secret = get("GITSTATE_GIT_CREDENTIALS_SECRET");
-        if let Some(n) = get("GITSTATE_WRITE_RETRIES") {
-            c.write_retries = n
-                .parse()
-                .map_err(|_| ConfigError { name: "GITSTATE_WRITE_RETRIES", reason: "expected a number".into() })?;
-        }
-        let count = |name: &'static str| -> Result<Option<usize>, ConfigError> {
-            get(name)
-                .map(|v| {
-                    v.trim()
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or(ConfigError { name, reason: "expected a whole number above 0".into() })
-                })
-                .transpose()
-        };
-        let seconds = |name: &'static str, max: f64| -> Result<Option<Duration>, ConfigError> {
-            get(name)
-                .map(|v| {
-                    v.trim()
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|s| s.is_finite() && *s > 0.0 && *s <= max)
-                        .map(Duration::from_secs_f64)
-                        .ok_or(ConfigError { name, reason: format!("expected seconds, above 0 and at most {max}") })
-                })
-                .transpose()
-        };
-        if let Some(n) = count("GITSTATE_MAX_REPOSITORIES")? {
-            c.max_repositories = n;
-        }
-        if let Some(n) = count("GITSTATE_REPOSITORY_CONCURRENCY")? {
-            c.repository_concurrency = n;
-        }
-        if let Some(n) = count("GITSTATE_MAX_BLOCKING")? {
-            c.max_blocking = n;
-        }
-        if let Some(name) = get("GITSTATE_BEARER_USERNAME").filter(|n| !n.is_empty()) {
-            if name.contains(':') || name.chars().any(char::is_control) {
-                return Err(ConfigError {
-                    name: "GITSTATE_BEARER_USERNAME",
-                    reason: "no `:` or control characters".into(),
-                });
-            }
-            c.bearer_username = name;
-        }
-        if let Some(d) = seconds("GITSTATE_REQUEST_TIMEOUT", 900.0)? {
-            c.request_timeout = d;
-        }
-        let list =
-            |v: String| v.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
-        c.sealing.age_recipients = get("GITSTATE_AGE_RECIPIENTS").map(list).unwrap_or_default();
-        c.sealing.age_identities = match (get("GITSTATE_AGE_IDENTITIES"), get("GITSTATE_AGE_IDENTITY_FILE")) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError {
-                    name: "GITSTATE_AGE_IDENTITY_FILE",
-                    reason: "set GITSTATE_AGE_IDENTITIES or GITSTATE_AGE_IDENTITY_FILE, not both".into(),
-                })
-            }
-            (Some(text), None) => Some(zeroize::Zeroizing::new(text)),
-            (None, Some(path)) => Some(zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                ConfigError { name: "GITSTATE_AGE_IDENTITY_FILE", reason: format!("cannot read {path}: {e}") }
-            })?)),
-            (None, None) => None,
-        };
-        c.sealing.kms_key_id = get("GITSTATE_KMS_KEY_ID");
-        c.sealing.kms_decrypt_key_ids = get("GITSTATE_KMS_DECRYPT_KEY_IDS").map(list).unwrap_or_default();
-        let l = &mut c.serve_limits;
-        if let Some(n) = count("GITSTATE_MAX_CONNECTIONS")? {
-            // Far above any file descriptor limit; keeps the semaphore within its maximum.
-            l.max_connections = n.min(1 << 20);
-        }
-        if let Some(n) = count("GITSTATE_BODY_MEMORY_BYTES")? {
-            l.body_memory_bytes = n;
-        }
-        if let Some(d) = seconds("GITSTATE_HEADER_READ_TIMEOUT", 3600.0)? {
-            l.header_read_timeout = d;
-        }
-        if let Some(d) = seconds("GITSTATE_BODY_READ_TIMEOUT", 3600.0)? {
-            l.body_read_timeout = d;
-        }
-        if let Some(d) = seconds("GITSTATE_WRITE_TIMEOUT", 3600.0)? {
-            l.write_timeout = d;
-        }
         c.validate()?;
         Ok(c)
     }
@@ -335,7 +415,7 @@ impl Config {
 }
 
 fn parse_repository(url: &str) -> Result<RepoUrl, ConfigError> {
-    RepoUrl::parse(url).map_err(|e| ConfigError { name: "GITSTATE_REPOSITORY", reason: e.to_string() })
+    RepoUrl::parse(url).map_err(|e| ConfigError::new("GITSTATE_REPOSITORY", e.to_string()))
 }
 
 fn parse_author(s: &str) -> Option<(String, String)> {
@@ -344,6 +424,136 @@ fn parse_author(s: &str) -> Option<(String, String)> {
     let name = name.trim();
     (!name.is_empty() && !email.is_empty() && !email.contains(['<', '>', '\n']) && !name.contains('\n'))
         .then(|| (name.to_string(), email.to_string()))
+}
+
+fn parse_allowlist(list: &str) -> Result<Vec<UrlPattern>, ConfigError> {
+    split_list(list)
+        .map(|p| {
+            UrlPattern::parse(p).map_err(|e| {
+                ConfigError::new(
+                    "GITSTATE_ALLOWED_REPOSITORIES",
+                    format!("{}: {e}", crate::storage::url::redact_raw(p)),
+                )
+            })
+        })
+        .collect()
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = ConfigError;
+
+    fn from_str(mode: &str) -> Result<Self, ConfigError> {
+        match mode {
+            "passthrough" => Ok(AuthMode::Passthrough),
+            "env" => Ok(AuthMode::Env),
+            "secret" => Ok(AuthMode::Secret),
+            _ => Err(ConfigError::new("GITSTATE_AUTH", "expected passthrough, env or secret")),
+        }
+    }
+}
+
+fn parse_bearer_username(name: &str) -> Result<String, ConfigError> {
+    if name.contains(':') || name.chars().any(char::is_control) {
+        return Err(ConfigError::new("GITSTATE_BEARER_USERNAME", "no `:` or control characters"));
+    }
+    Ok(name.to_string())
+}
+
+/// A user and a password set together, or neither.
+fn pair(
+    (user, username): (&'static str, &Option<String>),
+    (pass, password): (&'static str, &Option<String>),
+) -> Result<Option<Credentials>, ConfigError> {
+    match (set(username), set(password)) {
+        (Some(username), Some(password)) => {
+            Ok(Some(Credentials { username: username.to_string(), password: password.to_string() }))
+        }
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::new(user, format!("set both {user} and {pass}, or neither"))),
+    }
+}
+
+/// Comma-separated items, trimmed, empty ones dropped.
+fn split_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|x| !x.is_empty())
+}
+
+fn parse_or<T: std::str::FromStr>(
+    name: &'static str,
+    value: &Option<String>,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match set(value) {
+        Some(v) => v.trim().parse().map_err(|_| ConfigError::new(name, expected)),
+        None => Ok(default),
+    }
+}
+
+/// A whole number above 0.
+fn count(name: &'static str, value: &Option<String>) -> Result<Option<usize>, ConfigError> {
+    set(value)
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| ConfigError::new(name, "expected a whole number above 0"))
+        })
+        .transpose()
+}
+
+/// Seconds above 0 and at most `max`.
+fn seconds(name: &'static str, value: &Option<String>, max: f64) -> Result<Option<Duration>, ConfigError> {
+    set(value)
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= max)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| ConfigError::new(name, format!("expected seconds, above 0 and at most {max}")))
+        })
+        .transpose()
+}
+
+fn read_sealing(s: &Settings) -> Result<SealingSettings, ConfigError> {
+    let list = |v: &Option<String>| set(v).map(|l| split_list(l).map(String::from).collect()).unwrap_or_default();
+    let age_identities = match (set(&s.age_identities), set(&s.age_identity_file)) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "GITSTATE_AGE_IDENTITY_FILE",
+                "set GITSTATE_AGE_IDENTITIES or GITSTATE_AGE_IDENTITY_FILE, not both",
+            ))
+        }
+        (Some(text), None) => Some(zeroize::Zeroizing::new(text.to_string())),
+        (None, Some(path)) => Some(zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new("GITSTATE_AGE_IDENTITY_FILE", format!("cannot read {path}: {e}")))?,
+        )),
+        (None, None) => None,
+    };
+    Ok(SealingSettings {
+        age_recipients: list(&s.age_recipients),
+        age_identities,
+        kms_key_id: set(&s.kms_key_id).map(String::from),
+        kms_decrypt_key_ids: list(&s.kms_decrypt_key_ids),
+    })
+}
+
+fn read_serve_limits(s: &Settings) -> Result<ServeLimits, ConfigError> {
+    let d = ServeLimits::default();
+    Ok(ServeLimits {
+        // Far above any file descriptor limit; keeps the semaphore within its maximum.
+        max_connections: count("GITSTATE_MAX_CONNECTIONS", &s.max_connections)?
+            .map_or(d.max_connections, |n| n.min(1 << 20)),
+        body_memory_bytes: count("GITSTATE_BODY_MEMORY_BYTES", &s.body_memory_bytes)?.unwrap_or(d.body_memory_bytes),
+        header_read_timeout: seconds("GITSTATE_HEADER_READ_TIMEOUT", &s.header_read_timeout, 3600.0)?
+            .unwrap_or(d.header_read_timeout),
+        body_read_timeout: seconds("GITSTATE_BODY_READ_TIMEOUT", &s.body_read_timeout, 3600.0)?
+            .unwrap_or(d.body_read_timeout),
+        write_timeout: seconds("GITSTATE_WRITE_TIMEOUT", &s.write_timeout, 3600.0)?.unwrap_or(d.write_timeout),
+    })
 }
 
 #[cfg(test)]

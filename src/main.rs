@@ -4,12 +4,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use gitstate::{app::App, config::Config};
+use gitstate::app::App;
+use gitstate::config::{Config, Entry, Settings};
 
 #[derive(Parser)]
 #[command(name = "gitstate", version, about = "A Terraform http state backend that keeps every state in git")]
@@ -21,54 +21,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve AWS Lambda invocations (the default when AWS_LAMBDA_RUNTIME_API is set).
-    Lambda,
+    Lambda {
+        #[command(flatten)]
+        settings: Settings,
+    },
     /// Decrypt a stored state (an age file or a KMS envelope, e.g. `git show main:terraform.tfstate`)
-    /// with the keys of the environment (GITSTATE_AGE_IDENTITIES / _FILE, GITSTATE_KMS_KEY_ID).
+    /// with the keys of the settings (GITSTATE_AGE_IDENTITIES / _FILE, GITSTATE_KMS_KEY_ID).
     Decrypt {
         /// The stored file; standard input when absent.
         file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Serve the backend over HTTP on this machine.
-    ///
-    /// Every flag overrides the environment variable of the same setting (README, "Configuration").
     Serve {
-        /// Address to listen on [GITSTATE_LISTEN; default 127.0.0.1:6061].
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Git repository URL (git://, http://, https://) [GITSTATE_REPOSITORY; default: an embedded
-        /// bare repository in the data directory].
-        #[arg(long)]
-        repository: Option<String>,
-        /// Branch that holds the states [GITSTATE_REF; default main].
-        #[arg(long = "ref")]
-        branch: Option<String>,
-        /// Directory of the embedded repository and of the caches [GITSTATE_DATA_DIR; default ./.gitstate].
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
         /// Run `gitstate doctor`'s checks on the repository first and refuse to start on a
         /// broken promise (git credentials from GITSTATE_GIT_USERNAME / GITSTATE_GIT_PASSWORD).
         #[arg(long)]
         check_host: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Check a repository on its git host for what gitstate's promises rest on, one line per
     /// check: exit 0 when they hold, 1 naming each broken one, 2 for a usage error.
     ///
     /// Reachable; credentials accepted for read and for write; protocol v2; receive-pack's
     /// capabilities; the compare-and-swap itself, on scratch refs under refs/gitstate-doctor/
-    /// (removed afterwards); the round trip. Run it once before the first apply.
+    /// (removed afterwards); the round trip. Run it once before the first apply. Git
+    /// credentials: --git-username / --git-password (GITSTATE_GIT_USERNAME / _PASSWORD).
     Doctor {
-        /// Git repository URL [GITSTATE_REPOSITORY].
-        #[arg(long)]
-        repository: Option<String>,
-        /// Branch that holds the states [GITSTATE_REF; default main].
-        #[arg(long = "ref")]
-        branch: Option<String>,
-        /// Git user name [GITSTATE_GIT_USERNAME].
-        #[arg(long)]
-        username: Option<String>,
-        /// Git password or token [GITSTATE_GIT_PASSWORD].
-        #[arg(long)]
-        password: Option<String>,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Run a command (Terraform, OpenTofu) against a one-time backend on a loopback port:
     /// `gitstate run [--state PATH] -- terraform apply`.
@@ -76,7 +59,7 @@ enum Command {
     /// The command finds the backend in TF_HTTP_ADDRESS, TF_HTTP_LOCK_ADDRESS,
     /// TF_HTTP_UNLOCK_ADDRESS, TF_HTTP_USERNAME and TF_HTTP_PASSWORD (a random pair valid for this
     /// run only), so `backend "http" {}` is all the configuration needs. gitstate exits with the
-    /// command's exit code. Every flag overrides the environment variable of the same setting.
+    /// command's exit code.
     Run(gitstate::run::RunArgs),
 }
 
@@ -84,124 +67,87 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Some(c) => c,
-        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
+        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => match Settings::from_env() {
+            Ok(settings) => Command::Lambda { settings },
+            Err(e) => return fail(e),
+        },
         None => {
             eprintln!("gitstate: say `gitstate serve` to run the local server (see `gitstate --help`)");
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_env("GITSTATE_LOG")
-            .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-    };
     match command {
         Command::Run(args) => gitstate::run::main(args),
-        Command::Decrypt { file } => run_async(decrypt(file)),
-        Command::Lambda => {
-            // CloudWatch takes stdout line by line: one JSON object per event, no colours.
-            tracing_subscriber::fmt()
-                .json()
-                .with_current_span(true)
-                .with_span_list(true)
-                .with_ansi(false)
-                .with_env_filter(filter())
-                .with_writer(std::io::stdout)
-                .init();
-            let config = match Config::from_env() {
-                Ok(c) if c.repository.is_some() => c,
-                Ok(_) => {
-                    return fail(
-                        "GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)",
-                    )
-                }
-                Err(e) => return fail(e),
-            };
-            run_async(async move {
-                let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
-                gitstate::lambda::run(app).await.map_err(|e| e.to_string())
-            })
-        }
-        Command::Doctor { repository, branch, username, password } => doctor(repository, branch, username, password),
-        Command::Serve { listen, repository, branch, data_dir, check_host } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(filter())
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
-                .init();
-            let mut config = match Config::from_env() {
-                Ok(c) => c,
-                Err(e) => return fail(e),
-            };
-            if let Some(url) = repository.filter(|r| !r.is_empty()) {
-                match gitstate::storage::RepoUrl::parse(&url) {
-                    Ok(url) => config.repository = Some(url),
-                    Err(e) => return fail(format!("--repository: {e}")),
-                }
-            }
-            if let Some(branch) = branch {
-                config.branch = branch;
-            }
-            if let Some(dir) = data_dir {
-                config.data_dir = dir;
-            }
-            if std::env::var_os("GITSTATE_CACHE_DIR").is_none() {
-                config.cache_dir = config.data_dir.join("cache");
-            }
-            let listen = listen.unwrap_or(config.listen);
-            if let Err(e) = config.validate() {
-                return fail(e);
-            }
-            if check_host {
-                let Some(url) = config.repository.clone() else {
-                    return fail("--check-host needs a repository on a git host (--repository)");
-                };
-                let report = check_repository(&url, &config.branch, config.git_credentials.clone());
-                eprint!("{}", report.render());
-                if !report.healthy() {
-                    return fail("refusing to start: gitstate's promises do not hold on this git host");
-                }
-            }
-            run_async(async move {
-                let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
-                gitstate::serve::run(app, listen).await.map_err(|e| e.to_string())
-            })
-        }
+        Command::Decrypt { file, settings } => run_async(decrypt(file, settings)),
+        Command::Lambda { settings } => lambda(settings),
+        Command::Doctor { settings } => doctor(&settings),
+        Command::Serve { settings, check_host } => serve(settings, check_host),
     }
 }
 
+/// `gitstate lambda`: one JSON log object per line on stdout (CloudWatch), then the runtime loop.
+fn lambda(settings: Settings) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_ansi(false)
+        .with_env_filter(settings.log_filter("info"))
+        .with_writer(std::io::stdout)
+        .init();
+    let config = match Config::from_settings(&settings, Entry::Lambda) {
+        Ok(c) if c.repository.is_some() => c,
+        Ok(_) => return fail("GITSTATE_REPOSITORY must be set under Lambda (its disk does not outlive the instance)"),
+        Err(e) => return fail(e),
+    };
+    run_async(async move {
+        let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
+        gitstate::lambda::run(app).await.map_err(|e| e.to_string())
+    })
+}
+
+/// `gitstate serve`: logs on stderr, an optional host check, then the HTTP server.
+fn serve(settings: Settings, check_host: bool) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(settings.log_filter("info"))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::from_settings(&settings, Entry::Local) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if check_host {
+        let Some(url) = config.repository.clone() else {
+            return fail("--check-host needs a repository on a git host (--repository)");
+        };
+        let report = check_repository(&url, &config.branch, config.git_credentials.clone());
+        eprint!("{}", report.render());
+        if !report.healthy() {
+            return fail("refusing to start: gitstate's promises do not hold on this git host");
+        }
+    }
+    let listen = config.listen;
+    run_async(async move {
+        let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
+        gitstate::serve::run(app, listen).await.map_err(|e| e.to_string())
+    })
+}
+
 /// `gitstate doctor`: the report on standard output, the exit code by its verdict.
-fn doctor(
-    repository: Option<String>,
-    branch: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-) -> std::process::ExitCode {
+fn doctor(settings: &Settings) -> std::process::ExitCode {
     let usage = |why: String| {
         eprintln!("gitstate doctor: {why}");
         std::process::ExitCode::from(2)
     };
-    let config = match Config::from_env() {
+    let config = match Config::from_settings(settings, Entry::Local) {
         Ok(c) => c,
         Err(e) => return usage(e.to_string()),
     };
-    let url = match repository.filter(|r| !r.is_empty()) {
-        Some(raw) => match gitstate::storage::RepoUrl::parse(&raw) {
-            Ok(url) => url,
-            Err(e) => return usage(format!("--repository: {e}")),
-        },
-        None => match config.repository.clone() {
-            Some(url) => url,
-            None => return usage("name the repository: --repository URL (or GITSTATE_REPOSITORY)".into()),
-        },
+    let Some(url) = config.repository.clone() else {
+        return usage("name the repository: --repository URL (or GITSTATE_REPOSITORY)".into());
     };
-    let credentials = match (username, password) {
-        (Some(username), Some(password)) => Some(gitstate::context::Credentials { username, password }),
-        (None, None) => config.git_credentials.clone(),
-        _ => return usage("--username and --password go together".into()),
-    };
-    let branch = branch.unwrap_or(config.branch.clone());
-    let report = check_repository(&url, &branch, credentials);
+    let report = check_repository(&url, &config.branch, config.git_credentials.clone());
     print!("{}", report.render());
     if report.healthy() {
         std::process::ExitCode::SUCCESS
@@ -238,10 +184,10 @@ fn fail(e: impl std::fmt::Display) -> std::process::ExitCode {
 }
 
 /// `gitstate decrypt`: what a stored state holds, on standard output.
-async fn decrypt(file: Option<PathBuf>) -> Result<(), String> {
+async fn decrypt(file: Option<PathBuf>, settings: Settings) -> Result<(), String> {
     use gitstate::backend::sealing::Sealing;
     use std::io::{Read, Write};
-    let config = Config::from_env().map_err(|e| e.to_string())?;
+    let config = Config::from_settings(&settings, Entry::Local).map_err(|e| e.to_string())?;
     let mut stored = Vec::new();
     match &file {
         Some(path) => stored = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?,

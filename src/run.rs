@@ -13,7 +13,6 @@
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Child, ExitCode, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +23,8 @@ use tokio::signal::unix::{signal, SignalKind};
 mod sys;
 
 use crate::app::App;
-use crate::config::{AuthMode, Config};
-use crate::storage::{Credentials, RepoUrl};
+use crate::config::{AuthMode, Config, Entry, Settings};
+use crate::storage::Credentials;
 
 /// The state path when neither `--state` nor `GITSTATE_STATE` names one.
 pub const DEFAULT_STATE: &str = "terraform.tfstate";
@@ -62,22 +61,14 @@ const WITHHELD_VARIABLES: [&str; 5] = [
     "GITSTATE_AGE_IDENTITIES",
 ];
 
-/// `gitstate run` flags. Each overrides the environment variable of the same setting.
-#[derive(clap::Args, Debug, Clone)]
+/// `gitstate run` flags: the settings of `serve`, the state path and the command.
+#[derive(clap::Args, Clone)]
 pub struct RunArgs {
-    /// Git repository URL (git://, http://, https://) [GITSTATE_REPOSITORY; default: the embedded
-    /// bare repository in the data directory].
-    #[arg(long)]
-    pub repository: Option<String>,
-    /// Branch that holds the states [GITSTATE_REF; default main].
-    #[arg(long = "ref")]
-    pub branch: Option<String>,
-    /// Path of the state in the repository [GITSTATE_STATE; default terraform.tfstate].
-    #[arg(long)]
+    /// Path of the state in the repository [default: terraform.tfstate]
+    #[arg(long, env = "GITSTATE_STATE", value_name = "PATH")]
     pub state: Option<String>,
-    /// Directory of the embedded repository and of the caches [GITSTATE_DATA_DIR; default ./.gitstate].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: Settings,
     /// The command and its arguments, after `--` (e.g. `-- terraform apply`, `-- tofu plan`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -98,36 +89,18 @@ impl std::fmt::Debug for Plan {
     }
 }
 
-/// Read the settings: the environment through `env` (empty values count as unset), then the flags.
-pub fn plan(args: &RunArgs, env: impl Fn(&str) -> Option<String>) -> Result<Plan, String> {
-    let env = |name: &str| env(name).filter(|v| !v.is_empty());
-    // The backend's own basic auth is the one-time pair, whatever GITSTATE_AUTH and
-    // GITSTATE_USERNAME/PASSWORD say; git credentials come from GITSTATE_GIT_* (or the secret).
-    let mode = match env("GITSTATE_AUTH").as_deref() {
-        None | Some("passthrough") | Some("env") => AuthMode::Env,
-        Some("secret") => AuthMode::Secret,
-        Some(_) => return Err("invalid setting GITSTATE_AUTH: expected passthrough, env or secret".into()),
+/// Read the settings. The backend's own basic auth is the one-time pair, whatever
+/// GITSTATE_AUTH and GITSTATE_USERNAME/PASSWORD say; git credentials come from GITSTATE_GIT_*
+/// (or the secret).
+pub fn plan(args: &RunArgs) -> Result<Plan, String> {
+    let mode = match args.settings.auth.as_deref().filter(|m| !m.is_empty()) {
+        Some(given) => given.parse::<AuthMode>().map_err(|e| e.to_string())?,
+        None => AuthMode::Passthrough,
     };
-    let mut config = Config::from_lookup(|name| match name {
-        "GITSTATE_AUTH" | "GITSTATE_USERNAME" | "GITSTATE_PASSWORD" => None,
-        _ => env(name),
-    })
-    .map_err(|e| e.to_string())?;
-    if let Some(url) = args.repository.as_deref().filter(|r| !r.is_empty()) {
-        config.repository = Some(RepoUrl::parse(url).map_err(|e| format!("--repository: {e}"))?);
-    }
-    if let Some(branch) = &args.branch {
-        config.branch = branch.clone();
-    }
-    if let Some(dir) = &args.data_dir {
-        config.data_dir = dir.clone();
-    }
-    if env("GITSTATE_CACHE_DIR").is_none() {
-        config.cache_dir = config.data_dir.join("cache");
-    }
-    config.validate().map_err(|e| e.to_string())?;
-    let state = args.state.clone().filter(|s| !s.is_empty()).or_else(|| env("GITSTATE_STATE"));
-    let state = state.unwrap_or_else(|| DEFAULT_STATE.to_string());
+    let mode = if mode == AuthMode::Secret { AuthMode::Secret } else { AuthMode::Env };
+    let settings = Settings { username: None, password: None, auth: None, ..args.settings.clone() };
+    let mut config = Config::from_settings(&settings, Entry::Local).map_err(|e| e.to_string())?;
+    let state = args.state.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| DEFAULT_STATE.to_string());
     crate::protocol::path::check_state_path(&state).map_err(|why| format!("--state / GITSTATE_STATE: {why}"))?;
     let credentials = one_time_credentials()?;
     // `env` mode with the one-time pair as backend auth: the git host gets GITSTATE_GIT_* when
@@ -177,8 +150,8 @@ pub fn backend_environment(address: &str, credentials: &Credentials) -> Vec<(&'s
 
 /// `gitstate run`: the whole wrapper, returning the command's exit code.
 pub fn main(args: RunArgs) -> ExitCode {
-    init_logging();
-    let plan = match plan(&args, |name| std::env::var(name).ok()) {
+    init_logging(&args.settings);
+    let plan = match plan(&args) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("gitstate run: {e}");
@@ -323,12 +296,9 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 
 /// Log lines go to standard error, between the command's own output: warnings only unless
 /// `GITSTATE_LOG` or `RUST_LOG` ask for more.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GITSTATE_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+fn init_logging(settings: &Settings) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(settings.log_filter("warn"))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
@@ -338,16 +308,14 @@ fn init_logging() {
 mod tests {
     use super::*;
     use base64::Engine as _;
+    use std::path::PathBuf;
 
-    fn args(flags: &[(&str, &str)]) -> RunArgs {
-        let get = |k: &str| flags.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
-        RunArgs {
-            repository: get("repository"),
-            branch: get("ref"),
-            state: get("state"),
-            data_dir: get("data-dir").map(PathBuf::from),
-            command: vec!["terraform".into()],
-        }
+    /// `gitstate run` with these flags over this environment, as clap reads them.
+    fn plan_of(flags: &[(&str, &str)], env: impl Fn(&str) -> Option<String>) -> Result<Plan, String> {
+        let flag = |k: &str| flags.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let state = flag("state").or_else(|| env("GITSTATE_STATE"));
+        let settings = Settings::from_sources(flags, env).map_err(|e| e.to_string())?;
+        plan(&RunArgs { state, settings, command: vec!["terraform".into()] })
     }
 
     fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
@@ -364,13 +332,13 @@ mod tests {
     #[test]
     fn flags_override_the_environment_and_the_pair_is_fresh() {
         let e = env(&[("GITSTATE_REF", "states"), ("GITSTATE_STATE", "a/b.tfstate"), ("GITSTATE_DATA_DIR", "/x")]);
-        let p = plan(&args(&[]), &e).unwrap();
+        let p = plan_of(&[], &e).unwrap();
         assert_eq!((p.config.branch.as_str(), p.state.as_str()), ("states", "a/b.tfstate"));
         assert_eq!(p.config.cache_dir, PathBuf::from("/x/cache"));
-        let q = plan(&args(&[("ref", "other"), ("state", "c.tfstate"), ("data-dir", "/y")]), &e).unwrap();
+        let q = plan_of(&[("ref", "other"), ("state", "c.tfstate"), ("data-dir", "/y")], &e).unwrap();
         assert_eq!((q.config.branch.as_str(), q.state.as_str()), ("other", "c.tfstate"));
         assert_eq!(q.config.data_dir, PathBuf::from("/y"));
-        assert_eq!(plan(&args(&[]), env(&[])).unwrap().state, DEFAULT_STATE);
+        assert_eq!(plan_of(&[], env(&[])).unwrap().state, DEFAULT_STATE);
         for c in [&p.credentials, &q.credentials] {
             assert_eq!((c.username.len(), c.password.len()), (32, 32));
             assert!(c.password.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -381,10 +349,10 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused() {
-        assert!(plan(&args(&[("state", "../x")]), env(&[])).is_err());
-        assert!(plan(&args(&[("ref", "locks/x")]), env(&[])).is_err());
-        assert!(plan(&args(&[("repository", "ftp://h/x")]), env(&[])).is_err());
-        assert!(plan(&args(&[]), env(&[("GITSTATE_AUTH", "nope")])).is_err());
+        assert!(plan_of(&[("state", "../x")], env(&[])).is_err());
+        assert!(plan_of(&[("ref", "locks/x")], env(&[])).is_err());
+        assert!(plan_of(&[("repository", "ftp://h/x")], env(&[])).is_err());
+        assert!(plan_of(&[], env(&[("GITSTATE_AUTH", "nope")])).is_err());
     }
 
     #[test]
@@ -400,7 +368,7 @@ mod tests {
         ]);
         for (e, git) in [(Box::new(e) as Box<dyn Fn(&str) -> Option<String>>, Some("git")), (Box::new(env(&[])), None)]
         {
-            let p = plan(&args(&[]), &*e).unwrap();
+            let p = plan_of(&[], &*e).unwrap();
             let auth = crate::auth::Auth::from_config(&p.config).unwrap();
             let c = &p.credentials;
             assert_eq!(auth.authorize(&http::HeaderMap::new()), Err(crate::auth::AuthError::Missing));

@@ -72,15 +72,16 @@ fn doctor_passes_on_git_http_backend_and_names_refused_credentials() {
     let httpd = GitHttpServer::start();
     let url = httpd.create_repo("states.git");
     let repo = httpd.repo_dir("states.git");
-    let report = doctor(&["--repository", &url, "--username", DEFAULT_USER, "--password", DEFAULT_PASSWORD]);
+    let report = doctor(&["--repository", &url, "--git-username", DEFAULT_USER, "--git-password", DEFAULT_PASSWORD]);
     println!("git http-backend:\n{}", report.1);
     assert_healthy("git http-backend", &report, true);
     assert_eq!(scratch_refs(&repo), "");
     git(&repo, &["config", "receive.advertiseAtomic", "false"]);
-    let report = doctor(&["--repository", &url, "--username", DEFAULT_USER, "--password", DEFAULT_PASSWORD]);
+    let report = doctor(&["--repository", &url, "--git-username", DEFAULT_USER, "--git-password", DEFAULT_PASSWORD]);
     assert_healthy("git http-backend without atomic", &report, false);
     // Wrong credentials: broken, and said so; the password never printed.
-    let (code, text) = doctor(&["--repository", &url, "--username", DEFAULT_USER, "--password", "not-the-password"]);
+    let (code, text) =
+        doctor(&["--repository", &url, "--git-username", DEFAULT_USER, "--git-password", "not-the-password"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("FAIL  reachable, read accepted") && text.contains("credentials"), "{text}");
     assert!(!text.contains("not-the-password"), "the password was printed:\n{text}");
