@@ -91,17 +91,18 @@ impl App {
 
     /// Read the access rules (the secret in `secret` mode) and open the configured repository.
     pub async fn load(config: Config) -> Result<Self, StartError> {
-        let auth = Auth::load(&config).await?;
+        // The AWS configuration is loaded once, and only when a feature needs AWS.
+        let sdk = match config.auth == AuthMode::Secret || config.sealing.kms_key_id.is_some() {
+            true => Some(aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await),
+            false => None,
+        };
+        let auth = Auth::load(&config, sdk.as_ref()).await?;
         let mut keys = config.sealing.clone();
         if keys.age_identities.is_none() {
             keys.age_identities = auth.age_identities().cloned();
         }
-        let sealing = if keys.kms_key_id.is_some() {
-            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            Sealing::new(&keys, Some((&sdk, tokio::runtime::Handle::current())))?
-        } else {
-            Sealing::new(&keys, None)?
-        };
+        let kms = sdk.as_ref().filter(|_| keys.kms_key_id.is_some());
+        let sealing = Sealing::new(&keys, kms.map(|sdk| (sdk, tokio::runtime::Handle::current())))?;
         let opened = {
             let config = config.clone();
             tokio::task::spawn_blocking(move || open_default_storage(&config))

@@ -89,8 +89,9 @@ impl Auth {
         }
     }
 
-    /// Rules for any mode; in `secret` mode, reads the secret once from AWS Secrets Manager.
-    pub async fn load(config: &Config) -> Result<Self, LoadError> {
+    /// Rules for any mode; in `secret` mode, reads the secret once from AWS Secrets Manager
+    /// with the process's one AWS configuration `sdk`.
+    pub async fn load(config: &Config, sdk: Option<&aws_config::SdkConfig>) -> Result<Self, LoadError> {
         if config.auth != AuthMode::Secret {
             return Self::from_config(config);
         }
@@ -98,8 +99,8 @@ impl Auth {
             .git_credentials_secret
             .as_deref()
             .ok_or_else(|| LoadError("GITSTATE_AUTH=secret needs GITSTATE_GIT_CREDENTIALS_SECRET".into()))?;
-        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let client = aws_sdk_secretsmanager::Client::new(&sdk);
+        let sdk = sdk.ok_or_else(|| LoadError("secret mode needs the AWS configuration".into()))?;
+        let client = aws_sdk_secretsmanager::Client::new(sdk);
         let out = client.get_secret_value().secret_id(id).send().await.map_err(|e| {
             LoadError(format!("reading secret {id}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e)))
         })?;

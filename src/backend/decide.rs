@@ -22,7 +22,8 @@ pub struct Holder {
 #[derive(Debug, Clone, Copy)]
 pub struct Write<'a> {
     pub path: &'a str,
-    pub content: Option<&'a [u8]>,
+    /// The state to store, checked once where it arrived; `None` deletes.
+    pub content: Option<&'a StateBody>,
     pub lock_id: Option<&'a str>,
     /// `?force=true`: skip the lineage/serial guard.
     pub force: bool,
@@ -47,20 +48,25 @@ pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&
         (Some(id), None) => return Decision::Answer(Err(BackendError::NotLocked(id.to_string()))),
         (None, None) => None,
     };
-    if stored == write.content {
+    if stored == write.content.map(|c| c.bytes().as_ref()) {
         // A retried write (or deleting what is not there): already in place, nothing to commit.
         return Decision::Answer(Ok(Outcome::Done));
     }
     // What is stored is not a state (damaged, or not ours): no guard can read it, so only a
     // deliberate overwrite replaces it.
-    if let Some(Err(why)) = stored.map(StateHead::check) {
-        if !write.force {
-            return Decision::Answer(Err(BackendError::StaleState(Stale::StoredNotAState(why))));
+    let stored = match stored.map(|bytes| (bytes, StateHead::check(bytes))) {
+        Some((_, Err(why))) if !write.force => {
+            return Decision::Answer(Err(BackendError::StaleState(Stale::StoredNotAState(why))))
         }
-        tracing::warn!(reason = %why, "a stored file that is not a state replaced with force=true");
-    }
-    if let (Some(stored), Some(incoming)) = (stored, write.content) {
-        match guard_serial(stored, incoming) {
+        Some((_, Err(why))) => {
+            tracing::warn!(reason = %why, "a stored file that is not a state replaced with force=true");
+            None
+        }
+        Some((bytes, Ok(head))) => Some((bytes, head)),
+        None => None,
+    };
+    if let (Some((bytes, head)), Some(incoming)) = (stored, write.content) {
+        match guard_serial(bytes, &head, incoming) {
             Verdict::Write => {}
             Verdict::AlreadyStored => return Decision::Answer(Ok(Outcome::Done)),
             Verdict::Refuse(why) if !write.force => return Decision::Answer(Err(BackendError::StaleState(why))),
@@ -114,17 +120,40 @@ fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
         trailers.who = field("Who");
         trailers.operation = field("Operation");
     }
-    if let Some(state) = content.and_then(StateHead::parse) {
-        trailers.serial = state.serial;
-        trailers.lineage = state.lineage;
+    if let Some(state) = content {
+        trailers.serial = state.head().serial;
+        trailers.lineage = state.head().lineage.clone();
     }
     m.push_str(&trailers.write());
     m
 }
 
+/// A state document as checked once, where it arrived: its bytes and the head read from them.
+/// Only [`StateBody::check`] makes one, so every rule downstream reads the same head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateBody {
+    bytes: Bytes,
+    head: StateHead,
+}
+
+impl StateBody {
+    pub fn check(bytes: Bytes) -> Result<Self, NotAState> {
+        let head = StateHead::check(&bytes)?;
+        Ok(StateBody { bytes, head })
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn head(&self) -> &StateHead {
+        &self.head
+    }
+}
+
 /// The fields of a state the guard and the trailers need, read without building the whole
 /// document. A body "is guarded" when it carries `serial` or `lineage`.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StateHead {
     pub serial: Option<u64>,
     pub lineage: Option<String>,
@@ -164,21 +193,29 @@ impl StateHead {
     /// many megabytes.
     pub fn check(body: &[u8]) -> Result<Self, NotAState> {
         let text = std::str::from_utf8(body).map_err(|e| NotAState::NotUtf8(e.valid_up_to()))?;
-        let parsed = serde_json::from_str::<serde::de::IgnoredAny>(text);
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(match parsed {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
                 Ok(_) => NotAState::NotAnObject,
                 Err(e) => NotAState::NotJson(e.to_string()),
             });
         }
-        parsed.map_err(|e| NotAState::NotJson(e.to_string()))?;
-        Self::read(body).map_err(NotAState::Field)
+        // One pass: the whole object is parsed while its head is read.
+        let mut de = serde_json::Deserializer::from_str(text);
+        let head = Self::visit(&mut de).map_err(|e| NotAState::NotJson(e.to_string()))?;
+        de.end().map_err(|e| NotAState::NotJson(e.to_string()))?;
+        head.map_err(NotAState::Field)
     }
 
     /// Read `serial` and `lineage` of a JSON object, refusing any that is mistyped or repeated
     /// (two parsers must never read two different serials from one body).
     pub fn read(body: &[u8]) -> Result<Self, StateFieldError> {
-        use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+        let mut de = serde_json::Deserializer::from_slice(body);
+        Self::visit(&mut de).unwrap_or(Err(StateFieldError::NotAnObject))
+    }
+
+    /// The head of the JSON object `de` holds: a syntax error outside, a field error inside.
+    fn visit<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Result<Self, StateFieldError>, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
         struct Head;
         impl<'de> Visitor<'de> for Head {
             type Value = Result<StateHead, StateFieldError>;
@@ -225,15 +262,7 @@ impl StateHead {
                 })
             }
         }
-        let mut de = serde_json::Deserializer::from_slice(body);
-        match de.deserialize_map(Head) {
-            Ok(result) => result,
-            Err(_) => Err(StateFieldError::NotAnObject),
-        }
-    }
-
-    fn parse(body: &[u8]) -> Option<Self> {
-        Self::read(body).ok()
+        de.deserialize_map(Head)
     }
 
     fn is_guarded(&self) -> bool {
@@ -259,13 +288,11 @@ pub enum Verdict {
 /// Terraform's own rule for a persistent state manager: never replace a state of another
 /// lineage or a newer serial. A stored state that carries neither field (e.g. an encrypted
 /// envelope) is unguarded; a guarded one is only replaced by a body that proves it is newer.
-pub fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
-    let old = StateHead::parse(stored).unwrap_or_default();
+pub fn guard_serial(stored: &[u8], old: &StateHead, incoming: &StateBody) -> Verdict {
     if !old.is_guarded() {
         return Verdict::Write;
     }
-    // Fail closed: a body that cannot be read is not newer than a guarded state.
-    let new = StateHead::parse(incoming).unwrap_or_default();
+    let new = incoming.head();
     if !new.is_guarded() {
         return Verdict::Refuse(Stale::Unguarded);
     }
@@ -280,7 +307,7 @@ pub fn guard_serial(stored: &[u8], incoming: &[u8]) -> Verdict {
     match (old.serial, new.serial) {
         (Some(_), None) => Verdict::Refuse(Stale::Unguarded),
         (Some(a), Some(b)) if b < a => Verdict::Refuse(Stale::Serial { stored: a, incoming: b }),
-        (Some(a), Some(b)) if a == b && !same_json(stored, incoming) => {
+        (Some(a), Some(b)) if a == b && !same_json(stored, incoming.bytes()) => {
             Verdict::Refuse(Stale::SameSerial { serial: a })
         }
         (Some(a), Some(b)) if a == b => Verdict::AlreadyStored,
@@ -305,39 +332,46 @@ mod tests {
         }
     }
 
-    fn write<'a>(content: Option<&'a [u8]>, lock_id: Option<&'a str>, force: bool) -> Write<'a> {
+    fn write<'a>(content: Option<&'a StateBody>, lock_id: Option<&'a str>, force: bool) -> Write<'a> {
         Write { path: "a.tfstate", content, lock_id, force, subject: None }
+    }
+
+    fn body(bytes: &[u8]) -> StateBody {
+        StateBody::check(Bytes::copy_from_slice(bytes)).expect("a state")
+    }
+
+    /// The guard over two documents, each checked as it would be where it arrives.
+    fn guard(stored: &[u8], incoming: &[u8]) -> Verdict {
+        guard_serial(stored, &StateHead::check(stored).unwrap(), &body(incoming))
     }
 
     #[test]
     fn serial_and_lineage_guard() {
-        assert_eq!(guard_serial(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
-        assert!(matches!(guard_serial(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(Stale::Lineage { .. })));
+        assert_eq!(guard(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
+        assert!(matches!(guard(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(Stale::Lineage { .. })));
         assert_eq!(
-            guard_serial(&st("L", 3, "a"), &st("L", 2, "b")),
+            guard(&st("L", 3, "a"), &st("L", 2, "b")),
             Verdict::Refuse(Stale::Serial { stored: 3, incoming: 2 })
         );
-        assert_eq!(guard_serial(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(Stale::SameSerial { serial: 3 }));
+        assert_eq!(guard(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(Stale::SameSerial { serial: 3 }));
         // Same JSON, other formatting: a retry.
         let pretty =
             serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
-        assert_eq!(guard_serial(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
+        assert_eq!(guard(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
         // No serial/lineage (an encrypted envelope) over a guarded state: refused (force overrides).
-        assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Refuse(Stale::Unguarded));
         // ... but stored over nothing guarded, and a state may replace an envelope.
-        assert_eq!(guard_serial(br#"{"encrypted_data":"old"}"#, br#"{"encrypted_data":"xyz"}"#), Verdict::Write);
-        assert_eq!(guard_serial(br#"{"encrypted_data":"old"}"#, &st("L", 1, "a")), Verdict::Write);
+        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, br#"{"encrypted_data":"xyz"}"#), Verdict::Write);
+        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, &st("L", 1, "a")), Verdict::Write);
         // Dropping a field the stored state has is not proof of being newer.
-        assert_eq!(
-            guard_serial(&st("L", 3, "a"), br#"{"version":4,"lineage":"L"}"#),
-            Verdict::Refuse(Stale::Unguarded)
-        );
-        assert_eq!(guard_serial(&st("L", 3, "a"), br#"{"version":4,"serial":9}"#), Verdict::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"lineage":"L"}"#), Verdict::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"serial":9}"#), Verdict::Refuse(Stale::Unguarded));
     }
 
     #[test]
     fn locks_decide_who_may_write() {
-        let body = st("L", 2, "b");
+        let stored_body = st("L", 2, "b");
+        let body = body(&stored_body);
         let mine = holder("mine");
         let answer = |d: Decision| match d {
             Decision::Answer(a) => a,
@@ -374,7 +408,7 @@ mod tests {
         }
         // No lock anywhere: a commit that no lock may appear under.
         assert!(matches!(
-            decide_write(&write(None, None, false), None, Some(&body)),
+            decide_write(&write(None, None, false), None, Some(&stored_body)),
             Decision::Commit { guard: None, ref message } if message.starts_with("Delete a.tfstate")
         ));
     }
@@ -384,12 +418,12 @@ mod tests {
         let stored = st("L", 3, "a");
         // The identical write again, or a delete of nothing: 200 and no commit.
         assert!(matches!(
-            decide_write(&write(Some(&stored), None, false), None, Some(&stored)),
+            decide_write(&write(Some(&body(&stored)), None, false), None, Some(&stored)),
             Decision::Answer(Ok(Outcome::Done))
         ));
         assert!(matches!(decide_write(&write(None, None, false), None, None), Decision::Answer(Ok(Outcome::Done))));
         // A stale serial is refused, unless forced.
-        let old = st("L", 2, "z");
+        let old = body(&st("L", 2, "z"));
         assert!(matches!(
             decide_write(&write(Some(&old), None, false), None, Some(&stored)),
             Decision::Answer(Err(BackendError::StaleState(Stale::Serial { stored: 3, incoming: 2 })))

@@ -4,17 +4,18 @@
 
 use bytes::Bytes;
 
+use super::decide::StateBody;
 use crate::storage::StorageError;
 
 /// The backend operations on one state, plus reading a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
     GetState,
-    /// A write; `body` is a JSON object whose Content-MD5 (if sent) matched.
+    /// A write; `body` is a state checked where it arrived, whose Content-MD5 (if sent) matched.
     /// `force` (query `force=true`) skips the lineage/serial guard, for a deliberate `terraform state push -force`.
     PutState {
         lock_id: Option<String>,
-        body: Bytes,
+        body: StateBody,
         force: bool,
     },
     DeleteState {

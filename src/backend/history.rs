@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::decide::Write;
+use super::decide::{StateBody, Write};
 use super::{Backend, BackendError, LockName, Outcome};
 use crate::storage::{CommitInfo, ObjectId, RequestContext};
 
@@ -220,6 +220,8 @@ impl Backend {
         object.insert("serial".into(), serial.into());
         let mut body = serde_json::to_vec_pretty(&state).expect("a JSON value serializes");
         body.push(b'\n');
+        let body = StateBody::check(body.into())
+            .map_err(|_| BackendError::NotRestorable("that version is not a state document"))?;
         let subject = format!("Restore {path} to {commit}");
         let write = Write { path, content: Some(&body), lock_id, force, subject: Some(&subject) };
         self.write(ctx, branch, lock, &write)

@@ -243,7 +243,7 @@ impl Backend {
             // The same state stored in a form this deployment no longer writes (clear, or under
             // another KMS key) is written again: that is how a repository gets encrypted.
             if stored.is_some()
-                && stored == write.content
+                && stored == write.content.map(|c| c.bytes().as_ref())
                 && raw.as_deref().map(|r| self.sealing.needs_reseal(ctx, r)).transpose()?.unwrap_or(false)
             {
                 stored = None;
@@ -255,7 +255,7 @@ impl Backend {
             let content = match (write.content, &mut sealed) {
                 (None, _) => None,
                 (Some(_), Some(done)) => Some(done.as_slice()),
-                (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain)?).as_slice()),
+                (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain.bytes())?).as_slice()),
             };
             let commit = match self.storage.commit(base, write.path, content, &message) {
                 Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),

@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, StatusCode};
 use md5::{Digest, Md5};
 use percent_encoding::percent_decode_str;
 
-use crate::backend::decide::StateHead;
+use crate::backend::decide::StateBody;
 use crate::backend::{LockInfo, Operation, Outcome};
 use crate::storage::RepoUrl;
 
@@ -184,7 +184,7 @@ pub fn decode(
         }
         (Kind::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
-            StateHead::check(&body).map_err(|e| ProtocolError::BadRequest(e.to_string()))?;
+            let body = StateBody::check(body).map_err(|e| ProtocolError::BadRequest(e.to_string()))?;
             Operation::PutState { lock_id, body, force }
         }
         (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
@@ -407,7 +407,14 @@ mod tests {
     fn writes_check_json_and_md5() {
         let body = "{\"version\":4,\"serial\":1}\n";
         let r = req("POST", "/state/a", Some("ID=lock-1"), body).unwrap();
-        assert_eq!(r.op, Operation::PutState { lock_id: Some("lock-1".into()), body: Bytes::from(body), force: false });
+        assert_eq!(
+            r.op,
+            Operation::PutState {
+                lock_id: Some("lock-1".into()),
+                body: StateBody::check(Bytes::from(body)).unwrap(),
+                force: false
+            }
+        );
         let r = req("POST", "/state/a", Some("force=true"), body).unwrap();
         assert!(matches!(r.op, Operation::PutState { force: true, .. }));
         assert!(matches!(req("POST", "/state/a", Some("force=maybe"), body), Err(ProtocolError::BadRequest(_))));
