@@ -149,7 +149,9 @@ fn meaning_of(e: &StorageError) -> &'static str {
         StorageError::CredentialsRefused => "the credentials are refused: every request would answer 401",
         StorageError::RepositoryNotFound(_) => "the repository does not exist for these credentials: 502",
         StorageError::CertificateRefused(_) => "the host's TLS certificate is refused: trust its CA (SSL_CERT_FILE)",
-        StorageError::HostUnavailable(_) | StorageError::DeadlineExceeded(_) => "the host cannot be reached: 503",
+        StorageError::HostUnavailable(_) | StorageError::ConnectionDropped(_) | StorageError::DeadlineExceeded(_) => {
+            "the host cannot be reached: 503"
+        }
         _ => "gitstate cannot work with this host",
     }
 }
@@ -158,7 +160,7 @@ fn protocol_v2(url: &RepoUrl, ctx: &RequestContext) -> Check {
     use gix::protocol::transport::client::blocking_io::Transport as _;
     use gix::protocol::transport::{Protocol, Service};
     let spoke = crate::storage::git::transport::connect(url, Protocol::V2, ctx)
-        .map_err(|f| f.error.to_string())
+        .map_err(|f| f.to_string())
         .and_then(|mut t| t.handshake(Service::UploadPack, &[]).map(|r| r.actual_protocol).map_err(|e| e.to_string()));
     match spoke {
         Ok(Protocol::V2) => {

@@ -105,9 +105,10 @@ impl Error {
                 B::Storage(st) => match st {
                     St::PathConflict { .. } => (S::CONFLICT, Plain),
                     // Transient, so answered by the arm above; named here only to be exhaustive.
-                    St::HostUnavailable(_) | St::DeadlineExceeded(_) | St::OutcomeUnknown(_) => {
-                        (S::SERVICE_UNAVAILABLE, Retry)
-                    }
+                    St::HostUnavailable(_)
+                    | St::ConnectionDropped(_)
+                    | St::DeadlineExceeded(_)
+                    | St::OutcomeUnknown(_) => (S::SERVICE_UNAVAILABLE, Retry),
                     St::CredentialsRefused => (S::UNAUTHORIZED, Challenge),
                     // The host refused this change by its own rules: trying again changes nothing.
                     St::PushRefused { .. } => (S::CONFLICT, Plain),
@@ -169,7 +170,7 @@ fn public_text(e: &Error) -> String {
     };
     match st {
         St::PathConflict { .. } => st.to_string(),
-        St::HostUnavailable(_) => "the git host is unavailable; try again".into(),
+        St::HostUnavailable(_) | St::ConnectionDropped(_) => "the git host is unavailable; try again".into(),
         St::DeadlineExceeded(_) => "the git host did not answer in time; try again".into(),
         St::OutcomeUnknown(_) => "the git host's answer was lost; try again".into(),
         St::CredentialsRefused => "the git host refused these credentials".into(),
@@ -229,6 +230,7 @@ mod tests {
             Error::Backend(B::Storage(St::PathConflict { .. })) => "path conflict",
             Error::Backend(B::Storage(St::CacheCorrupt(_))) => "cache corrupt",
             Error::Backend(B::Storage(St::HostUnavailable(_))) => "host unavailable",
+            Error::Backend(B::Storage(St::ConnectionDropped(_))) => "connection dropped",
             Error::Backend(B::Storage(St::CredentialsRefused)) => "credentials refused",
             Error::Backend(B::Storage(St::CertificateRefused(_))) => "certificate refused",
             Error::Backend(B::Storage(St::RepositoryNotFound(_))) => "repository not found",
@@ -300,6 +302,7 @@ mod tests {
             ),
             (StorageError::CacheCorrupt(secret.into()).into(), 500, false, false),
             (StorageError::HostUnavailable(secret.into()).into(), 503, true, false),
+            (StorageError::ConnectionDropped(secret.into()).into(), 503, true, false),
             (StorageError::CredentialsRefused.into(), 401, false, true),
             (StorageError::RepositoryNotFound(secret.into()).into(), 502, false, false),
             (

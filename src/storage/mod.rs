@@ -23,6 +23,10 @@ pub enum StorageError {
     /// The git host could not be reached, or the connection broke: try again later.
     #[error("git host unavailable: {0}")]
     HostUnavailable(String),
+    /// An established connection was dropped (reset, closed early) before the host could act
+    /// on it; a busy `git daemon` resets those it has no room for. May be resent at once.
+    #[error("the git host dropped the connection: {0}")]
+    ConnectionDropped(String),
     /// The git host's TLS certificate failed verification (untrusted issuer, expired, another
     /// name): retrying does not heal it.
     #[error("the git host's TLS certificate was refused: {0}")]
@@ -60,8 +64,17 @@ impl StorageError {
     pub fn is_spurious(&self) -> bool {
         matches!(
             self,
-            StorageError::HostUnavailable(_) | StorageError::DeadlineExceeded(_) | StorageError::OutcomeUnknown(_)
+            StorageError::HostUnavailable(_)
+                | StorageError::ConnectionDropped(_)
+                | StorageError::DeadlineExceeded(_)
+                | StorageError::OutcomeUnknown(_)
         )
+    }
+
+    /// The request never reached the host: the same request may be sent again now, on a fresh
+    /// connection (a few times, briefly paused), before the caller hears of it.
+    pub fn may_resend_at_once(&self) -> bool {
+        matches!(self, StorageError::ConnectionDropped(_))
     }
 
     /// The cache is broken and must be rebuilt; the only error that triggers a rebuild.

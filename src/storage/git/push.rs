@@ -10,7 +10,7 @@ use gix::protocol::transport::client::{Capabilities, MessageKind, WriteMode};
 use gix::protocol::transport::packetline::PacketLineRef;
 use gix::protocol::transport::{Protocol, Service};
 
-use super::transport::{self, classify, HostFailure};
+use super::transport::{self, classify};
 use crate::storage::{ObjectId, RefUpdate, RepoUrl, RequestContext, StorageError, UpdateOutcome};
 
 /// What receive-pack offers that a push uses.
@@ -82,11 +82,11 @@ impl Conversation for OverTransport<'_> {
 
     fn send(&mut self, commands: &[String], pack: Option<&[u8]>, side_band: bool) -> Result<Vec<String>, StorageError> {
         let (url, ctx) = (self.url, self.ctx);
-        let io_err = |e: std::io::Error| after_send(classify(url, ctx, &e).error);
+        let io_err = |e: std::io::Error| after_send(classify(url, ctx, &e));
         let mut writer = self
             .transport
             .request(WriteMode::OneLfTerminatedLinePerWriteCall, MessageKind::Flush, false)
-            .map_err(|e| classify(url, ctx, &e).error)?;
+            .map_err(|e| classify(url, ctx, &e))?;
         for line in commands {
             writer.write_all(line.as_bytes()).map_err(io_err)?;
         }
@@ -105,7 +105,7 @@ impl Conversation for OverTransport<'_> {
 }
 
 /// Open a conversation over gix's transport and read the advertisement.
-pub(crate) fn over_transport<'a>(url: &'a RepoUrl, ctx: &'a RequestContext) -> Result<Started<'a>, HostFailure> {
+pub(crate) fn over_transport<'a>(url: &'a RepoUrl, ctx: &'a RequestContext) -> Result<Started<'a>, StorageError> {
     let mut transport = transport::connect(url, Protocol::V1, ctx)?;
     let adv = advertisement(&mut transport, url, ctx)?;
     Ok((Box::new(OverTransport { transport, url, ctx }), adv))
@@ -149,7 +149,7 @@ pub fn push_unchecked(
 /// The push itself over the conversations `open` starts; with `check_olds`, an old id the
 /// advertisement contradicts rejects the whole set before anything is sent.
 pub(crate) fn push_with<'a>(
-    mut open: impl FnMut() -> Result<Started<'a>, HostFailure>,
+    mut open: impl FnMut() -> Result<Started<'a>, StorageError>,
     repo: &gix::Repository,
     url: &RepoUrl,
     updates: &[RefUpdate],
@@ -258,7 +258,7 @@ fn advertisement(
     transport: &mut Box<dyn Transport + Send>,
     url: &RepoUrl,
     ctx: &RequestContext,
-) -> Result<Advertisement, HostFailure> {
+) -> Result<Advertisement, StorageError> {
     let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| classify(url, ctx, &e))?;
     if response.actual_protocol == Protocol::V2 {
         return Err(StorageError::Protocol(format!("{url} answered receive-pack with protocol v2")).into());
@@ -343,7 +343,7 @@ fn read_report(
     let mut frames = Vec::new();
     while let Some(line) = reader.readline() {
         let line = line
-            .map_err(|e| classify(url, ctx, &e).error)?
+            .map_err(|e| classify(url, ctx, &e))?
             .map_err(|e| StorageError::Protocol(format!("{url}: {}", transport::chain(&e))))?;
         let PacketLineRef::Data(data) = line else {
             break;
@@ -474,7 +474,7 @@ pub(crate) fn after_send(e: StorageError) -> StorageError {
         StorageError::DeadlineExceeded(_) => {
             StorageError::DeadlineExceeded("after the push was sent; it may or may not have been applied")
         }
-        StorageError::HostUnavailable(why) => StorageError::OutcomeUnknown(why),
+        StorageError::HostUnavailable(why) | StorageError::ConnectionDropped(why) => StorageError::OutcomeUnknown(why),
         other => other,
     }
 }

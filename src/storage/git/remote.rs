@@ -14,7 +14,7 @@ use gix::remote::fetch::{Shallow, Tags};
 use gix::remote::Direction;
 
 use super::smart_http::{Blind, SmartHttp};
-use super::transport::{self, classify, HostFailure};
+use super::transport::{self, classify};
 use super::tree::{self, Author, MAX_CACHE_PACKS};
 use crate::storage::{ObjectId, RefUpdate, RepoUrl, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
 
@@ -190,7 +190,7 @@ fn prepare<'repo>(
     url: &RepoUrl,
     refs: &[String],
     ctx: &RequestContext,
-) -> Result<gix::remote::fetch::Prepare<'repo, 'repo, Box<dyn Transport + Send>>, HostFailure> {
+) -> Result<gix::remote::fetch::Prepare<'repo, 'repo, Box<dyn Transport + Send>>, StorageError> {
     let connection: Box<dyn Transport + Send> =
         Box::new(transport::WithoutSymrefs(transport::connect(url, Protocol::V2, ctx)?));
     // Refspecs without a destination: the objects are fetched, no local ref is written.
@@ -218,7 +218,7 @@ fn receive(
     url: &RepoUrl,
     depth: u32,
     ctx: &RequestContext,
-) -> Result<(), HostFailure> {
+) -> Result<(), StorageError> {
     let depth = NonZeroU32::new(depth.max(1)).expect("at least 1");
     let outcome = prepare
         .with_shallow(Shallow::DepthAtRemote(depth))
@@ -240,7 +240,7 @@ fn fetch_tips_once(
     refs: &[String],
     ctx: &RequestContext,
     turn: &Mutex<()>,
-) -> Result<Tips, HostFailure> {
+) -> Result<Tips, StorageError> {
     let prepare = prepare(repo, url, refs, ctx)?;
     let tips: Tips = prepare
         .ref_map()
@@ -281,7 +281,7 @@ fn deepen_once(
     depth: u32,
     ctx: &RequestContext,
     turn: &Mutex<()>,
-) -> Result<(), HostFailure> {
+) -> Result<(), StorageError> {
     let prepare = prepare(repo, url, refs, ctx)?;
     let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
     receive(prepare, url, depth, ctx)

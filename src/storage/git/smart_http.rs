@@ -121,7 +121,7 @@ impl SmartHttp {
             if ctx.out_of_time() || e.is_timeout() {
                 return StorageError::DeadlineExceeded("while talking to the git host");
             }
-            match super::transport::classify(&self.url, ctx, &e).error {
+            match super::transport::classify(&self.url, ctx, &e) {
                 // Sorted by type (a refused certificate, say); anything else here is a
                 // connection that did not carry the request.
                 StorageError::Protocol(_) => {
@@ -135,10 +135,7 @@ impl SmartHttp {
     /// Start a push on the pooled client: receive-pack's advertisement from
     /// `GET info/refs?service=git-receive-pack`. `None`: the answer is no smart-HTTP
     /// advertisement (use gix's transport instead).
-    pub fn start_push<'a>(
-        &'a self,
-        ctx: &'a RequestContext,
-    ) -> Result<Option<push::Started<'a>>, super::transport::HostFailure> {
+    pub fn start_push<'a>(&'a self, ctx: &'a RequestContext) -> Result<Option<push::Started<'a>>, StorageError> {
         if self.disabled.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -155,17 +152,12 @@ impl SmartHttp {
         let response = match advertise() {
             // As for a look: nothing was asked of the host yet, so a connection it closed while
             // idle costs one more try on a fresh one.
-            Err(StorageError::HostUnavailable(_)) if !ctx.out_of_time() => advertise()?,
+            Err(e) if e.is_spurious() && !ctx.out_of_time() => advertise()?,
             other => other?,
         };
         let status = response.status().as_u16();
-        match status {
-            401 | 403 => return Err(StorageError::CredentialsRefused.into()),
-            404 => return Err(StorageError::RepositoryNotFound(format!("{}: HTTP 404", self.base)).into()),
-            500..=599 if status != 501 => {
-                return Err(StorageError::HostUnavailable(format!("{}: HTTP {status}", self.base)).into())
-            }
-            _ => {}
+        if let Ok(failure) = super::transport::http_status(status, format!("{}: HTTP {status}", self.base)) {
+            return Err(failure);
         }
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
         if status != 200 || content_type != "application/x-git-receive-pack-advertisement" {
@@ -231,7 +223,7 @@ impl SmartHttp {
         let response = match self.post(ctx, "upload-pack", true, body.clone()) {
             // A kept-alive connection that the host closed while idle fails the request sent on
             // it; a look changes nothing on the host, so it goes once more on a fresh connection.
-            Err(StorageError::HostUnavailable(why)) if !ctx.out_of_time() => {
+            Err(why) if why.is_spurious() && !ctx.out_of_time() => {
                 tracing::debug!(remote = %self.base, reason = %why, "a look failed; sending it again on a fresh connection");
                 self.post(ctx, "upload-pack", true, body)?
             }

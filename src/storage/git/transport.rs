@@ -18,20 +18,6 @@ use crate::storage::{Credentials, RepoUrl, RequestContext, StorageError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A failed attempt at talking to the host, and whether it may simply be repeated.
-pub(crate) struct HostFailure {
-    pub error: StorageError,
-    /// The connection broke (reset, closed early) before the server could have acted; e.g.
-    /// a busy `git daemon` resets connections it has no room for.
-    pub retry: bool,
-}
-
-impl From<StorageError> for HostFailure {
-    fn from(error: StorageError) -> Self {
-        HostFailure { error, retry: false }
-    }
-}
-
 /// git daemon's answers (`ERR` lines) for a repository it does not have or export: the
 /// first without `--informative-errors`, the others with it.
 const DAEMON_NOT_FOUND: &[&[u8]] =
@@ -39,32 +25,26 @@ const DAEMON_NOT_FOUND: &[&[u8]] =
 
 /// Sort any error met while talking to `url` into ours. Looks at the whole chain of
 /// causes, by type: HTTP statuses, `ERR` lines, io error kinds, gix's classification.
-pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError + 'static)) -> HostFailure {
+pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError + 'static)) -> StorageError {
     let text = format!("{url}: {}", chain(err));
     let all = causes(err);
     let causes = || all.iter().copied();
     if ctx.out_of_time() {
-        return StorageError::DeadlineExceeded("while talking to the git host").into();
+        return StorageError::DeadlineExceeded("while talking to the git host");
     }
     // A certificate that fails verification does not heal by retrying: told by its type.
     for cause in causes() {
         if let Some(rustls::Error::InvalidCertificate(why)) = cause.downcast_ref::<rustls::Error>() {
-            return StorageError::CertificateRefused(format!("{}: {why:?}", url.host())).into();
+            return StorageError::CertificateRefused(format!("{}: {why:?}", url.host()));
         }
     }
     for cause in causes() {
         if let Some(e) = cause.downcast_ref::<reqwest::Error>() {
             if let Some(status) = e.status() {
-                return match status.as_u16() {
-                    401 | 403 => StorageError::CredentialsRefused,
-                    404 => StorageError::RepositoryNotFound(text),
-                    s if (500..600).contains(&s) && s != 501 => StorageError::HostUnavailable(text),
-                    _ => StorageError::Protocol(text),
-                }
-                .into();
+                return http_status(status.as_u16(), text).unwrap_or_else(|text| StorageError::Protocol(text));
             }
             if e.is_timeout() || e.is_connect() {
-                return StorageError::HostUnavailable(text).into();
+                return StorageError::HostUnavailable(text);
             }
         }
         if let Some(e) = cause.downcast_ref::<gix::protocol::transport::packetline::read::Error>() {
@@ -72,28 +52,40 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
                 StorageError::RepositoryNotFound(text)
             } else {
                 StorageError::Protocol(text)
-            }
-            .into();
+            };
         }
         if let Some(gix::protocol::transport::client::Error::AuthenticationRefused(_)) = cause.downcast_ref() {
-            return StorageError::CredentialsRefused.into();
+            return StorageError::CredentialsRefused;
         }
     }
     // gix's own classification sees into its nested errors and io payloads: a 401 arrives
     // as an io error of kind PermissionDenied inside them.
     if gix::error::classify(err).is_unauthenticated() || gix::error::classify(err).is_permission_denied() {
-        return StorageError::CredentialsRefused.into();
+        return StorageError::CredentialsRefused;
     }
     let io_kinds: Vec<std::io::ErrorKind> =
         causes().filter_map(|e| e.downcast_ref::<std::io::Error>()).map(std::io::Error::kind).collect();
     // gix's HTTP transport reports a 401 as PermissionDenied.
     if io_kinds.contains(&std::io::ErrorKind::PermissionDenied) {
-        return StorageError::CredentialsRefused.into();
+        return StorageError::CredentialsRefused;
     }
-    if let Some(kind) = io_kinds.first() {
-        return HostFailure { error: StorageError::HostUnavailable(text), retry: is_broken_connection(*kind) };
+    match io_kinds.first() {
+        Some(kind) if is_broken_connection(*kind) => StorageError::ConnectionDropped(text),
+        Some(_) => StorageError::HostUnavailable(text),
+        None => StorageError::Protocol(text),
     }
-    StorageError::Protocol(text).into()
+}
+
+/// What an HTTP status of the git host means, the one table for every HTTP request:
+/// `Ok(None)` for a status that is no failure, `Err(text)` for one that is not the host's to
+/// explain (a redirect, a 4xx other than auth and not found: the caller decides).
+pub(crate) fn http_status(status: u16, text: String) -> Result<StorageError, String> {
+    match status {
+        401 | 403 => Ok(StorageError::CredentialsRefused),
+        404 => Ok(StorageError::RepositoryNotFound(text)),
+        s if (500..600).contains(&s) && s != 501 => Ok(StorageError::HostUnavailable(text)),
+        _ => Err(text),
+    }
 }
 
 /// `err` and all its causes; an io error may carry its cause inside (`io::Error::get_ref`)
@@ -117,24 +109,25 @@ fn is_broken_connection(kind: std::io::ErrorKind) -> bool {
     matches!(kind, ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
 }
 
-/// Run `attempt` up to three times while it fails before the server could act, with a short jittered pause.
+/// Run `attempt` up to three times while it fails before the server could act
+/// ([`StorageError::may_resend_at_once`]), with a short jittered pause.
 pub(crate) fn retrying<T>(
     ctx: &RequestContext,
-    mut attempt: impl FnMut() -> Result<T, HostFailure>,
+    mut attempt: impl FnMut() -> Result<T, StorageError>,
 ) -> Result<T, StorageError> {
     const ATTEMPTS: u32 = 3;
     let mut tries = 1;
     loop {
         match attempt() {
             Ok(value) => return Ok(value),
-            Err(HostFailure { error, retry: true }) if tries < ATTEMPTS => {
+            Err(error) if error.may_resend_at_once() && tries < ATTEMPTS => {
                 tracing::debug!(%error, attempt = tries, "git connection broke; trying again");
                 if !ctx.pause(Duration::from_millis(fastrand::u64(20..120) * u64::from(tries))) {
                     return Err(StorageError::DeadlineExceeded("while retrying a broken connection"));
                 }
                 tries += 1;
             }
-            Err(failed) => return Err(failed.error),
+            Err(failed) => return Err(failed),
         }
     }
 }
@@ -178,7 +171,7 @@ pub(crate) fn connect(
     url: &RepoUrl,
     version: Protocol,
     ctx: &RequestContext,
-) -> Result<Box<dyn Transport + Send>, HostFailure> {
+) -> Result<Box<dyn Transport + Send>, StorageError> {
     if ctx.out_of_time() {
         return Err(StorageError::DeadlineExceeded("before connecting").into());
     }
@@ -192,7 +185,7 @@ fn connect_http(
     url: &RepoUrl,
     version: Protocol,
     ctx: &RequestContext,
-) -> Result<Box<dyn Transport + Send>, HostFailure> {
+) -> Result<Box<dyn Transport + Send>, StorageError> {
     use gix::protocol::transport::client::blocking_io::connect;
     let creds = ctx.credentials();
     if creds.is_some() && url.scheme() == Scheme::Http && !url.is_loopback() {
@@ -313,12 +306,12 @@ fn connect_daemon(
     url: &RepoUrl,
     version: Protocol,
     ctx: &RequestContext,
-) -> Result<Connection<TcpStream, TcpStream>, HostFailure> {
-    let unavailable = |what: &str, e: std::io::Error| -> HostFailure {
+) -> Result<Connection<TcpStream, TcpStream>, StorageError> {
+    let unavailable = |what: &str, e: std::io::Error| -> StorageError {
         if ctx.out_of_time() {
-            StorageError::DeadlineExceeded("while connecting").into()
+            StorageError::DeadlineExceeded("while connecting")
         } else {
-            StorageError::HostUnavailable(format!("{what} {url}: {e}")).into()
+            StorageError::HostUnavailable(format!("{what} {url}: {e}"))
         }
     };
     let host = url.host().trim_start_matches('[').trim_end_matches(']');
