@@ -33,10 +33,10 @@ pub struct App {
     /// Encryption at rest, shared by every repository.
     sealing: Arc<Sealing>,
     /// The configured repository (or the embedded one).
-    default: Arc<Repository>,
+    default: Arc<ServedRepository>,
     /// Other allowed repositories, one store (and cache directory) each, opened on first use;
     /// the least recently used is closed (and its cache deleted) when there are too many.
-    other_repositories: Mutex<LruCache<RepoUrl, Arc<Repository>>>,
+    other_repositories: Mutex<LruCache<RepoUrl, Arc<ServedRepository>>>,
     /// Blocking work on repositories other than the default, all together: the overflow is
     /// refused at once, so hosts that hang cannot hold every thread or connection.
     others_in_flight: Arc<Semaphore>,
@@ -47,7 +47,7 @@ pub struct App {
 
 /// One repository being served: its backend, and the bulkhead that bounds the requests
 /// working on it at once.
-struct Repository {
+struct ServedRepository {
     bulkhead: Arc<Semaphore>,
     /// Opened on the blocking pool by the first request that needs it.
     opened: OnceLock<Opened>,
@@ -59,13 +59,13 @@ struct Opened {
     remote: Option<Arc<RemoteStore>>,
 }
 
-impl Repository {
+impl ServedRepository {
     fn new(concurrency: usize) -> Self {
-        Repository { bulkhead: Arc::new(Semaphore::new(concurrency)), opened: OnceLock::new() }
+        ServedRepository { bulkhead: Arc::new(Semaphore::new(concurrency)), opened: OnceLock::new() }
     }
 }
 
-impl Drop for Repository {
+impl Drop for ServedRepository {
     fn drop(&mut self) {
         if let Some(remote) = self.opened.get().and_then(|o| o.remote.as_ref()) {
             tracing::info!(repository = %remote.url(), "closing a repository; its cache goes once unused");
@@ -78,7 +78,7 @@ impl App {
     /// The one constructor: settings, access rules and the store of the default repository.
     pub fn new(config: Config, auth: Auth, storage: Arc<dyn Storage>, sealing: Sealing) -> Self {
         let sealing = Arc::new(sealing);
-        let default = Repository::new(config.repository_concurrency);
+        let default = ServedRepository::new(config.repository_concurrency);
         let backend = Backend::new(storage, settings(&config), Arc::clone(&sealing));
         let _ = default.opened.set(Opened { backend: Arc::new(backend), remote: None });
         let capacity = NonZeroUsize::new(config.max_repositories).unwrap_or(NonZeroUsize::MIN);
@@ -162,7 +162,7 @@ impl App {
         );
         let this = Arc::clone(self);
         async move {
-            let response = match this.run(req, deadline).await {
+            let response = match this.respond(req, deadline).await {
                 Ok(outcome) => protocol::encode(outcome),
                 Err(e) => {
                     if e.status().is_server_error() {
@@ -184,7 +184,7 @@ impl App {
         .await
     }
 
-    async fn run(self: &Arc<Self>, req: http::Request<Bytes>, deadline: Deadline) -> Result<Outcome, Error> {
+    async fn respond(self: &Arc<Self>, req: http::Request<Bytes>, deadline: Deadline) -> Result<Outcome, Error> {
         let (parts, body) = req.into_parts();
         let credentials = self.auth.authorize(&parts.headers)?;
         if body.len() > self.config.max_body_bytes {
@@ -282,17 +282,19 @@ impl App {
     }
 
     /// The entry of an allowed repository (checked by the caller). Never blocks on I/O.
-    fn repository(&self, url: Option<&RepoUrl>) -> Arc<Repository> {
+    fn repository(&self, url: Option<&RepoUrl>) -> Arc<ServedRepository> {
         let Some(url) = url else { return Arc::clone(&self.default) };
         if self.config.repository.as_ref().is_some_and(|default| default.same_repository(url)) {
             return Arc::clone(&self.default);
         }
         let mut others = self.other_repositories.lock().expect("other_repositories poisoned");
-        Arc::clone(others.get_or_insert(url.clone(), || Arc::new(Repository::new(self.config.repository_concurrency))))
+        Arc::clone(
+            others.get_or_insert(url.clone(), || Arc::new(ServedRepository::new(self.config.repository_concurrency))),
+        )
     }
 
     /// The backend of `repository`, opening its store on first use. Blocking: may create a cache.
-    fn backend_of(&self, repository: &Repository, url: Option<&RepoUrl>) -> Result<Arc<Backend>, Error> {
+    fn backend_of(&self, repository: &ServedRepository, url: Option<&RepoUrl>) -> Result<Arc<Backend>, Error> {
         if let Some(opened) = repository.opened.get() {
             return Ok(Arc::clone(&opened.backend));
         }

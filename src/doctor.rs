@@ -87,7 +87,7 @@ pub fn check(url: &RepoUrl, branch: &str, credentials: Option<Credentials>, scra
     // Reachable, and the credentials read.
     let started = Instant::now();
     let read = RemoteStore::open(url.clone(), &scratch_dir.join("cache"), author.clone())
-        .and_then(|store| store.sync(&ctx(), &[format!("refs/heads/{branch}")]));
+        .and_then(|store| store.fetch_tips(&ctx(), &[format!("refs/heads/{branch}")]));
     match read {
         Ok(tips) => report.add(
             Verdict::Pass,
@@ -116,7 +116,7 @@ pub fn check(url: &RepoUrl, branch: &str, credentials: Option<Credentials>, scra
 
     // The compare-and-swap itself, on scratch refs.
     match Scratch::new(url, &author, scratch_dir) {
-        Ok(scratch) => scratch.run(&mut report, &ctx),
+        Ok(scratch) => scratch.check_into(&mut report, &ctx),
         Err(e) => report.add(Verdict::Fail, "compare-and-swap", format!("cannot prepare: {e}"), ""),
     }
 
@@ -251,7 +251,7 @@ impl Scratch {
         push::look(&self.url, ctx).ok().map(|adv| (adv.refs.get(&self.a).copied(), adv.refs.get(&self.b).copied()))
     }
 
-    fn run(&self, report: &mut Report, ctx: &dyn Fn() -> RequestContext) {
+    fn check_into(&self, report: &mut Report, ctx: &dyn Fn() -> RequestContext) {
         let [c1, c2, c3] = self.c;
         const NAME: &str = "compare-and-swap";
         // Write access: two creates.

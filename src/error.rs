@@ -52,7 +52,7 @@ impl From<StorageError> for Error {
 
 /// How a caller should treat an answer besides its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+enum Hint {
     /// A plain rejection or failure: the body says why.
     Plain,
     /// Transient: `Retry-After`.
@@ -71,9 +71,9 @@ impl Error {
         self.classify().0
     }
 
-    fn classify(&self) -> (StatusCode, Kind) {
+    fn classify(&self) -> (StatusCode, Hint) {
         use BackendError as B;
-        use Kind::*;
+        use Hint::*;
         use ProtocolError as P;
         use StatusCode as S;
         use StorageError as St;
@@ -124,15 +124,15 @@ impl Error {
         let (status, kind) = self.classify();
         let mut b = Response::builder().status(status);
         match kind {
-            Kind::Plain => {}
-            Kind::Retry => b = b.header(header::RETRY_AFTER, "1"),
-            Kind::Challenge => b = b.header(header::WWW_AUTHENTICATE, "Basic realm=\"gitstate\", charset=\"UTF-8\""),
-            Kind::Allow => {
+            Hint::Plain => {}
+            Hint::Retry => b = b.header(header::RETRY_AFTER, "1"),
+            Hint::Challenge => b = b.header(header::WWW_AUTHENTICATE, "Basic realm=\"gitstate\", charset=\"UTF-8\""),
+            Hint::Allow => {
                 if let Error::Protocol(ProtocolError::MethodNotAllowed { allow, .. }) = &self {
                     b = b.header(header::ALLOW, *allow);
                 }
             }
-            Kind::Holder => {
+            Hint::Holder => {
                 if let Error::Backend(BackendError::Locked { holder } | BackendError::WrongLockId { holder }) = self {
                     return b
                         .header(header::CONTENT_TYPE, "application/json")

@@ -16,7 +16,7 @@ use crate::error::Error;
 pub const MAX_RESPONSE_BYTES: usize = 6 * 1024 * 1024 - 64 * 1024;
 
 /// Serve Lambda invocations until the runtime stops the process.
-pub async fn run(app: Arc<App>) -> Result<(), lambda_http::Error> {
+pub async fn serve_invocations(app: Arc<App>) -> Result<(), lambda_http::Error> {
     lambda_http::run(lambda_http::service_fn(move |event: Request| {
         let app = Arc::clone(&app);
         async move { Ok::<_, std::convert::Infallible>(handle_event(&app, event).await) }

@@ -102,7 +102,7 @@ fn lambda(settings: Settings) -> std::process::ExitCode {
     };
     run_async(async move {
         let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
-        gitstate::lambda::run(app).await.map_err(|e| e.to_string())
+        gitstate::lambda::serve_invocations(app).await.map_err(|e| e.to_string())
     })
 }
 
@@ -130,7 +130,7 @@ fn serve(settings: Settings, check_host: bool) -> std::process::ExitCode {
     let listen = config.listen;
     run_async(async move {
         let app = Arc::new(App::load(config).await.map_err(|e| e.to_string())?);
-        gitstate::serve::run(app, listen).await.map_err(|e| e.to_string())
+        gitstate::serve::listen(app, listen).await.map_err(|e| e.to_string())
     })
 }
 

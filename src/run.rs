@@ -165,7 +165,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_WRAPPER_FAILED);
         }
     };
-    let code = runtime.block_on(run(plan, &args.command));
+    let code = runtime.block_on(serve_and_wait(plan, &args.command));
     // The command is gone; a connection it left open must not keep the wrapper alive.
     runtime.shutdown_timeout(Duration::from_secs(2));
     match code {
@@ -178,7 +178,7 @@ pub fn main(args: RunArgs) -> ExitCode {
 }
 
 /// Serve, run the command, wait for it; the command's exit code.
-async fn run(plan: Plan, command: &[OsString]) -> Result<u8, (u8, String)> {
+async fn serve_and_wait(plan: Plan, command: &[OsString]) -> Result<u8, (u8, String)> {
     let failed = |what: &str, e: &dyn std::fmt::Display| (EXIT_WRAPPER_FAILED, format!("{what}: {e}"));
     let (program, arguments) = command.split_first().ok_or((EXIT_USAGE, "no command given after `--`".to_string()))?;
     let app = Arc::new(App::load(plan.config).await.map_err(|e| failed("cannot start the backend", &e))?);

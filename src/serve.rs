@@ -38,10 +38,10 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one "accept failed" log line per this interval; the others are counted.
 const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Bind `listen`, print the backend block to paste, and serve until the process ends.
-pub async fn run(app: Arc<App>, listen: SocketAddr) -> io::Result<()> {
+/// Bind `addr`, print the backend block to paste, and serve until the process ends.
+pub async fn listen(app: Arc<App>, addr: SocketAddr) -> io::Result<()> {
     let limits = app.config().serve_limits.clone();
-    let listener = TcpListener::bind(listen).await?;
+    let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     if let Some(warning) = exposure_warning(&app, local) {
         eprintln!("{warning}");
@@ -50,7 +50,7 @@ pub async fn run(app: Arc<App>, listen: SocketAddr) -> io::Result<()> {
     serve(app, listener, limits).await
 }
 
-/// The accept loop of [`run`] on a bound listener.
+/// The accept loop of [`listen`] on a bound listener.
 pub async fn serve(app: Arc<App>, listener: TcpListener, limits: ServeLimits) -> io::Result<()> {
     let shared = Arc::new(Shared::new(app, &limits));
     let connections = Arc::new(Semaphore::new(limits.max_connections));

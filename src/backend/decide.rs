@@ -67,10 +67,10 @@ pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&
     };
     if let (Some((bytes, head)), Some(incoming)) = (stored, write.content) {
         match guard_serial(bytes, &head, incoming) {
-            Verdict::Write => {}
-            Verdict::AlreadyStored => return Decision::Answer(Ok(Outcome::Done)),
-            Verdict::Refuse(why) if !write.force => return Decision::Answer(Err(BackendError::StaleState(why))),
-            Verdict::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
+            SerialCheck::Write => {}
+            SerialCheck::AlreadyStored => return Decision::Answer(Ok(Outcome::Done)),
+            SerialCheck::Refuse(why) if !write.force => return Decision::Answer(Err(BackendError::StaleState(why))),
+            SerialCheck::Refuse(why) => tracing::warn!(reason = %why, "guard overridden with force=true"),
         }
     }
     Decision::Commit { message: commit_message(write, guard), guard: guard.map(|h| h.commit) }
@@ -278,7 +278,7 @@ fn same_json(a: &[u8], b: &[u8]) -> bool {
 
 /// What the lineage/serial guard says about writing `incoming` over `stored`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum SerialCheck {
     Write,
     /// Same serial and the same JSON: a retried write, nothing to do.
     AlreadyStored,
@@ -288,30 +288,30 @@ pub enum Verdict {
 /// Terraform's own rule for a persistent state manager: never replace a state of another
 /// lineage or a newer serial. A stored state that carries neither field (e.g. an encrypted
 /// envelope) is unguarded; a guarded one is only replaced by a body that proves it is newer.
-pub fn guard_serial(stored: &[u8], old: &StateHead, incoming: &StateBody) -> Verdict {
+pub fn guard_serial(stored: &[u8], old: &StateHead, incoming: &StateBody) -> SerialCheck {
     if !old.is_guarded() {
-        return Verdict::Write;
+        return SerialCheck::Write;
     }
     let new = incoming.head();
     if !new.is_guarded() {
-        return Verdict::Refuse(Stale::Unguarded);
+        return SerialCheck::Refuse(Stale::Unguarded);
     }
     if let (Some(a), Some(b)) = (&old.lineage, &new.lineage) {
         if a != b {
-            return Verdict::Refuse(Stale::Lineage { stored: a.clone(), incoming: b.clone() });
+            return SerialCheck::Refuse(Stale::Lineage { stored: a.clone(), incoming: b.clone() });
         }
     }
     if old.lineage.is_some() && new.lineage.is_none() {
-        return Verdict::Refuse(Stale::Unguarded);
+        return SerialCheck::Refuse(Stale::Unguarded);
     }
     match (old.serial, new.serial) {
-        (Some(_), None) => Verdict::Refuse(Stale::Unguarded),
-        (Some(a), Some(b)) if b < a => Verdict::Refuse(Stale::Serial { stored: a, incoming: b }),
+        (Some(_), None) => SerialCheck::Refuse(Stale::Unguarded),
+        (Some(a), Some(b)) if b < a => SerialCheck::Refuse(Stale::Serial { stored: a, incoming: b }),
         (Some(a), Some(b)) if a == b && !same_json(stored, incoming.bytes()) => {
-            Verdict::Refuse(Stale::SameSerial { serial: a })
+            SerialCheck::Refuse(Stale::SameSerial { serial: a })
         }
-        (Some(a), Some(b)) if a == b => Verdict::AlreadyStored,
-        _ => Verdict::Write,
+        (Some(a), Some(b)) if a == b => SerialCheck::AlreadyStored,
+        _ => SerialCheck::Write,
     }
 }
 
@@ -341,31 +341,31 @@ mod tests {
     }
 
     /// The guard over two documents, each checked as it would be where it arrives.
-    fn guard(stored: &[u8], incoming: &[u8]) -> Verdict {
+    fn guard(stored: &[u8], incoming: &[u8]) -> SerialCheck {
         guard_serial(stored, &StateHead::check(stored).unwrap(), &body(incoming))
     }
 
     #[test]
     fn serial_and_lineage_guard() {
-        assert_eq!(guard(&st("L", 1, "a"), &st("L", 2, "b")), Verdict::Write);
-        assert!(matches!(guard(&st("L", 1, "a"), &st("M", 2, "b")), Verdict::Refuse(Stale::Lineage { .. })));
+        assert_eq!(guard(&st("L", 1, "a"), &st("L", 2, "b")), SerialCheck::Write);
+        assert!(matches!(guard(&st("L", 1, "a"), &st("M", 2, "b")), SerialCheck::Refuse(Stale::Lineage { .. })));
         assert_eq!(
             guard(&st("L", 3, "a"), &st("L", 2, "b")),
-            Verdict::Refuse(Stale::Serial { stored: 3, incoming: 2 })
+            SerialCheck::Refuse(Stale::Serial { stored: 3, incoming: 2 })
         );
-        assert_eq!(guard(&st("L", 3, "a"), &st("L", 3, "b")), Verdict::Refuse(Stale::SameSerial { serial: 3 }));
+        assert_eq!(guard(&st("L", 3, "a"), &st("L", 3, "b")), SerialCheck::Refuse(Stale::SameSerial { serial: 3 }));
         // Same JSON, other formatting: a retry.
         let pretty =
             serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(&st("L", 3, "a")).unwrap()).unwrap();
-        assert_eq!(guard(&st("L", 3, "a"), &pretty), Verdict::AlreadyStored);
+        assert_eq!(guard(&st("L", 3, "a"), &pretty), SerialCheck::AlreadyStored);
         // No serial/lineage (an encrypted envelope) over a guarded state: refused (force overrides).
-        assert_eq!(guard(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), Verdict::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"encrypted_data":"xyz"}"#), SerialCheck::Refuse(Stale::Unguarded));
         // ... but stored over nothing guarded, and a state may replace an envelope.
-        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, br#"{"encrypted_data":"xyz"}"#), Verdict::Write);
-        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, &st("L", 1, "a")), Verdict::Write);
+        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, br#"{"encrypted_data":"xyz"}"#), SerialCheck::Write);
+        assert_eq!(guard(br#"{"encrypted_data":"old"}"#, &st("L", 1, "a")), SerialCheck::Write);
         // Dropping a field the stored state has is not proof of being newer.
-        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"lineage":"L"}"#), Verdict::Refuse(Stale::Unguarded));
-        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"serial":9}"#), Verdict::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"lineage":"L"}"#), SerialCheck::Refuse(Stale::Unguarded));
+        assert_eq!(guard(&st("L", 3, "a"), br#"{"version":4,"serial":9}"#), SerialCheck::Refuse(Stale::Unguarded));
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Backend {
         before: Option<ObjectId>,
     ) -> Result<Outcome, BackendError> {
         let reference = super::branch_ref(branch);
-        let tips = self.sync(ctx, std::slice::from_ref(&reference))?;
+        let tips = self.fetch_tips(ctx, std::slice::from_ref(&reference))?;
         let mut page = Page { path: path.to_owned(), versions: Vec::new(), next: None };
         let Some(&tip) = tips.get(&reference) else {
             return match before {
@@ -173,7 +173,7 @@ impl Backend {
         commit: ObjectId,
     ) -> Result<Option<Bytes>, BackendError> {
         let reference = super::branch_ref(branch);
-        let tips = self.sync(ctx, std::slice::from_ref(&reference))?;
+        let tips = self.fetch_tips(ctx, std::slice::from_ref(&reference))?;
         let Some(&tip) = tips.get(&reference) else { return Ok(None) };
         let mut walk = Walk::new(self, ctx, &reference, tip, 64);
         let mut walked = 0;

@@ -122,7 +122,7 @@ impl Backend {
                 self.restore(ctx, branch, &lock, *commit, lock_id.as_deref(), *force)
             }
             Operation::GetLock => {
-                let tips = self.sync(ctx, &lock.refs())?;
+                let tips = self.fetch_tips(ctx, &lock.refs())?;
                 match self.lock_view(&tips, &lock)?.holder {
                     Some(h) => Ok(Outcome::LockInfo(h.info)),
                     None => Err(BackendError::NoLock),
@@ -133,7 +133,7 @@ impl Backend {
 
     fn get(&self, ctx: &RequestContext, branch: &str, path: &str) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
-        let tips = self.sync(ctx, std::slice::from_ref(&branch_ref))?;
+        let tips = self.fetch_tips(ctx, std::slice::from_ref(&branch_ref))?;
         let Some(tip) = tips.get(&branch_ref) else { return Ok(Outcome::NoState) };
         let Some(blob) = self.storage.file_id(*tip, path)? else { return Ok(Outcome::NoState) };
         Ok(match self.storage.read_file(*tip, path)? {
@@ -302,7 +302,7 @@ impl Backend {
             let fresh = guess.is_none();
             let tips = match guess.take() {
                 Some(tips) => tips,
-                None => self.sync(ctx, refs)?,
+                None => self.fetch_tips(ctx, refs)?,
             };
             let updates = match step(&tips)? {
                 Step::Answer(answer) if fresh => return answer.map(|a| (a, pushes)),
@@ -349,7 +349,7 @@ impl Backend {
         refs: &[String],
         updates: &[RefUpdate],
     ) -> Result<UpdateOutcome, BackendError> {
-        let tips = self.sync(ctx, refs)?;
+        let tips = self.fetch_tips(ctx, refs)?;
         let primary = &updates[0];
         if tips.get(&primary.name).copied() == primary.new {
             for u in updates {
@@ -361,8 +361,8 @@ impl Backend {
     }
 
     /// Fresh tips from the source of truth, remembered as the latest guess.
-    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, BackendError> {
-        let tips = self.storage.sync(ctx, refs)?;
+    fn fetch_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, BackendError> {
+        let tips = self.storage.fetch_tips(ctx, refs)?;
         self.memory.saw(refs, &tips);
         Ok(tips)
     }

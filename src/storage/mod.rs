@@ -146,7 +146,7 @@ pub type Tips = HashMap<String, ObjectId>;
 pub trait Storage: Send + Sync {
     /// Current tips of `refs` (full names) at the source of truth, with each tip's
     /// commit made readable locally.
-    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError>;
+    fn fetch_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError>;
     /// Contents of `path` in the tree of `commit`, `None` when absent.
     fn read_file(&self, commit: ObjectId, path: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// Write a commit locally: `parent`'s tree with `path` set to `content` (removed when `None`).

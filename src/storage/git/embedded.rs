@@ -88,7 +88,7 @@ impl EmbeddedStore {
 }
 
 impl Storage for EmbeddedStore {
-    fn sync(&self, _ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
+    fn fetch_tips(&self, _ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         let repo = self.local();
         let mut tips = Tips::new();
         for name in refs {

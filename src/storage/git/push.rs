@@ -45,7 +45,7 @@ pub struct Advertisement {
 }
 
 /// The outcome of a push and what its advertisement showed.
-pub struct Pushed {
+pub struct PushReport {
     pub outcome: UpdateOutcome,
     pub advertisement: Advertisement,
     /// Rejected by the host's own report (not by our check of its advertisement): a lost race
@@ -122,7 +122,7 @@ pub fn push(
     url: &RepoUrl,
     updates: &[RefUpdate],
     ctx: &RequestContext,
-) -> Result<Pushed, StorageError> {
+) -> Result<PushReport, StorageError> {
     push_with(|| over_transport(url, ctx), repo, url, updates, ctx, true)
 }
 
@@ -142,7 +142,7 @@ pub fn push_unchecked(
     url: &RepoUrl,
     updates: &[RefUpdate],
     ctx: &RequestContext,
-) -> Result<Pushed, StorageError> {
+) -> Result<PushReport, StorageError> {
     push_with(|| over_transport(url, ctx), repo, url, updates, ctx, false)
 }
 
@@ -155,7 +155,7 @@ pub(crate) fn push_with<'a>(
     updates: &[RefUpdate],
     ctx: &RequestContext,
     check_olds: bool,
-) -> Result<Pushed, StorageError> {
+) -> Result<PushReport, StorageError> {
     // Until the advertisement is read nothing was asked of the server: safe to repeat.
     let (mut conversation, adv) = transport::retrying(ctx, &mut open)?;
 
@@ -168,7 +168,7 @@ pub(crate) fn push_with<'a>(
         .collect();
     if check_olds && !stale.is_empty() {
         conversation.end();
-        return Ok(Pushed { outcome: UpdateOutcome::Rejected(stale), advertisement: adv, refused_by_host: false });
+        return Ok(PushReport { outcome: UpdateOutcome::Rejected(stale), advertisement: adv, refused_by_host: false });
     }
 
     // Absence checks were settled by the advertisement above: "0000 0000" is no command.
@@ -186,7 +186,7 @@ pub(crate) fn push_with<'a>(
     };
     if commands.is_empty() {
         conversation.end();
-        return Ok(Pushed { outcome: UpdateOutcome::Applied, advertisement: adv, refused_by_host: false });
+        return Ok(PushReport { outcome: UpdateOutcome::Applied, advertisement: adv, refused_by_host: false });
     }
     if !adv.caps.report_status {
         conversation.end();
@@ -201,7 +201,7 @@ pub(crate) fn push_with<'a>(
     let report = conversation.send(&lines, pack.as_deref(), adv.caps.side_band_64k)?;
     let outcome = outcome(&report, &commands, url)?;
     let refused_by_host = matches!(outcome, UpdateOutcome::Rejected(_));
-    Ok(Pushed { outcome, advertisement: adv, refused_by_host })
+    Ok(PushReport { outcome, advertisement: adv, refused_by_host })
 }
 
 /// The pack a push of `commands` needs: the new commits (those the remote does not have
@@ -261,7 +261,7 @@ fn advertisement(
 ) -> Result<Advertisement, StorageError> {
     let response = transport.handshake(Service::ReceivePack, &[]).map_err(|e| classify(url, ctx, &e))?;
     if response.actual_protocol == Protocol::V2 {
-        return Err(StorageError::Protocol(format!("{url} answered receive-pack with protocol v2")).into());
+        return Err(StorageError::Protocol(format!("{url} answered receive-pack with protocol v2")));
     }
     let caps: &Capabilities = &response.capabilities;
     let names: Vec<String> = caps.iter().map(|c| c.name().to_string()).collect();

@@ -266,8 +266,7 @@ fn fetch_tips_once(
         // Usually our cache, not the host: unreadable packs look like missing objects.
         return Err(StorageError::CacheCorrupt(format!(
             "{url} did not send all requested tips, or the cache cannot read them"
-        ))
-        .into());
+        )));
     }
     Ok(tips)
 }
@@ -331,7 +330,7 @@ impl RemoteStore {
         repo: &gix::Repository,
         ctx: &RequestContext,
         updates: &[crate::storage::RefUpdate],
-    ) -> Result<super::push::Pushed, StorageError> {
+    ) -> Result<super::push::PushReport, StorageError> {
         let url = &self.url;
         let open = || match &self.smart {
             Some(smart) => match smart.start_push(ctx)? {
@@ -360,7 +359,7 @@ fn contained<T>(url: &RepoUrl, work: impl FnOnce() -> Result<T, StorageError>) -
 }
 
 impl Storage for RemoteStore {
-    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
+    fn fetch_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         contained(&self.url, || self.sync_tips(ctx, refs))
     }
 

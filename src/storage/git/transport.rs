@@ -41,7 +41,7 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
     for cause in causes() {
         if let Some(e) = cause.downcast_ref::<reqwest::Error>() {
             if let Some(status) = e.status() {
-                return http_status(status.as_u16(), text).unwrap_or_else(|text| StorageError::Protocol(text));
+                return http_status(status.as_u16(), text).unwrap_or_else(StorageError::Protocol);
             }
             if e.is_timeout() || e.is_connect() {
                 return StorageError::HostUnavailable(text);
@@ -173,7 +173,7 @@ pub(crate) fn connect(
     ctx: &RequestContext,
 ) -> Result<Box<dyn Transport + Send>, StorageError> {
     if ctx.out_of_time() {
-        return Err(StorageError::DeadlineExceeded("before connecting").into());
+        return Err(StorageError::DeadlineExceeded("before connecting"));
     }
     match url.scheme() {
         Scheme::Git => Ok(Box::new(connect_daemon(url, version, ctx)?)),
@@ -192,8 +192,7 @@ fn connect_http(
         // A policy of ours, not the host's answer: permanent.
         return Err(StorageError::Protocol(format!(
             "refusing to send credentials in clear text to {url}; use https://"
-        ))
-        .into());
+        )));
     }
     let options = connect::Options { version, ..Default::default() };
     let mut transport = connect::connect(url.to_gix(), options).map_err(|e| classify(url, ctx, &e))?;

@@ -256,7 +256,7 @@ impl MemoryStore {
 }
 
 impl Storage for MemoryStore {
-    fn sync(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
+    fn fetch_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let (delay, fail) = {
             let f = self.faults();
@@ -472,12 +472,12 @@ mod tests {
         ));
         assert_eq!(s.files("main"), vec!["a".to_string(), "other".to_string()]);
         s.fail_syncs_with(Some(|| StorageError::HostUnavailable("down".into())));
-        assert!(matches!(s.sync(&ctx, &["refs/heads/main".into()]), Err(StorageError::HostUnavailable(_))));
+        assert!(matches!(s.fetch_tips(&ctx, &["refs/heads/main".into()]), Err(StorageError::HostUnavailable(_))));
         s.fail_syncs_with(None);
         s.sync_delay(Duration::from_secs(10));
         let short = RequestContext::new(None, gitstate::context::Deadline::after(Duration::from_millis(30)));
         let started = Instant::now();
-        assert!(matches!(s.sync(&short, &["refs/heads/main".into()]), Err(StorageError::DeadlineExceeded(_))));
+        assert!(matches!(s.fetch_tips(&short, &["refs/heads/main".into()]), Err(StorageError::DeadlineExceeded(_))));
         assert!(started.elapsed() < Duration::from_millis(500));
         assert_eq!((s.syncs(), s.updates()), (2, 3));
     }
