@@ -11,6 +11,9 @@ use crate::storage::git::push::{self, Advertisement};
 use crate::storage::git::{tree, Author, RemoteStore};
 use crate::storage::{ObjectId, RefUpdate, RepoUrl, Storage, StorageError, UpdateOutcome};
 
+/// The name of the compare-and-swap checks in the report.
+const CAS: &str = "compare-and-swap";
+
 /// What one check came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -252,8 +255,7 @@ impl Scratch {
     }
 
     fn check_into(&self, report: &mut Report, ctx: &dyn Fn() -> RequestContext) {
-        let [c1, c2, c3] = self.c;
-        const NAME: &str = "compare-and-swap";
+        let [c1, c2, _] = self.c;
         // Write access: two creates.
         let created = self.push(&ctx(), &[(&self.a, None, Some(c1))]);
         let created_b = self.push(&ctx(), &[(&self.b, None, Some(c2))]);
@@ -264,10 +266,17 @@ impl Scratch {
                 format!("creating {} was answered {created:?}", self.a),
                 "these credentials cannot push: no state can be written, no lock taken",
             );
-            self.clean(report, ctx);
-            return;
+        } else {
+            report.add(Verdict::Pass, "write accepted", format!("created {} and {}", self.a, self.b), "");
+            self.check_refusals(report, ctx);
+            self.check_atomic(report, ctx);
         }
-        report.add(Verdict::Pass, "write accepted", format!("created {} and {}", self.a, self.b), "");
+        self.clean(report, ctx);
+    }
+
+    /// Each update that must be refused is, and is reported refused.
+    fn check_refusals(&self, report: &mut Report, ctx: &dyn Fn() -> RequestContext) {
+        let [c1, c2, c3] = self.c;
         let expect = Some((Some(c1), Some(c2)));
         let cases: [(&str, &[Command<'_>], &'static str); 3] = [
             (
@@ -293,16 +302,16 @@ impl Scratch {
                 // Not applied, yet reported `ok`: every answer of this host is in doubt.
                 report.add(
                     Verdict::Fail,
-                    NAME,
+                    CAS,
                     format!("{what}, but the host answered `ok` for it"),
                     "a client refused by the host is told it succeeded: two clients can both hold one lock",
                 );
             } else if after == expect {
-                report.add(Verdict::Pass, NAME, what.to_string(), "");
+                report.add(Verdict::Pass, CAS, what.to_string(), "");
             } else {
                 report.add(
                     Verdict::Fail,
-                    NAME,
+                    CAS,
                     format!("{what}: NOT SO (answered {answer:?}; {} is now {:?})", self.a, after.and_then(|(a, _)| a)),
                     meaning,
                 );
@@ -312,23 +321,26 @@ impl Scratch {
                 }
             }
         }
-        // An atomic push with one failing command applies nothing (when atomic is offered).
+    }
+
+    /// An atomic push with one failing command applies nothing (when atomic is offered).
+    fn check_atomic(&self, report: &mut Report, ctx: &dyn Fn() -> RequestContext) {
+        let [c1, c2, c3] = self.c;
         let atomic = push::look(&self.url, &ctx()).map(|adv| adv.caps.atomic).unwrap_or(false);
-        if atomic {
-            let answer = self.push(&ctx(), &[(&self.a, Some(c1), Some(c3)), (&self.b, Some(c1), Some(c3))]);
-            let after = self.now(&ctx());
-            if after == expect {
-                report.add(Verdict::Pass, NAME, "an atomic push with one failing command applies nothing", "");
-            } else {
-                report.add(
-                    Verdict::Fail,
-                    NAME,
-                    format!("an atomic push with one failing command applied part of it (answered {answer:?})"),
-                    "a write under a lock could land after the lock moved",
-                );
-            }
+        if !atomic {
+            return;
         }
-        self.clean(report, ctx);
+        let answer = self.push(&ctx(), &[(&self.a, Some(c1), Some(c3)), (&self.b, Some(c1), Some(c3))]);
+        if self.now(&ctx()) == Some((Some(c1), Some(c2))) {
+            report.add(Verdict::Pass, CAS, "an atomic push with one failing command applies nothing", "");
+        } else {
+            report.add(
+                Verdict::Fail,
+                CAS,
+                format!("an atomic push with one failing command applied part of it (answered {answer:?})"),
+                "a write under a lock could land after the lock moved",
+            );
+        }
     }
 
     /// Remove the scratch refs, whatever they point at now.

@@ -193,10 +193,26 @@ async fn serve_and_wait(plan: Plan, command: &[OsString]) -> Result<u8, (u8, Str
 
     // Listen before the command exists, so that no signal and no exit can be missed.
     let listen = |kind: SignalKind| signal(kind).map_err(|e| failed("cannot handle signals", &e));
-    let mut interrupt = listen(SignalKind::interrupt())?;
-    let mut terminate = listen(SignalKind::terminate())?;
-    let mut child_exited = listen(SignalKind::child())?;
+    let mut signals = Signals {
+        interrupt: listen(SignalKind::interrupt())?,
+        terminate: listen(SignalKind::terminate())?,
+        child_exited: listen(SignalKind::child())?,
+    };
+    let own_group = !terminal_foreground();
+    let mut child = spawn(program, arguments, own_group, &address, &plan.credentials)?;
+    let status = signals.wait_for(&mut child, own_group, &mut server).await;
+    server.abort();
+    status.map(exit_code).map_err(|e| failed("cannot wait for the command", &e))
+}
 
+/// Start the command with the backend in its environment and the wrapper's secrets withheld.
+fn spawn(
+    program: &OsString,
+    arguments: &[OsString],
+    own_group: bool,
+    address: &str,
+    credentials: &Credentials,
+) -> Result<Child, (u8, String)> {
     let mut cmd = std::process::Command::new(program);
     cmd.args(arguments);
     // At a terminal, the command stays in the wrapper's process group, the terminal's
@@ -204,47 +220,56 @@ async fn serve_and_wait(plan: Plan, command: &[OsString]) -> Result<u8, (u8, Str
     // Ctrl-Z reach it directly, as without the wrapper. Elsewhere (CI, a service, a
     // background job) it gets a group of its own: a signal sent to the wrapper's group reaches
     // the command once, passed on by the wrapper, and not a second time directly.
-    let own_group = !terminal_foreground();
     if own_group {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     }
     for name in WITHHELD_VARIABLES {
         cmd.env_remove(name);
     }
-    cmd.envs(backend_environment(&address, &plan.credentials));
-    let mut child = cmd.spawn().map_err(|e| {
+    cmd.envs(backend_environment(address, credentials));
+    cmd.spawn().map_err(|e| {
         let name = program.to_string_lossy();
         match e.kind() {
             std::io::ErrorKind::NotFound => (EXIT_NOT_FOUND, format!("{name}: command not found")),
             _ => (EXIT_CANNOT_RUN, format!("{name}: cannot run: {e}")),
         }
-    })?;
+    })
+}
 
-    // SIGCHLD says when to look; the tick is only a safety net.
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut server_ended = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                server.abort();
-                return Err(failed("cannot wait for the command", &e));
+/// The signals the wrapper handles while the command runs.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    child_exited: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Pass SIGINT and SIGTERM on until the command exits; its exit status.
+    async fn wait_for(
+        &mut self,
+        child: &mut Child,
+        own_group: bool,
+        server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+    ) -> std::io::Result<ExitStatus> {
+        // SIGCHLD says when to look; the tick is only a safety net.
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut server_ended = false;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            tokio::select! {
+                _ = self.child_exited.recv() => {}
+                _ = tick.tick() => {}
+                _ = self.interrupt.recv() => pass_on(child, own_group, libc::SIGINT),
+                _ = self.terminate.recv() => pass_on(child, own_group, libc::SIGTERM),
+                ended = &mut *server, if !server_ended => {
+                    server_ended = true;
+                    tracing::error!(outcome = ?ended.map(|r| r.map_err(|e| e.to_string())), "the backend server stopped before the command");
+                }
             }
         }
-        tokio::select! {
-            _ = child_exited.recv() => {}
-            _ = tick.tick() => {}
-            _ = interrupt.recv() => pass_on(&child, own_group, libc::SIGINT),
-            _ = terminate.recv() => pass_on(&child, own_group, libc::SIGTERM),
-            ended = &mut server, if !server_ended => {
-                server_ended = true;
-                tracing::error!(outcome = ?ended.map(|r| r.map_err(|e| e.to_string())), "the backend server stopped before the command");
-            }
-        }
-    };
-    server.abort();
-    Ok(exit_code(status))
+    }
 }
 
 /// Pass `signal` on to the command, the way each signal arrives without the wrapper.

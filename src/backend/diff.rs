@@ -140,20 +140,7 @@ impl<'a> State<'a> {
             Some(l) => l.as_str().ok_or_else(|| bad("`lineage` must be a string".into()))?,
             None => return Err(bad("`lineage` is missing".into())),
         };
-
-        let mut outputs = BTreeMap::new();
-        match doc.get("outputs") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(map)) => {
-                for (name, output) in map {
-                    let output =
-                        output.as_object().ok_or_else(|| bad(format!("output {name:?} is not a JSON object")))?;
-                    outputs.insert(name.as_str(), Output::read(output));
-                }
-            }
-            Some(_) => return Err(bad("`outputs` must be a JSON object".into())),
-        }
-
+        let outputs = read_outputs(doc, &bad)?;
         let mut instances = BTreeMap::new();
         let resources = match doc.get("resources") {
             None | Some(Value::Null) => &[][..],
@@ -161,48 +148,71 @@ impl<'a> State<'a> {
             Some(_) => return Err(bad("`resources` must be an array".into())),
         };
         for (i, resource) in resources.iter().enumerate() {
-            let resource = resource.as_object().ok_or_else(|| bad(format!("`resources[{i}]` is not a JSON object")))?;
-            let text = |field: &str, required: bool| -> Result<Option<&'a str>, DiffError> {
-                match resource.get(field) {
-                    Some(Value::String(s)) => Ok(Some(s.as_str())),
-                    None | Some(Value::Null) if !required => Ok(None),
-                    None => Err(bad(format!("`resources[{i}].{field}` is missing"))),
-                    Some(_) => Err(bad(format!("`resources[{i}].{field}` must be a string"))),
-                }
-            };
-            let module = text("module", false)?.unwrap_or("");
-            let data = text("mode", false)? == Some("data");
-            let (kind, name) = (text("type", true)?.unwrap_or(""), text("name", true)?.unwrap_or(""));
-            let list = match resource.get("instances") {
-                None | Some(Value::Null) => &[][..],
-                Some(Value::Array(list)) => list.as_slice(),
-                Some(_) => return Err(bad(format!("`resources[{i}].instances` must be an array"))),
-            };
-            for (j, instance) in list.iter().enumerate() {
-                let instance = instance
-                    .as_object()
-                    .ok_or_else(|| bad(format!("`resources[{i}].instances[{j}]` is not a JSON object")))?;
-                let key = match instance.get("index_key") {
-                    None | Some(Value::Null) => Key::None,
-                    Some(Value::Number(n)) => n.as_i64().map(Key::Number).unwrap_or_else(|| Key::Other(n.to_string())),
-                    Some(Value::String(s)) => Key::String(s),
-                    Some(_) => {
-                        return Err(bad(format!(
-                            "`resources[{i}].instances[{j}].index_key` must be a number or a string"
-                        )))
-                    }
-                };
-                let deposed = match instance.get("deposed") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(d)) => Some(d.as_str()),
-                    Some(_) => return Err(bad(format!("`resources[{i}].instances[{j}].deposed` must be a string"))),
-                };
-                let address = Address { module, data, kind, name, key, deposed };
-                instances.insert(address, (instance.get("attributes"), instance.get("attributes_flat")));
-            }
+            read_resource(resource, i, &bad, &mut instances)?;
         }
         Ok(State { serial, lineage, outputs, instances })
     }
+}
+
+type Bad<'b> = dyn Fn(String) -> DiffError + 'b;
+
+fn read_outputs<'a>(doc: &'a Map<String, Value>, bad: &Bad<'_>) -> Result<BTreeMap<&'a str, Output<'a>>, DiffError> {
+    let mut outputs = BTreeMap::new();
+    match doc.get("outputs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (name, output) in map {
+                let output = output.as_object().ok_or_else(|| bad(format!("output {name:?} is not a JSON object")))?;
+                outputs.insert(name.as_str(), Output::read(output));
+            }
+        }
+        Some(_) => return Err(bad("`outputs` must be a JSON object".into())),
+    }
+    Ok(outputs)
+}
+
+/// The instances of `resources[i]`, each under its address.
+fn read_resource<'a>(
+    resource: &'a Value,
+    i: usize,
+    bad: &Bad<'_>,
+    instances: &mut BTreeMap<Address<'a>, Attributes<'a>>,
+) -> Result<(), DiffError> {
+    let resource = resource.as_object().ok_or_else(|| bad(format!("`resources[{i}]` is not a JSON object")))?;
+    let text = |field: &str, required: bool| -> Result<Option<&'a str>, DiffError> {
+        match resource.get(field) {
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            None | Some(Value::Null) if !required => Ok(None),
+            None => Err(bad(format!("`resources[{i}].{field}` is missing"))),
+            Some(_) => Err(bad(format!("`resources[{i}].{field}` must be a string"))),
+        }
+    };
+    let module = text("module", false)?.unwrap_or("");
+    let data = text("mode", false)? == Some("data");
+    let (kind, name) = (text("type", true)?.unwrap_or(""), text("name", true)?.unwrap_or(""));
+    let list = match resource.get("instances") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(list)) => list.as_slice(),
+        Some(_) => return Err(bad(format!("`resources[{i}].instances` must be an array"))),
+    };
+    for (j, instance) in list.iter().enumerate() {
+        let at = |field: &str| format!("`resources[{i}].instances[{j}]{field}`");
+        let instance = instance.as_object().ok_or_else(|| bad(format!("{} is not a JSON object", at(""))))?;
+        let key = match instance.get("index_key") {
+            None | Some(Value::Null) => Key::None,
+            Some(Value::Number(n)) => n.as_i64().map(Key::Number).unwrap_or_else(|| Key::Other(n.to_string())),
+            Some(Value::String(s)) => Key::String(s),
+            Some(_) => return Err(bad(format!("{} must be a number or a string", at(".index_key")))),
+        };
+        let deposed = match instance.get("deposed") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(d)) => Some(d.as_str()),
+            Some(_) => return Err(bad(format!("{} must be a string", at(".deposed")))),
+        };
+        let address = Address { module, data, kind, name, key, deposed };
+        instances.insert(address, (instance.get("attributes"), instance.get("attributes_flat")));
+    }
+    Ok(())
 }
 
 impl<'a> Output<'a> {

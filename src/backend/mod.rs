@@ -224,52 +224,7 @@ impl Backend {
         // Sealed once, on the first attempt that commits (a KMS seal costs a round trip).
         let mut sealed: Option<Vec<u8>> = None;
         let outcome = self.compare_and_swap(ctx, &refs, self.memory.guess(&refs), |tips| {
-            let view = self.lock_view(tips, lock)?;
-            let holder = view.holder.as_ref();
-            let base = tips.get(&branch_ref).copied();
-            // The rules see states as Terraform sent them, never their stored form.
-            let raw = base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten();
-            let stored = match raw.as_deref().map(|raw| self.sealing.open(ctx, raw)).transpose() {
-                Ok(stored) => stored,
-                // A damaged sealed form holds no state anyone can read: only a deliberate
-                // overwrite replaces it.
-                Err(sealing::SealError::Damaged(why)) if write.force => {
-                    tracing::warn!(reason = %why, "a damaged stored state replaced with force=true");
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let mut stored = stored.as_ref().map(|s| s.as_slice());
-            // The same state stored in a form this deployment no longer writes (clear, or under
-            // another KMS key) is written again: that is how a repository gets encrypted.
-            if stored.is_some()
-                && stored == write.content.map(|c| c.bytes().as_ref())
-                && raw.as_deref().map(|r| self.sealing.needs_reseal(ctx, r)).transpose()?.unwrap_or(false)
-            {
-                stored = None;
-            }
-            let (message, guard) = match decide_write(write, holder, stored) {
-                Decision::Answer(answer) => return Ok(Step::Answer(answer)),
-                Decision::Commit { message, guard } => (message, guard),
-            };
-            let content = match (write.content, &mut sealed) {
-                (None, _) => None,
-                (Some(_), Some(done)) => Some(done.as_slice()),
-                (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain.bytes())?).as_slice()),
-            };
-            let commit = match self.storage.commit(base, write.path, content, &message) {
-                Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),
-                other => other?,
-            };
-            // The write lands only if the lock is still this one at that instant (a guard in an
-            // atomic push); no other lock may appear meanwhile (checked against the push's own
-            // ref advertisement).
-            let mut updates = vec![RefUpdate { name: branch_ref.clone(), old: base, new: Some(commit) }];
-            if let (Some(h), Some(held)) = (holder, guard) {
-                updates.push(RefUpdate { name: h.reference.clone(), old: Some(held), new: Some(held) });
-            }
-            updates.extend(view.absence_checks());
-            Ok(Step::Push(updates))
+            self.write_step(ctx, tips, &branch_ref, lock, write, &mut sealed)
         });
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &outcome {
@@ -279,6 +234,74 @@ impl Backend {
             Err(e) => tracing::info!(error = %e, elapsed_ms, "write refused or failed"),
         }
         outcome.map(|(outcome, _)| outcome)
+    }
+
+    /// One attempt of a write over `tips`: an answer, or the commit and the ref updates to push.
+    fn write_step(
+        &self,
+        ctx: &RequestContext,
+        tips: &Tips,
+        branch_ref: &str,
+        lock: &LockName,
+        write: &Write<'_>,
+        sealed: &mut Option<Vec<u8>>,
+    ) -> Result<Step, BackendError> {
+        let view = self.lock_view(tips, lock)?;
+        let holder = view.holder.as_ref();
+        let base = tips.get(branch_ref).copied();
+        let stored = self.stored_for_rules(ctx, base, write)?;
+        let (message, guard) = match decide_write(write, holder, stored.as_ref().map(|s| s.as_slice())) {
+            Decision::Answer(answer) => return Ok(Step::Answer(answer)),
+            Decision::Commit { message, guard } => (message, guard),
+        };
+        let content = match (write.content, sealed) {
+            (None, _) => None,
+            (Some(_), Some(done)) => Some(done.as_slice()),
+            (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain.bytes())?).as_slice()),
+        };
+        let commit = match self.storage.commit(base, write.path, content, &message) {
+            Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),
+            other => other?,
+        };
+        // The write lands only if the lock is still this one at that instant (a guard in an
+        // atomic push); no other lock may appear meanwhile (checked against the push's own
+        // ref advertisement).
+        let mut updates = vec![RefUpdate { name: branch_ref.to_owned(), old: base, new: Some(commit) }];
+        if let (Some(h), Some(held)) = (holder, guard) {
+            updates.push(RefUpdate { name: h.reference.clone(), old: Some(held), new: Some(held) });
+        }
+        updates.extend(view.absence_checks());
+        Ok(Step::Push(updates))
+    }
+
+    /// The state stored at `base` as the rules see it: as Terraform sent it, never its stored
+    /// form. `None` also when the same state is stored in a form this deployment no longer
+    /// writes (clear, or under another KMS key): writing it again is how a repository gets
+    /// encrypted.
+    fn stored_for_rules(
+        &self,
+        ctx: &RequestContext,
+        base: Option<ObjectId>,
+        write: &Write<'_>,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, BackendError> {
+        let raw = base.map(|tip| self.storage.read_file(tip, write.path)).transpose()?.flatten();
+        let Some(raw) = raw else { return Ok(None) };
+        let stored = match self.sealing.open(ctx, &raw) {
+            Ok(stored) => stored,
+            // A damaged sealed form holds no state anyone can read: only a deliberate
+            // overwrite replaces it.
+            Err(sealing::SealError::Damaged(why)) if write.force => {
+                tracing::warn!(reason = %why, "a damaged stored state replaced with force=true");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if write.content.is_some_and(|c| c.bytes().as_ref() == stored.as_slice())
+            && self.sealing.needs_reseal(ctx, &raw)?
+        {
+            return Ok(None);
+        }
+        Ok(Some(stored))
     }
 
     /// The one compare-and-swap loop of lock, unlock and write. `step` turns tips into an

@@ -20,7 +20,6 @@ pub fn build_pack(
     new_commits: &[ObjectId],
     remote_has: &[ObjectId],
 ) -> Result<Vec<u8>, StorageError> {
-    let interrupt = AtomicBool::new(false);
     ensure_empty_tree_stored(repo, new_commits)?;
     // The entry stage may run on other threads and needs a thread-safe handle; pack ids
     // recorded while counting must stay valid until the entries are copied.
@@ -31,56 +30,58 @@ pub fn build_pack(
         .into_arc()
         .map_err(|e| StorageError::CacheCorrupt(format!("cannot open object database: {e}")))?;
     db.prevent_pack_unload();
-
-    let mut counts = if new_commits.is_empty() {
-        Vec::new()
-    } else {
-        let mut ids = new_commits.iter().map(|id| Ok(id.to_owned()));
-        output::count::objects_unthreaded(
-            &db,
-            &mut ids,
-            &gix::progress::Discard,
-            &interrupt,
-            ObjectExpansion::TreeAdditionsComparedToAncestor,
-        )
-        .map_err(|e| {
-            StorageError::CacheCorrupt(format!("cannot list objects to push: {}", super::transport::chain(&e)))
-        })?
-        .0
-    };
+    let mut counts = count_objects(&db, new_commits)?;
     // Counting adds each parent commit and its tree (to diff against); the remote has those.
     let known = remote_known(repo, remote_has);
     counts.retain(|count| !known.contains(&count.id));
+    let entries = encode_entries(db, counts)?;
+    write_pack(entries, repo.object_hash())
+}
 
-    let entries: Vec<output::Entry> = if counts.is_empty() {
-        Vec::new()
-    } else {
-        let chunks = output::entry::iter_from_counts(
-            counts,
-            db,
-            Box::new(gix::progress::Discard),
-            output::entry::iter_from_counts::Options {
-                thread_limit: Some(1),
-                allow_thin_pack: false,
-                ..Default::default()
-            },
-        )
-        .map_err(|e| {
-            StorageError::CacheCorrupt(format!("cannot prepare pack entries: {}", super::transport::chain(&e)))
-        })?;
-        let mut entries = Vec::new();
-        for chunk in InOrderIter::from(chunks) {
-            let chunk = chunk.map_err(|e| {
-                StorageError::CacheCorrupt(format!("cannot encode pack entry: {}", super::transport::chain(&e)))
-            })?;
-            entries.extend(chunk);
-        }
-        entries
+type Db = gix::odb::Cache<gix::odb::store::Handle<std::sync::Arc<gix::odb::Store>>>;
+
+/// Every object `new_commits` add compared to their parents (and the parents themselves).
+fn count_objects(db: &Db, new_commits: &[ObjectId]) -> Result<Vec<output::Count>, StorageError> {
+    if new_commits.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = new_commits.iter().map(|id| Ok(id.to_owned()));
+    let interrupt = AtomicBool::new(false);
+    let (counts, _) = output::count::objects_unthreaded(
+        db,
+        &mut ids,
+        &gix::progress::Discard,
+        &interrupt,
+        ObjectExpansion::TreeAdditionsComparedToAncestor,
+    )
+    .map_err(|e| cache_corrupt("cannot list objects to push", &e))?;
+    Ok(counts)
+}
+
+/// The pack entries of `counts`, whole objects (no deltas); an object missing from the cache fails.
+fn encode_entries(db: Db, counts: Vec<output::Count>) -> Result<Vec<output::Entry>, StorageError> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let options = output::entry::iter_from_counts::Options {
+        thread_limit: Some(1),
+        allow_thin_pack: false,
+        ..Default::default()
     };
+    let chunks = output::entry::iter_from_counts(counts, db, Box::new(gix::progress::Discard), options)
+        .map_err(|e| cache_corrupt("cannot prepare pack entries", &e))?;
+    let mut entries = Vec::new();
+    for chunk in InOrderIter::from(chunks) {
+        entries.extend(chunk.map_err(|e| cache_corrupt("cannot encode pack entry", &e))?);
+    }
     if entries.iter().any(output::Entry::is_invalid) {
         return Err(StorageError::CacheCorrupt("an object to push is missing from the cache".into()));
     }
+    Ok(entries)
+}
 
+/// Header, `entries` and checksum.
+fn write_pack(entries: Vec<output::Entry>, hash: gix::hash::Kind) -> Result<Vec<u8>, StorageError> {
     let num_entries =
         u32::try_from(entries.len()).map_err(|_| StorageError::Local("too many objects for one pack".into()))?;
     let mut pack = Vec::new();
@@ -89,13 +90,16 @@ pub fn build_pack(
         &mut pack,
         num_entries,
         gix_pack::data::Version::V2,
-        repo.object_hash(),
+        hash,
     );
     for written in writer {
-        written
-            .map_err(|e| StorageError::CacheCorrupt(format!("cannot write pack: {}", super::transport::chain(&e))))?;
+        written.map_err(|e| cache_corrupt("cannot write pack", &e))?;
     }
     Ok(pack)
+}
+
+fn cache_corrupt(what: &str, e: &dyn std::error::Error) -> StorageError {
+    StorageError::CacheCorrupt(format!("{what}: {}", super::transport::chain(e)))
 }
 
 /// `remote_has` plus the root trees of those that are commits we hold.
