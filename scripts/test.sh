@@ -139,5 +139,7 @@ cargo build --all-targets
 cargo clippy --version >/dev/null 2>&1 || { echo "cargo clippy is missing: install the clippy component of the Rust toolchain (rustup component add clippy)" >&2; exit 1; }
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+log "cargo doc --no-deps (warnings fail it)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 log "cargo test --all-targets"
 cargo test --all-targets

@@ -16,39 +16,39 @@ use crate::storage::{Credentials, RepoUrl, UrlPattern};
 #[derive(Args, Clone, Default)]
 #[command(next_help_heading = "Settings (each flag overrides its GITSTATE_* variable)")]
 pub struct Settings {
-    /// Git repository URL (git://, http://, https://), without credentials [default: an embedded
-    /// bare repository in the data directory; required under Lambda]
+    /// Git repository URL (git://, http://, https://), without credentials (default: an embedded
+    /// bare repository in the data directory; required under Lambda)
     #[arg(long, env = "GITSTATE_REPOSITORY", value_name = "URL")]
     pub repository: Option<String>,
-    /// Branch that holds the states [default: main]
+    /// Branch that holds the states (default: main)
     #[arg(long = "ref", env = "GITSTATE_REF", value_name = "BRANCH")]
     pub branch: Option<String>,
-    /// Address `serve` listens on [default: 127.0.0.1:6061]
+    /// Address `serve` listens on (default: 127.0.0.1:6061)
     #[arg(long, env = "GITSTATE_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Directory of the embedded repository (and, for `serve` and `run`, of the caches) [default: ./.gitstate]
+    /// Directory of the embedded repository (and, for `serve` and `run`, of the caches) (default: ./.gitstate)
     #[arg(long, env = "GITSTATE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<String>,
-    /// Bare cache repositories of remotes [default: /tmp/gitstate; `serve`, `run`: <data dir>/cache]
+    /// Bare cache repositories of remotes (default: /tmp/gitstate; `serve`, `run`: `<data dir>/cache`)
     #[arg(long, env = "GITSTATE_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<String>,
-    /// `Name <email>` of every commit gitstate writes [default: gitstate <gitstate@localhost>]
+    /// `Name <email>` of every commit gitstate writes (default: `gitstate <gitstate@localhost>`)
     #[arg(long, env = "GITSTATE_COMMIT_AUTHOR", value_name = "AUTHOR")]
     pub commit_author: Option<String>,
-    /// Largest request body in bytes, 413 above it [default: 67108864]
+    /// Largest request body in bytes, 413 above it (default: 67108864)
     #[arg(long, env = "GITSTATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
-    /// Rebuilds of a write that lost the race for the branch [default: 16]
+    /// Rebuilds of a write that lost the race for the branch (default: 16)
     #[arg(long, env = "GITSTATE_WRITE_RETRIES", value_name = "N")]
     pub write_retries: Option<String>,
     /// Comma-separated URL patterns a `repository` parameter must match (`*` within one path
-    /// segment or host label) [default: only the configured repository]
+    /// segment or host label) (default: only the configured repository)
     #[arg(long, env = "GITSTATE_ALLOWED_REPOSITORIES", value_name = "PATTERNS")]
     pub allowed_repositories: Option<String>,
-    /// Where git credentials come from: passthrough, env or secret [default: passthrough]
+    /// Where git credentials come from: passthrough, env or secret (default: passthrough)
     #[arg(long, env = "GITSTATE_AUTH", value_name = "MODE")]
     pub auth: Option<String>,
-    /// In passthrough mode, the username a bearer token goes to the git host with [default: x-access-token]
+    /// In passthrough mode, the username a bearer token goes to the git host with (default: x-access-token)
     #[arg(long, env = "GITSTATE_BEARER_USERNAME", value_name = "NAME")]
     pub bearer_username: Option<String>,
     /// Git user name (`env` mode, `doctor`)
@@ -66,16 +66,16 @@ pub struct Settings {
     /// Basic-auth password the backend itself requires; prefer the variable: flags are visible to other users
     #[arg(long, env = "GITSTATE_PASSWORD", value_name = "PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
-    /// Seconds a request may take under `serve` (Lambda: the invocation's deadline) [default: 25]
+    /// Seconds a request may take under `serve` (Lambda: the invocation's deadline) (default: 25)
     #[arg(long, env = "GITSTATE_REQUEST_TIMEOUT", value_name = "SECONDS")]
     pub request_timeout: Option<String>,
-    /// Repositories besides the default kept open [default: 16]
+    /// Repositories besides the default kept open (default: 16)
     #[arg(long, env = "GITSTATE_MAX_REPOSITORIES", value_name = "N")]
     pub max_repositories: Option<String>,
-    /// Requests per repository worked on at once [default: 8]
+    /// Requests per repository worked on at once (default: 8)
     #[arg(long, env = "GITSTATE_REPOSITORY_CONCURRENCY", value_name = "N")]
     pub repository_concurrency: Option<String>,
-    /// Requests on repositories other than the configured one worked on at once, all together [default: 64]
+    /// Requests on repositories other than the configured one worked on at once, all together (default: 64)
     #[arg(long, env = "GITSTATE_MAX_BLOCKING", value_name = "N")]
     pub max_blocking: Option<String>,
     /// Comma-separated age public keys every state is encrypted to
@@ -93,22 +93,22 @@ pub struct Settings {
     /// Further KMS key ids whose envelopes may be opened (rotation), comma-separated
     #[arg(long, env = "GITSTATE_KMS_DECRYPT_KEY_IDS", value_name = "KEYS")]
     pub kms_decrypt_key_ids: Option<String>,
-    /// `serve`: open connections [default: 256]
+    /// `serve`: open connections (default: 256)
     #[arg(long, env = "GITSTATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
-    /// `serve`: bytes of request bodies held at once [default: 268435456]
+    /// `serve`: bytes of request bodies held at once (default: 268435456)
     #[arg(long, env = "GITSTATE_BODY_MEMORY_BYTES", value_name = "BYTES")]
     pub body_memory_bytes: Option<String>,
-    /// `serve`: seconds for a whole request head (also the idle keep-alive timeout) [default: 10]
+    /// `serve`: seconds for a whole request head (also the idle keep-alive timeout) (default: 10)
     #[arg(long, env = "GITSTATE_HEADER_READ_TIMEOUT", value_name = "SECONDS")]
     pub header_read_timeout: Option<String>,
-    /// `serve`: seconds for the whole body after its head [default: 30]
+    /// `serve`: seconds for the whole body after its head (default: 30)
     #[arg(long, env = "GITSTATE_BODY_READ_TIMEOUT", value_name = "SECONDS")]
     pub body_read_timeout: Option<String>,
-    /// `serve`: seconds an answer may go unread before the connection is dropped [default: 30]
+    /// `serve`: seconds an answer may go unread before the connection is dropped (default: 30)
     #[arg(long, env = "GITSTATE_WRITE_TIMEOUT", value_name = "SECONDS")]
     pub write_timeout: Option<String>,
-    /// Log level or filter (tracing EnvFilter syntax); RUST_LOG when unset [default: info]
+    /// Log level or filter (tracing EnvFilter syntax); RUST_LOG when unset (default: info)
     #[arg(long, env = "GITSTATE_LOG", value_name = "FILTER")]
     pub log: Option<String>,
 }

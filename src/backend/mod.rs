@@ -2,8 +2,8 @@
 //! Works over any [`Storage`]; every decision that must hold across processes is settled
 //! by the storage's compare-and-swap in one shared loop, never by a local mutex.
 
-pub mod decide;
-pub mod diff;
+pub(crate) mod decide;
+pub(crate) mod diff;
 mod domain;
 mod history;
 mod memory;
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
+pub use decide::StateBody;
 use decide::{decide_write, Decision, Holder, Write};
 pub use domain::{BackendError, LockInfo, Operation, Outcome, Stale};
 use memory::Memory;

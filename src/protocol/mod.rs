@@ -2,7 +2,7 @@
 //! headers, body) into a [`BackendRequest`] and encodes outcomes into responses.
 //! It checks the form of what arrives; the rules about states and locks live in `backend`.
 
-pub mod path;
+pub(crate) mod path;
 
 use base64::Engine as _;
 use bytes::Bytes;

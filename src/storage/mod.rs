@@ -3,7 +3,7 @@
 //! implementations are a remote through a cache ([`git::RemoteStore`]) and the embedded repository ([`git::EmbeddedStore`]).
 
 pub mod git;
-pub mod url;
+pub(crate) mod url;
 
 use std::collections::HashMap;
 

@@ -1,14 +1,14 @@
 //! The git stores: [`RemoteStore`], a remote reached through a bare cache repository
 //! (fetch with gix, push with our own receive-pack client), and [`EmbeddedStore`], a
-//! local bare repository moved by gix ref transactions. Both share [`tree`].
+//! local bare repository moved by gix ref transactions. Both share `tree` (trees, commits, authors).
 
-pub mod embedded;
+mod embedded;
 pub mod pack;
 pub mod push;
 pub mod remote;
 mod smart_http;
-pub mod transport;
-pub mod tree;
+pub(crate) mod transport;
+pub(crate) mod tree;
 
 pub use embedded::EmbeddedStore;
 pub use remote::RemoteStore;
