@@ -5,15 +5,14 @@
 use bytes::Bytes;
 
 use super::trailers::{one_line, Trailers};
-use super::{BackendError, Outcome, Stale};
+use super::{BackendError, LockInfo, Outcome, Stale};
 
 /// Who holds a lock, as read from its branch.
 #[derive(Debug, Clone)]
 pub struct Holder {
     pub commit: gix::ObjectId,
-    pub id: String,
-    /// The LockInfo JSON as stored (shown to competitors as it is).
-    pub info: Bytes,
+    /// The LockInfo as stored (its bytes shown to competitors as they are).
+    pub info: LockInfo,
     /// The lock branch it was read from (full ref name).
     pub reference: String,
 }
@@ -43,8 +42,8 @@ pub enum Decision {
 /// Decide a write over `stored` (the current file, if any) with `holder` holding the lock.
 pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&[u8]>) -> Decision {
     let guard = match (write.lock_id, holder) {
-        (Some(id), Some(h)) if h.id == id => Some(h),
-        (_, Some(h)) => return Decision::Answer(Err(BackendError::Locked { holder: h.info.clone() })),
+        (Some(id), Some(h)) if h.info.id == id => Some(h),
+        (_, Some(h)) => return Decision::Answer(Err(BackendError::Locked { holder: h.info.raw.clone() })),
         (Some(id), None) => return Decision::Answer(Err(BackendError::NotLocked(id.to_string()))),
         (None, None) => None,
     };
@@ -76,35 +75,6 @@ pub fn decide_write(write: &Write<'_>, holder: Option<&Holder>, stored: Option<&
     Decision::Commit { message: commit_message(write, guard), guard: guard.map(|h| h.commit) }
 }
 
-/// What a lock branch holds, fit to show Terraform: the stored LockInfo when it is one, or a
-/// LockInfo made from what is known (a lock branch made by hand still blocks, and says so).
-pub fn readable_lock_info(stored: Bytes, reference: &str, commit: gix::ObjectId) -> Bytes {
-    let valid = serde_json::from_slice::<serde_json::Value>(&stored)
-        .ok()
-        .is_some_and(|v| v.get("ID").and_then(|id| id.as_str()).is_some_and(|id| !id.is_empty()));
-    if valid {
-        return stored;
-    }
-    let info = serde_json::json!({
-        "ID": "unknown",
-        "Operation": "",
-        "Info": format!("the lock branch {reference} (commit {commit}) holds no valid LockInfo; remove it with force-unlock"),
-        "Who": "",
-        "Version": "",
-        "Created": "",
-        "Path": "",
-    });
-    Bytes::from(serde_json::to_vec(&info).expect("a JSON value serializes"))
-}
-
-/// The ID of a LockInfo JSON, empty when it has none.
-pub fn lock_id_of(info: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(info)
-        .ok()
-        .and_then(|v| v.get("ID").and_then(|id| id.as_str()).map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
     let (path, content) = (write.path, write.content);
     let mut m = match (write.subject, content) {
@@ -114,11 +84,9 @@ fn commit_message(write: &Write<'_>, lock: Option<&Holder>) -> String {
     };
     let mut trailers = Trailers::default();
     if let Some(h) = lock {
-        let v: serde_json::Value = serde_json::from_slice(&h.info).unwrap_or_default();
-        let field = |k: &str| Some(v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_owned());
-        trailers.lock_id = Some(h.id.clone());
-        trailers.who = field("Who");
-        trailers.operation = field("Operation");
+        trailers.lock_id = Some(h.info.id.clone());
+        trailers.who = Some(h.info.who.clone());
+        trailers.operation = Some(h.info.operation.clone());
     }
     if let Some(state) = content {
         trailers.serial = state.head().serial;
@@ -326,8 +294,10 @@ mod tests {
     fn holder(id: &str) -> Holder {
         Holder {
             commit: gix::ObjectId::empty_tree(gix::hash::Kind::Sha1),
-            id: id.into(),
-            info: Bytes::from(format!(r#"{{"ID":"{id}","Who":"me@host","Operation":"OperationTypeApply"}}"#)),
+            info: LockInfo::parse(Bytes::from(format!(
+                r#"{{"ID":"{id}","Who":"me@host","Operation":"OperationTypeApply"}}"#
+            )))
+            .unwrap(),
             reference: "refs/heads/locks/a.tfstate".into(),
         }
     }
@@ -380,7 +350,7 @@ mod tests {
         // Another holder: 423 with the holder's LockInfo, with or without an ID.
         for id in [Some("other"), None] {
             match answer(decide_write(&write(Some(&body), id, false), Some(&mine), None)) {
-                Err(BackendError::Locked { holder }) => assert_eq!(holder, mine.info),
+                Err(BackendError::Locked { holder }) => assert_eq!(holder, mine.info.raw),
                 other => panic!("{other:?}"),
             }
         }
@@ -460,22 +430,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lock_branch_without_lock_info_still_answers_lock_info() {
-        let commit = gix::ObjectId::empty_tree(gix::hash::Kind::Sha1);
-        let good = Bytes::from_static(br#"{"ID":"abc"}"#);
-        assert_eq!(readable_lock_info(good.clone(), "refs/heads/locks/a", commit), good);
-        for stored in [&b""[..], b"garbage", br#"{"ID":""}"#, b"[1]"] {
-            let info = readable_lock_info(Bytes::copy_from_slice(stored), "refs/heads/locks/a", commit);
-            let v: serde_json::Value = serde_json::from_slice(&info).unwrap();
-            assert_eq!(v["ID"], "unknown");
-            assert!(v["Info"].as_str().unwrap().contains(&commit.to_string()));
-        }
-    }
-
-    #[test]
     fn trailers_stay_on_one_line() {
         assert_eq!(one_line("a\nb\rc\u{1b}"), "a b c ");
-        assert_eq!(lock_id_of(br#"{"ID":"abc"}"#), "abc");
-        assert_eq!(lock_id_of(b"not json"), "");
     }
 }

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 
 use super::decide::StateBody;
+use super::lock_info::LockInfo;
 use crate::storage::StorageError;
 
 /// The backend operations on one state, plus reading a lock.
@@ -65,15 +66,6 @@ impl Operation {
             Operation::Restore { .. } => "restore",
         }
     }
-}
-
-/// Terraform's LockInfo, with the bytes it arrived as (stored and shown to competitors as they are).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockInfo {
-    pub id: String,
-    pub who: String,
-    pub operation: String,
-    pub raw: Bytes,
 }
 
 /// A successful outcome.

@@ -5,9 +5,9 @@
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
-use bytes::Bytes;
 use lru::LruCache;
 
+use super::LockInfo;
 use crate::storage::{ObjectId, Tips};
 
 /// Bytes of LockInfo kept in memory (LockInfos are at most 64 KiB each; most are ~200 bytes).
@@ -18,7 +18,7 @@ const KNOWN_REFS: usize = 4096;
 const CHECKED_STATES: usize = 4096;
 
 pub struct Memory {
-    lock_infos: Mutex<(LruCache<ObjectId, Bytes>, usize)>,
+    lock_infos: Mutex<(LruCache<ObjectId, LockInfo>, usize)>,
     tips: Mutex<LruCache<String, Option<ObjectId>>>,
     /// Blob ids of stored files found to be states: content-addressed, so one check is enough
     /// (a large state is not scanned again on every GET).
@@ -36,20 +36,20 @@ impl Default for Memory {
 }
 
 impl Memory {
-    pub fn lock_info(&self, commit: &ObjectId) -> Option<Bytes> {
+    pub fn lock_info(&self, commit: &ObjectId) -> Option<LockInfo> {
         self.lock_infos.lock().expect("lock_infos poisoned").0.get(commit).cloned()
     }
 
-    pub fn remember_lock_info(&self, commit: ObjectId, info: Bytes) {
+    pub fn remember_lock_info(&self, commit: ObjectId, info: LockInfo) {
         let mut guard = self.lock_infos.lock().expect("lock_infos poisoned");
         let (cache, bytes) = &mut *guard;
-        *bytes += info.len();
+        *bytes += info.raw.len();
         if let Some(old) = cache.put(commit, info) {
-            *bytes -= old.len();
+            *bytes -= old.raw.len();
         }
         while *bytes > LOCK_INFO_BYTES {
             match cache.pop_lru() {
-                Some((_, old)) => *bytes -= old.len(),
+                Some((_, old)) => *bytes -= old.raw.len(),
                 None => break,
             }
         }
@@ -100,6 +100,7 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn id(n: u8) -> ObjectId {
         ObjectId::from_bytes_or_panic(&[n; 20])
@@ -108,7 +109,11 @@ mod tests {
     #[test]
     fn lock_infos_are_bounded_by_bytes_and_tips_by_count() {
         let m = Memory::default();
-        let big = Bytes::from(vec![b'x'; 64 << 10]);
+        let mut raw = br#"{"ID":"x","Info":""#.to_vec();
+        raw.resize((64 << 10) - 2, b'x');
+        raw.extend_from_slice(br#""}"#);
+        let big = LockInfo::parse(Bytes::from(raw)).unwrap();
+        assert_eq!(big.raw.len(), 64 << 10);
         for n in 0..=255u8 {
             m.remember_lock_info(id(n), big.clone());
         }

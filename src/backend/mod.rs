@@ -6,6 +6,7 @@ pub(crate) mod decide;
 pub(crate) mod diff;
 mod domain;
 mod history;
+mod lock_info;
 mod memory;
 pub mod sealing;
 mod trailers;
@@ -18,7 +19,8 @@ use bytes::Bytes;
 use crate::storage::{ObjectId, RefUpdate, RequestContext, Storage, StorageError, Tips, UpdateOutcome};
 pub use decide::StateBody;
 use decide::{decide_write, Decision, Holder, Write};
-pub use domain::{BackendError, LockInfo, Operation, Outcome, Stale};
+pub use domain::{BackendError, Operation, Outcome, Stale};
+pub use lock_info::{LockInfo, LockInfoError, MAX_LOCK_INFO_BYTES};
 use memory::Memory;
 use sealing::Sealing;
 use trailers::Trailers;
@@ -125,7 +127,7 @@ impl Backend {
             Operation::GetLock => {
                 let tips = self.fetch_tips(ctx, &lock.refs())?;
                 match self.lock_view(&tips, &lock)?.holder {
-                    Some(h) => Ok(Outcome::LockInfo(h.info)),
+                    Some(h) => Ok(Outcome::LockInfo(h.info.raw)),
                     None => Err(BackendError::NoLock),
                 }
             }
@@ -168,8 +170,8 @@ impl Backend {
         let (outcome, _) = self.compare_and_swap(ctx, &lock.refs(), Some(Tips::new()), |tips| {
             let view = self.lock_view(tips, lock)?;
             Ok(match view.holder {
-                Some(h) if h.id == info.id => Step::Answer(Ok(Outcome::Done)),
-                Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info })),
+                Some(h) if h.info.id == info.id => Step::Answer(Ok(Outcome::Done)),
+                Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info.raw })),
                 None if unseen_blockers >= NESTED_LOCK_EVIDENCE => {
                     Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
                 }
@@ -182,7 +184,7 @@ impl Backend {
                 }
             })
         })?;
-        self.remember(commit, info.raw.clone());
+        self.remember(commit, info.clone());
         tracing::info!(lock_id = ?info.id, "lock taken");
         Ok(outcome)
     }
@@ -198,11 +200,11 @@ impl Backend {
         self.compare_and_swap(ctx, &refs, guess, |tips| {
             Ok(match self.lock_view(tips, lock)?.holder {
                 None => Step::Answer(Ok(Outcome::Done)),
-                Some(h) if id.is_some_and(|id| id != h.id) => {
-                    Step::Answer(Err(BackendError::WrongLockId { holder: h.info }))
+                Some(h) if id.is_some_and(|id| id != h.info.id) => {
+                    Step::Answer(Err(BackendError::WrongLockId { holder: h.info.raw }))
                 }
                 Some(h) => {
-                    tracing::info!(lock_id = ?h.id, forced = id.is_none(), "releasing the lock");
+                    tracing::info!(lock_id = ?h.info.id, forced = id.is_none(), "releasing the lock");
                     Step::Push(vec![RefUpdate { name: h.reference.clone(), old: Some(h.commit), new: None }])
                 }
             })
@@ -421,12 +423,12 @@ impl Backend {
                 Some(info) => info,
                 None => {
                     let stored = self.storage.read_file(commit, &lock.file)?.unwrap_or_default();
-                    let info = decide::readable_lock_info(stored.into(), &reference, commit);
+                    let info = LockInfo::read_stored(stored.into(), &reference, commit);
                     self.memory.remember_lock_info(commit, info.clone());
                     info
                 }
             };
-            view.holder = Some(Holder { commit, id: decide::lock_id_of(&info), info, reference });
+            view.holder = Some(Holder { commit, info, reference });
         }
         Ok(view)
     }
@@ -443,7 +445,7 @@ impl Backend {
         Ok(Trailers::read(&message).branch.as_deref() == Some(PLAIN_LOCKS_BRANCH))
     }
 
-    fn remember(&self, commit: ObjectId, info: Bytes) {
+    fn remember(&self, commit: ObjectId, info: LockInfo) {
         self.memory.remember_lock_info(commit, info);
     }
 }

@@ -10,8 +10,7 @@ use http::{HeaderMap, Method, StatusCode};
 use md5::{Digest, Md5};
 use percent_encoding::percent_decode_str;
 
-use crate::backend::decide::StateBody;
-use crate::backend::{LockInfo, Operation, Outcome};
+use crate::backend::{LockInfo, LockInfoError, Operation, Outcome, StateBody, MAX_LOCK_INFO_BYTES};
 use crate::storage::RepoUrl;
 
 /// Which state (or lock) a request is about.
@@ -32,55 +31,18 @@ pub struct BackendRequest {
     pub op: Operation,
 }
 
-#[derive(serde::Deserialize)]
-struct LockInfoJson {
-    #[serde(rename = "ID")]
-    id: String,
-    #[serde(rename = "Who", default)]
-    who: String,
-    #[serde(rename = "Operation", default)]
-    operation: String,
-}
-
-/// A lock ID, whether from a LockInfo body or from `?ID=`: printable and short (it goes into
-/// log lines, commit trailers and error bodies).
-fn check_lock_id(id: &str) -> Result<(), ProtocolError> {
-    if id.chars().any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')) {
-        return Err(ProtocolError::BadRequest("the lock ID contains control characters".into()));
-    }
-    if id.len() > 1024 {
-        return Err(ProtocolError::BadRequest("the lock ID is longer than 1024 bytes".into()));
-    }
-    Ok(())
-}
-
-/// The largest LockInfo accepted: Terraform's are a few hundred bytes.
-pub const MAX_LOCK_INFO_BYTES: usize = 64 << 10;
-
-/// Parse a LockInfo body; only `ID` is required (OpenTofu's force-unlock sends only it).
+/// Parse a caller's LockInfo body ([`LockInfo::parse`] holds the rules).
 pub fn parse_lock_info(raw: Bytes) -> Result<LockInfo, ProtocolError> {
-    if raw.len() > MAX_LOCK_INFO_BYTES {
-        return Err(ProtocolError::PayloadTooLarge { limit: MAX_LOCK_INFO_BYTES });
+    LockInfo::parse(raw).map_err(ProtocolError::from)
+}
+
+impl From<LockInfoError> for ProtocolError {
+    fn from(e: LockInfoError) -> Self {
+        match e {
+            LockInfoError::TooLarge => ProtocolError::PayloadTooLarge { limit: MAX_LOCK_INFO_BYTES },
+            other => ProtocolError::BadRequest(other.to_string()),
+        }
     }
-    let not_lock_info =
-        || ProtocolError::BadRequest("the body is not a Terraform LockInfo JSON object with a string `ID`".into());
-    if let Err(e) = std::str::from_utf8(&raw) {
-        return Err(ProtocolError::BadRequest(format!(
-            "the LockInfo is not UTF-8: invalid byte at offset {}",
-            e.valid_up_to()
-        )));
-    }
-    // Via Value: serde's derived reader would also take a JSON array as the struct.
-    let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| not_lock_info())?;
-    if !value.is_object() {
-        return Err(not_lock_info());
-    }
-    let j: LockInfoJson = serde_json::from_value(value).map_err(|_| not_lock_info())?;
-    if j.id.trim().is_empty() {
-        return Err(ProtocolError::BadRequest("the LockInfo has an empty ID".into()));
-    }
-    check_lock_id(&j.id)?;
-    Ok(LockInfo { id: j.id, who: j.who, operation: j.operation, raw })
 }
 
 /// Requests whose form is wrong. Statuses are assigned in `crate::error`.
@@ -145,7 +107,7 @@ pub fn decode(
     };
     let lock_id = param("ID").filter(|id| !id.is_empty());
     if let Some(id) = &lock_id {
-        check_lock_id(id)?;
+        LockInfo::check_id(id)?;
     }
     let target = Target { repository, branch, path: state_path };
 
