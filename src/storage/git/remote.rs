@@ -272,6 +272,45 @@ fn fetch_tips_once(
     Ok(tips)
 }
 
+/// The refs under `prefix` on the remote (one glob refspec: `ls-refs` with a `ref-prefix`), the
+/// first `limit` by name, with every listed tip's commit fetched at depth 1 when missing.
+fn list_refs_once(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    prefix: &str,
+    limit: usize,
+    ctx: &RequestContext,
+    turn: &Mutex<()>,
+) -> Result<crate::storage::RefListing, HostFailure> {
+    let spec = format!("{prefix}*");
+    let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx)?;
+    let found: Vec<(String, ObjectId)> = prepare
+        .ref_map()
+        .mappings
+        .iter()
+        .filter_map(|m| {
+            let name = m.remote.as_name()?.to_string();
+            let id = m.remote.as_id()?.to_owned();
+            name.starts_with(prefix).then_some((name, id))
+        })
+        .collect();
+    let listing = tree::bounded_listing(found, limit);
+    if !missing(repo, &listing.tips) {
+        return Ok(listing);
+    }
+    let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+    if missing(repo, &listing.tips) {
+        receive(prepare, url, 1, ctx)?;
+    }
+    if missing(repo, &listing.tips) {
+        return Err(StorageError::CacheCorrupt(format!(
+            "{url} did not send all listed tips, or the cache cannot read them"
+        ))
+        .into());
+    }
+    Ok(listing)
+}
+
 /// Fetch `refs` so that `depth` commits of their history are in `repo` (the shallow
 /// boundary moves back; what is already here is not sent again).
 fn deepen_once(
@@ -385,6 +424,33 @@ impl Storage for RemoteStore {
         contained(&self.url, || {
             ctx.count_round_trip(|| {
                 transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+            })
+        })
+    }
+
+    fn list_files(
+        &self,
+        commit: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::storage::FilePage, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::list_files(&repo, commit, after, limit).map_err(cache_error)
+    }
+
+    fn list_refs(
+        &self,
+        ctx: &RequestContext,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<crate::storage::RefListing, StorageError> {
+        if Self::needs_rebuild(&self.generation().dir) {
+            self.reset_cache()?;
+        }
+        let (_generation, repo) = self.local();
+        contained(&self.url, || {
+            ctx.count_round_trip(|| {
+                transport::retrying(ctx, || list_refs_once(&repo, &self.url, prefix, limit, ctx, &self.fetch_turn))
             })
         })
     }

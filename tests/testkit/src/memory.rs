@@ -18,6 +18,8 @@ struct Commit {
     parent: Option<ObjectId>,
     files: BTreeMap<String, Vec<u8>>,
     message: String,
+    /// Seconds since the epoch when it was written (what the web view shows as a lock's age).
+    time: i64,
 }
 
 #[derive(Default)]
@@ -93,7 +95,8 @@ impl Inner {
         bytes[..4].copy_from_slice(b"mem\0");
         bytes[12..].copy_from_slice(&self.next_id.to_be_bytes());
         let id = ObjectId::from_bytes_or_panic(&bytes);
-        self.commits.insert(id, Commit { parent, files, message: message.to_string() });
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.commits.insert(id, Commit { parent, files, message: message.to_string(), time });
         Ok(id)
     }
 }
@@ -293,7 +296,7 @@ impl Storage for MemoryStore {
         Ok(inner.commits.get(&id).map(|c| gitstate::storage::CommitInfo {
             id,
             parents: c.parent.into_iter().collect(),
-            time: 0,
+            time: c.time,
             message: c.message.clone(),
         }))
     }
@@ -385,6 +388,53 @@ impl Storage for MemoryStore {
         }
         inner.refs = after;
         Ok(UpdateOutcome::Applied)
+    }
+
+    fn list_files(
+        &self,
+        commit: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<gitstate::storage::FilePage, StorageError> {
+        let inner = self.inner();
+        let files = &inner.commit(commit)?.files;
+        let mut page = gitstate::storage::FilePage::default();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        for (path, content) in files.range((start, std::ops::Bound::Unbounded)) {
+            if page.files.len() >= limit {
+                page.more = true;
+                break;
+            }
+            let id = gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, content).expect("hashing");
+            page.files.push(gitstate::storage::TreeFile { path: path.clone(), id, size: content.len() as u64 });
+        }
+        Ok(page)
+    }
+
+    fn list_refs(
+        &self,
+        ctx: &RequestContext,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<gitstate::storage::RefListing, StorageError> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        ctx.counters.record(Duration::ZERO);
+        if let Some(f) = self.faults().fail_syncs {
+            return Err(f());
+        }
+        let inner = self.inner();
+        let mut listing = gitstate::storage::RefListing::default();
+        for (name, id) in inner.refs.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)) {
+            if listing.tips.len() >= limit {
+                listing.truncated = true;
+                break;
+            }
+            listing.tips.insert(name.clone(), *id);
+        }
+        Ok(listing)
     }
 
     fn describe(&self) -> String {
