@@ -282,31 +282,28 @@ fn list_refs_once(
     ctx: &RequestContext,
     turn: &Mutex<()>,
 ) -> Result<crate::storage::RefListing, HostFailure> {
-    let spec = format!("{prefix}*");
-    let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx)?;
-    let found: Vec<(String, ObjectId)> = prepare
-        .ref_map()
-        .mappings
-        .iter()
-        .filter_map(|m| {
-            let name = m.remote.as_name()?.to_string();
-            let id = m.remote.as_id()?.to_owned();
-            name.starts_with(prefix).then_some((name, id))
-        })
-        .collect();
-    let listing = tree::bounded_listing(found, limit);
-    if !missing(repo, &listing.tips) {
-        return Ok(listing);
-    }
-    let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+    // gix wants a destination for a glob; it is never written: the listing's connection ends
+    // without a fetch, and missing tips are fetched by their exact names.
+    let spec = format!("{prefix}*:refs/gitstate-listing/*");
+    let found: Vec<(String, ObjectId)> = {
+        let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx)?;
+        prepare
+            .ref_map()
+            .mappings
+            .iter()
+            .filter_map(|m| {
+                let name = m.remote.as_name()?.to_string();
+                let id = m.remote.as_id()?.to_owned();
+                name.starts_with(prefix).then_some((name, id))
+            })
+            .collect()
+    };
+    let mut listing = tree::bounded_listing(found, limit);
     if missing(repo, &listing.tips) {
-        receive(prepare, url, 1, ctx)?;
-    }
-    if missing(repo, &listing.tips) {
-        return Err(StorageError::CacheCorrupt(format!(
-            "{url} did not send all listed tips, or the cache cannot read them"
-        ))
-        .into());
+        let names: Vec<String> = listing.tips.keys().cloned().collect();
+        fetch_tips_once(repo, url, &names, ctx, turn)?;
+        // A lock released between the two looks is gone: so is its entry.
+        listing.tips.retain(|_, id| repo.has_object(*id));
     }
     Ok(listing)
 }

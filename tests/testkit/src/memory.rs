@@ -158,6 +158,34 @@ impl MemoryStore {
         id
     }
 
+    /// One commit on top of `reference` setting every file of `files` (path, content), moved
+    /// there: a large repository built in one step.
+    pub fn put_files(
+        &self,
+        reference: &str,
+        files: impl IntoIterator<Item = (String, Vec<u8>)>,
+        message: &str,
+    ) -> ObjectId {
+        let name = full_ref(reference);
+        check_ref_name(&name).unwrap_or_else(|e| panic!("{e}"));
+        let mut inner = self.inner();
+        let parent = inner.refs.get(&name).copied();
+        let mut all = match parent {
+            Some(p) => inner.commits[&p].files.clone(),
+            None => BTreeMap::new(),
+        };
+        all.extend(files);
+        inner.next_id += 1;
+        let mut bytes = [0u8; 20];
+        bytes[..4].copy_from_slice(b"mem\0");
+        bytes[12..].copy_from_slice(&inner.next_id.to_be_bytes());
+        let id = ObjectId::from_bytes_or_panic(&bytes);
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        inner.commits.insert(id, Commit { parent, files: all, message: message.to_string(), time });
+        inner.refs.insert(name, id);
+        id
+    }
+
     /// The tip of `reference`, `None` when it does not exist.
     pub fn tip(&self, reference: &str) -> Option<ObjectId> {
         self.inner().refs.get(&full_ref(reference)).copied()
