@@ -118,7 +118,9 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
         .header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY)
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::X_FRAME_OPTIONS, "DENY")
-        .header(header::REFERRER_POLICY, "no-referrer")
+        // `same-origin`: no URL leaves for another site, and our own forms carry their `Origin`
+        // (under `no-referrer` a browser sends `Origin: null`, which the CSRF check refuses).
+        .header(header::REFERRER_POLICY, "same-origin")
         .body(body)
         .expect("static response parts are valid")
 }
