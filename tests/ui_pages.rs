@@ -456,3 +456,31 @@ async fn a_remote_repository_lists_its_locks() {
     let page = get(&cold, "/ui/state/dev/b.tfstate").await;
     assert!(page.body.contains("remote-lock"), "{}", page.body);
 }
+
+/// A REST API (v1) event under stage `prod`, as API Gateway sends it through `ANY /{proxy+}`,
+/// reaches the page (the stage is no part of the web view's path), with a `Secure` cookie.
+#[tokio::test]
+async fn a_page_through_an_api_gateway_event_under_a_stage() {
+    let store = Arc::new(MemoryStore::new());
+    let app = memory_app(&store, Sealing::clear());
+    write(&app, "envs/prod/terraform.tfstate", &tf_state(1, &[("o", json!("v"), false)], "a", "p")).await;
+    let text = std::fs::read_to_string(gitstate_testkit::repo_root().join("events/v1-get.json")).unwrap();
+    let event = text
+        .replace("\"/state/envs/prod/terraform.tfstate\"", "\"/ui/state/envs/prod/terraform.tfstate\"")
+        .replace("\"/prod/state/envs/prod/terraform.tfstate\"", "\"/prod/ui/state/envs/prod/terraform.tfstate\"")
+        .replace("\"state/envs/prod/terraform.tfstate\"", "\"ui/state/envs/prod/terraform.tfstate\"");
+    assert_ne!(event, text);
+    let request = lambda_http::request::from_str(&event).unwrap();
+    let response = gitstate::lambda::handle_event(&app, request).await;
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        lambda_http::Body::Text(t) => t,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(parts.status, 200, "{body}");
+    assert_eq!(parts.headers["content-type"], "text/html; charset=utf-8");
+    assert!(body.contains("<h1>envs/prod/terraform.tfstate</h1>"), "{body}");
+    assert!(body.contains("href=\"../../../style.css\""), "links are relative to the page: {body}");
+    let cookie = parts.headers["set-cookie"].to_str().unwrap();
+    assert!(cookie.ends_with("; Secure"), "over HTTPS the cookie is Secure: {cookie}");
+}
