@@ -430,19 +430,35 @@ async fn the_embedded_store_lists_nested_trees_by_page() {
     assert_eq!(seen, paths, "every state once, in byte order");
 }
 
-#[tokio::test]
-async fn a_remote_repository_lists_its_locks() {
-    let daemon = gitstate_testkit::gitd::GitDaemon::start();
-    let url = daemon.create_repo("states.git");
+/// An App over the remote `url` with its cache at `cache`, built off the async workers (the
+/// smart-HTTP client blocks, and may be neither built nor dropped on them).
+async fn remote_app(url: &str, cache: std::path::PathBuf) -> Arc<App> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || gitstate_testkit::races::new_app(&url, cache)).await.unwrap()
+}
+
+/// Locks listed through a remote store's cache: a cold instance sees every lock of the branch.
+/// `auth`: the `Authorization` header handed on to the git host.
+async fn remote_lists_its_locks(url: &str, auth: Option<&str>) {
+    let with = |mut r: http::Request<Bytes>| {
+        if let Some(a) = auth {
+            r.headers_mut().insert("authorization", a.parse().unwrap());
+        }
+        r
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let app = gitstate_testkit::races::new_app(&url, tmp.path().join("cache"));
-    write(&app, "a.tfstate", &tf_state(1, &[("o", json!(1), false)], "a", "p")).await;
-    write(&app, "dev/b.tfstate", &tf_state(1, &[("o", json!(1), false)], "a", "p")).await;
-    assert_eq!(send(&app, request("LOCK", "/state/dev/b.tfstate", &lock_info("remote-lock"))).await.status, 200);
-    assert_eq!(send(&app, request("LOCK", "/state/b.tfstate?ref=other", &lock_info("other-branch"))).await.status, 200);
+    let app = remote_app(url, tmp.path().join("cache")).await;
+    for path in ["a.tfstate", "dev/b.tfstate"] {
+        let body = tf_state(1, &[("o", json!(1), false)], "a", "p");
+        let a = send(&app, with(request("POST", &format!("/state/{path}"), &body))).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let lock = |uri: &str, id: &str| with(request("LOCK", uri, &lock_info(id)));
+    assert_eq!(send(&app, lock("/state/dev/b.tfstate", "remote-lock")).await.status, 200);
+    assert_eq!(send(&app, lock("/state/b.tfstate?ref=other", "other-branch")).await.status, 200);
     // Another instance with a cold cache sees the same.
-    let cold = gitstate_testkit::races::new_app(&url, tmp.path().join("cache-2"));
-    let answer = get(&cold, "/states").await;
+    let cold = remote_app(url, tmp.path().join("cache-2")).await;
+    let answer = send(&cold, with(request("GET", "/states", ""))).await;
     let listing: Value =
         serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {} {}", answer.status, answer.body));
     let locks: Vec<(&str, Option<&str>)> = listing["states"]
@@ -453,8 +469,45 @@ async fn a_remote_repository_lists_its_locks() {
         .collect();
     assert_eq!(locks, [("a.tfstate", None), ("dev/b.tfstate", Some("remote-lock"))], "{listing}");
     assert_eq!(listing["other_locks"], json!([]), "another branch's lock is not this branch's");
-    let page = get(&cold, "/ui/state/dev/b.tfstate").await;
+    let page = send(&cold, with(request("GET", "/ui/state/dev/b.tfstate", ""))).await;
     assert!(page.body.contains("remote-lock"), "{}", page.body);
+    // Released: gone from a warm instance's listing too.
+    assert_eq!(send(&app, with(request("UNLOCK", "/state/dev/b.tfstate", ""))).await.status, 200);
+    let listing: Value = serde_json::from_str(&send(&cold, with(request("GET", "/states", ""))).await.body).unwrap();
+    assert_eq!(listing["states"][1]["lock"], Value::Null, "{listing}");
+    tokio::task::spawn_blocking(move || drop((app, cold))).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_git_daemon_repository_lists_its_locks() {
+    let daemon = gitstate_testkit::gitd::GitDaemon::start();
+    remote_lists_its_locks(&daemon.create_repo("states.git"), None).await;
+}
+
+#[tokio::test]
+async fn a_smart_http_repository_lists_its_locks_without_advertisements() {
+    use base64::Engine as _;
+    use gitstate_testkit::httpd::{GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let pair = base64::engine::general_purpose::STANDARD.encode(format!("{DEFAULT_USER}:{DEFAULT_PASSWORD}"));
+    let auth = format!("Basic {pair}");
+    remote_lists_its_locks(&url, Some(&auth)).await;
+    // Warm: the listing is one blind `ls-refs` for the branch and one for the locks, no advertisement.
+    let tmp = tempfile::tempdir().unwrap();
+    let app = remote_app(&url, tmp.path().join("cache")).await;
+    let listing = || {
+        let mut r = request("GET", "/states", "");
+        r.headers_mut().insert("authorization", auth.parse().unwrap());
+        r
+    };
+    assert_eq!(send(&app, listing()).await.status, 200);
+    let before = httpd.access_log().len();
+    assert_eq!(send(&app, listing()).await.status, 200);
+    let log = httpd.access_log();
+    let requests: Vec<String> = log[before..].iter().map(|e| format!("{} {}", e.method, e.target)).collect();
+    assert_eq!(requests, ["POST /git/states.git/git-upload-pack", "POST /git/states.git/git-upload-pack"], "{log:#?}");
+    tokio::task::spawn_blocking(move || drop(app)).await.unwrap();
 }
 
 /// A REST API (v1) event under stage `prod`, as API Gateway sends it through `ANY /{proxy+}`,

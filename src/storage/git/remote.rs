@@ -446,6 +446,15 @@ impl Storage for RemoteStore {
         }
         let (_generation, repo) = self.local();
         contained(&self.url, || {
+            // One blind `ls-refs` where the host allows, as for the tips of a look.
+            if let Some(smart) = &self.smart {
+                if let Blind::Done(tips) = ctx.count_round_trip(|| smart.ls_prefix(ctx, prefix))? {
+                    let listing = tree::bounded_listing(tips.into_iter().collect(), limit);
+                    if !missing(&repo, &listing.tips) {
+                        return Ok(listing);
+                    }
+                }
+            }
             ctx.count_round_trip(|| {
                 transport::retrying(ctx, || list_refs_once(&repo, &self.url, prefix, limit, ctx, &self.fetch_turn))
             })
