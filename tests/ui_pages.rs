@@ -148,6 +148,16 @@ async fn every_page_renders_escaped_with_its_headers() {
     let link = format!("href=\"../../diff/envs/prod.tfstate?from={}&amp;to={}\"", versions[1], versions[0]);
     assert!(html.contains(&link), "{link} in {html}");
 
+    // History by pages of one: the newest links to its diff with the older one off the page,
+    // and to the next page.
+    let first = get(&app, "/ui/state/envs/prod.tfstate?limit=1").await.body;
+    assert!(first.contains(&link), "{first}");
+    let next = format!("href=\"../../state/envs/prod.tfstate?before={}\"", versions[0]);
+    assert!(first.contains(&next), "{next} in {first}");
+    let second = get(&app, &format!("/ui/state/envs/prod.tfstate?limit=1&before={}", versions[0])).await.body;
+    assert!(second.contains(&versions[1][..10]) && second.contains("first version"), "{second}");
+    assert!(!second.contains("Older versions"), "the last page: {second}");
+
     let diff = get(&app, &format!("/ui/diff/envs/prod.tfstate?from={}&to={}", versions[1], versions[0])).await;
     assert_eq!(diff.status, 200, "{}", diff.body);
     assert!(
@@ -536,4 +546,65 @@ async fn a_page_through_an_api_gateway_event_under_a_stage() {
     assert!(body.contains("href=\"../../../style.css\""), "links are relative to the page: {body}");
     let cookie = parts.headers["set-cookie"].to_str().unwrap();
     assert!(cookie.ends_with("; Secure"), "over HTTPS the cookie is Secure: {cookie}");
+}
+
+/// Every log line the process writes, from the first call on (one global subscriber per test binary).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    Arc::clone(LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        let writer = move || Capture(Arc::clone(&sink));
+        tracing_subscriber::fmt().with_writer(writer).with_ansi(false).init();
+        logs
+    }))
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_force_unlock_is_logged_with_who_asked_and_no_password() {
+    let logs = captured_logs();
+    let config = Config {
+        auth: AuthMode::Env,
+        backend_credentials: Some(Credentials {
+            username: "alice-operator".into(),
+            password: "pw-never-logged".into(),
+        }),
+        git_credentials: Some(Credentials { username: "git".into(), password: "token".into() }),
+        ..Config::default()
+    };
+    let store = Arc::new(MemoryStore::new());
+    let auth = Auth::from_config(&config).unwrap();
+    let app = Arc::new(App::new(config, auth, Arc::clone(&store) as Arc<dyn Storage>, Sealing::clear()));
+    let basic = "Basic YWxpY2Utb3BlcmF0b3I6cHctbmV2ZXItbG9nZ2Vk"; // alice-operator:pw-never-logged
+    let with = |mut r: http::Request<Bytes>| {
+        r.headers_mut().insert("authorization", basic.parse().unwrap());
+        r
+    };
+    assert_eq!(send(&app, with(request("LOCK", "/state/logged.tfstate", &lock_info("logged-lock")))).await.status, 200);
+    let page = send(&app, with(request("GET", "/ui/state/logged.tfstate", ""))).await;
+    let token = csrf_field(&page.body);
+    let form = http::Request::builder()
+        .method("POST")
+        .uri("/ui/unlock/logged.tfstate")
+        .header("authorization", basic)
+        .header("cookie", format!("gitstate_csrf={token}"))
+        .body(Bytes::from(format!("csrf={token}&lock_id=logged-lock")))
+        .unwrap();
+    assert_eq!(send(&app, form).await.status, 303);
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let line = text.lines().find(|l| l.contains("force-unlock from the web view")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("alice-operator") && line.contains("logged-lock"), "{line}");
+    assert!(!text.contains("pw-never-logged") && !text.contains(basic), "a credential reached the log");
 }
