@@ -112,6 +112,17 @@ fn the_web_view_in_chromium_after_terraform_applies() {
     let log = serve.stderr_log();
     assert!(log.contains("force-unlock from the web view"), "the force-unlock is logged:\n{log}");
 
+    // On a phone: nothing wider than the screen (wide tables scroll inside their box).
+    browser.set_window(390, 844);
+    for page in [ui.clone(), format!("{}/ui/state/{PATH}", serve.base_url())] {
+        browser.goto(&page);
+        let widths = browser.eval("return [document.documentElement.scrollWidth, window.innerWidth];");
+        let (content, screen) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+        assert!(content <= screen, "{page}: {content} px of content on a {screen} px screen");
+    }
+    browser.screenshot(&screenshots().join("state-phone.png"));
+    browser.set_window(1200, 1000);
+
     // Terraform works on after the unlock.
     tf.set_body(&outputs("after the unlock"));
     tf.apply().assert_success();

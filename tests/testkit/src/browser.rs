@@ -162,6 +162,11 @@ impl Browser {
         self.call("POST", &self.session_path("/execute/sync"), Some(json!({"script": script, "args": []})))
     }
 
+    /// Resize the window (a phone is about 390 × 844).
+    pub fn set_window(&self, width: u32, height: u32) {
+        self.call("POST", &self.session_path("/window/rect"), Some(json!({"width": width, "height": height})));
+    }
+
     /// A PNG of the viewport, written to `file`.
     pub fn screenshot(&self, file: &Path) {
         let b64 = self.call("GET", &self.session_path("/screenshot"), None);
