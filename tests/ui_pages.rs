@@ -403,6 +403,44 @@ async fn page_weights_and_render_times() {
     }
 }
 
+/// The same figures over the embedded store (gix: the tree walk, blob sizes, one read per blob
+/// to tell a sealed state), its repository made by `git fast-import` in one commit.
+#[tokio::test]
+async fn page_weights_and_render_times_embedded() {
+    for n in [1usize, 100, 10_000] {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("data/repo.git");
+        std::fs::create_dir_all(&repo).unwrap();
+        gitstate_testkit::gitd::git(&repo, &["init", "--bare", "-q", "-b", "main"]);
+        let mut input = b"commit refs/heads/main\ncommitter t <t@example> 1767225600 +0000\ndata 6\nUpdate\n".to_vec();
+        for i in 0..n {
+            let body = small_state(i);
+            input.extend(format!("M 100644 inline envs/env-{i:05}/terraform.tfstate\ndata {}\n", body.len()).bytes());
+            input.extend(body);
+            input.push(b'\n');
+        }
+        gitstate_testkit::gitd::git_with_input(&repo, &["fast-import", "--quiet"], &input);
+        let config =
+            Config { data_dir: tmp.path().join("data"), cache_dir: tmp.path().join("cache"), ..Config::default() };
+        let app = Arc::new(App::open(config).unwrap());
+        let started = Instant::now();
+        let cold = get(&app, "/ui/").await;
+        let cold_time = started.elapsed();
+        assert_eq!(cold.status, 200, "{}", cold.body);
+        assert_eq!(cold.body.matches("<tr>").count(), n.min(100) + 1);
+        let rounds = 20;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            assert_eq!(get(&app, "/ui/").await.body.len(), cold.body.len());
+        }
+        eprintln!(
+            "states page, embedded store, {n:>6} states: {} bytes, first render {cold_time:?}, then {:?} per render",
+            cold.body.len(),
+            started.elapsed() / rounds
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_embedded_store_lists_nested_trees_by_page() {
     let tmp = tempfile::tempdir().unwrap();

@@ -152,7 +152,7 @@ impl Backend {
             let page = self.storage.list_files(tip, after, limit)?;
             for file in page.files {
                 let lock = self.lock_of(&locks.tips, branch, &file.path)?;
-                let encrypted = self.sealed(tip, &file.path, file.id)?;
+                let encrypted = self.sealed(file.id)?;
                 list.states.push(StateEntry {
                     path: file.path,
                     size: file.size,
@@ -207,12 +207,13 @@ impl Backend {
         }))
     }
 
-    /// Whether the file `path` of `commit` (blob `blob`) is stored sealed; read once per blob.
-    fn sealed(&self, commit: ObjectId, path: &str, blob: ObjectId) -> Result<bool, BackendError> {
+    /// Whether the stored file `blob` is sealed; read once per blob id (by id: a lookup by path
+    /// would walk a large directory again for every file of the page).
+    fn sealed(&self, blob: ObjectId) -> Result<bool, BackendError> {
         if let Some(known) = self.memory.is_sealed(&blob) {
             return Ok(known);
         }
-        let stored = self.storage.read_file(commit, path)?.unwrap_or_default();
+        let stored = self.storage.read_blob(blob)?.unwrap_or_default();
         let sealed = super::sealing::is_sealed(&stored);
         self.memory.remember_sealed(blob, sealed);
         Ok(sealed)

@@ -181,6 +181,9 @@ pub trait Storage: Send + Sync {
     fn deepen(&self, _ctx: &RequestContext, _reference: &str, _depth: u32) -> Result<(), StorageError> {
         Ok(())
     }
+    /// The content of the blob `id` (a file's id from [`Storage::list_files`] or
+    /// [`Storage::file_id`]), `None` when absent here.
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError>;
     /// Up to `limit` files of the tree of `commit` whose paths sort after `after` (byte order),
     /// with their sizes and blob ids, without reading their contents. Work is bounded by the
     /// page, not by the size of the tree: subtrees wholly before `after` are not opened.

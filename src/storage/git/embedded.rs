@@ -160,6 +160,10 @@ impl Storage for EmbeddedStore {
         }
     }
 
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        tree::read_blob(&self.local(), id)
+    }
+
     fn list_files(
         &self,
         commit: ObjectId,

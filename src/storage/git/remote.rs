@@ -425,6 +425,11 @@ impl Storage for RemoteStore {
         })
     }
 
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::read_blob(&repo, id).map_err(cache_error)
+    }
+
     fn list_files(
         &self,
         commit: ObjectId,

@@ -60,6 +60,15 @@ pub fn commit_info(repo: &gix::Repository, id: ObjectId) -> Result<Option<crate:
     }))
 }
 
+/// The content of the blob `id`, `None` when the repository does not have it.
+pub fn read_blob(repo: &gix::Repository, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+    if !repo.has_object(id) {
+        return Ok(None);
+    }
+    let object = repo.find_object(id).map_err(StorageError::local)?;
+    Ok(object.kind.is_blob().then(|| object.detach().data))
+}
+
 /// The id of the file `path` in the tree of `commit`, `None` when absent or not a file.
 pub fn file_id(repo: &gix::Repository, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
     let tree = repo
@@ -99,13 +108,10 @@ fn list_tree(
     page: &mut FilePage,
 ) -> Result<bool, StorageError> {
     let tree = repo.find_tree(tree).map_err(StorageError::local)?;
-    let entries = tree
-        .iter()
-        .map(|e| e.map(|e| (e.filename().to_string(), e.mode(), e.oid().to_owned())))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(StorageError::local)?;
-    for (name, mode, id) in entries {
-        let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+    for entry in tree.iter() {
+        let entry = entry.map_err(StorageError::local)?;
+        let (name, mode, id) = (entry.filename(), entry.mode(), entry.oid().to_owned());
+        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
         if mode.is_tree() {
             let dir = format!("{path}/");
             // Every path below sorts before `after`: past the first byte where they differ,

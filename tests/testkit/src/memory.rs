@@ -26,6 +26,8 @@ struct Commit {
 struct Inner {
     refs: BTreeMap<String, ObjectId>,
     commits: HashMap<ObjectId, Commit>,
+    /// Every file content ever committed, by its git blob id.
+    blobs: HashMap<ObjectId, Vec<u8>>,
     next_id: u64,
 }
 
@@ -87,7 +89,10 @@ impl Inner {
         };
         check_no_collision(&files, path)?;
         match content {
-            Some(c) => files.insert(path.to_string(), c.to_vec()),
+            Some(c) => {
+                self.blobs.insert(blob_id(c), c.to_vec());
+                files.insert(path.to_string(), c.to_vec())
+            }
             None => files.remove(path),
         };
         self.next_id += 1;
@@ -99,6 +104,11 @@ impl Inner {
         self.commits.insert(id, Commit { parent, files, message: message.to_string(), time });
         Ok(id)
     }
+}
+
+/// The git blob id of `content`.
+fn blob_id(content: &[u8]) -> ObjectId {
+    gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, content).expect("hashing")
 }
 
 /// As git trees allow: a state's file cannot become a directory of other states, nor the reverse.
@@ -174,7 +184,11 @@ impl MemoryStore {
             Some(p) => inner.commits[&p].files.clone(),
             None => BTreeMap::new(),
         };
-        all.extend(files);
+        for (path, content) in files {
+            let id = blob_id(&content);
+            inner.blobs.insert(id, content.clone());
+            all.insert(path, content);
+        }
         inner.next_id += 1;
         let mut bytes = [0u8; 20];
         bytes[..4].copy_from_slice(b"mem\0");
@@ -418,6 +432,10 @@ impl Storage for MemoryStore {
         Ok(UpdateOutcome::Applied)
     }
 
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.inner().blobs.get(&id).cloned())
+    }
+
     fn list_files(
         &self,
         commit: ObjectId,
@@ -436,7 +454,7 @@ impl Storage for MemoryStore {
                 page.more = true;
                 break;
             }
-            let id = gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, content).expect("hashing");
+            let id = blob_id(content);
             page.files.push(gitstate::storage::TreeFile { path: path.clone(), id, size: content.len() as u64 });
         }
         Ok(page)
