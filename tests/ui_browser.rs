@@ -1,7 +1,6 @@
-//! The web view in a real browser: headless Chromium (Debian's) against a real `gitstate serve`
-//! whose states a real Terraform 1.0.3 wrote. The states page, the lock badge while a lock is
-//! held, a state's history, a diff naming the changed output, the force-unlock button, and a
-//! `<script>` output value that must not run. Screenshots go to `target/ui-screenshots/`.
+//! The web view in headless Chromium (Debian's) on a real `gitstate serve` after real Terraform
+//! applies: states, the lock badge, history, a diff, the force-unlock button, a `<script>` output
+//! that must not run, a phone-sized window. Screenshots go to `target/ui-screenshots/`.
 
 use std::path::PathBuf;
 
