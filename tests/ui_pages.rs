@@ -517,6 +517,16 @@ async fn remote_lists_its_locks(url: &str, auth: Option<&str>) {
         .collect();
     assert_eq!(locks, [("a.tfstate", None), ("dev/b.tfstate", Some("remote-lock"))], "{listing}");
     assert_eq!(listing["other_locks"], json!([]), "another branch's lock is not this branch's");
+    // That branch's own listing shows it (`locks/@/other/@/b.tfstate`; the branch holds no state).
+    let other: Value =
+        serde_json::from_str(&send(&cold, with(request("GET", "/states?ref=other", ""))).await.body).unwrap();
+    assert_eq!(
+        (other["branch"].as_str(), other["states"].as_array().map(Vec::len)),
+        (Some("other"), Some(0)),
+        "{other}"
+    );
+    assert_eq!(other["other_locks"][0]["path"], "b.tfstate", "{other}");
+    assert_eq!(other["other_locks"][0]["lock"]["reference"], "refs/heads/locks/@/other/@/b.tfstate", "{other}");
     let page = send(&cold, with(request("GET", "/ui/state/dev/b.tfstate", ""))).await;
     assert!(page.body.contains("remote-lock"), "{}", page.body);
     // Released: gone from a warm instance's listing too.
