@@ -13,6 +13,8 @@
 #   - lighttpd (Debian package): serves `git http-backend` with basic auth, the
 #     smart-HTTP git host of tests/git_http.rs and tests/secret_mode.rs.
 #   - age (Debian package): the `age`/`age-keygen` CLI of tests/encryption.rs.
+#   - chromium and chromium-driver (Debian packages): the headless browser of
+#     tests/ui_browser.rs, driven over WebDriver; screenshots go to target/ui-screenshots/.
 #   - moto[server] (PyPI, into .venv): the AWS API emulator of the secret-mode
 #     tests; exported as GITSTATE_MOTO_SERVER.
 #
@@ -54,6 +56,8 @@ command -v openssl >/dev/null 2>&1 || apt_install openssl
 # The age CLI (`age`, `age-keygen`; Debian package age): tests/encryption.rs makes
 # keys with it and decrypts what gitstate stored with no gitstate involved.
 command -v age >/dev/null 2>&1 && command -v age-keygen >/dev/null 2>&1 || apt_install age
+# Headless Chromium and its WebDriver (tests/ui_browser.rs drives the web view with them).
+command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || apt_install chromium chromium-driver
 
 # ---------------------------------------------------------------------------
 # Python tools in .venv (PyPI)

@@ -162,6 +162,26 @@ impl App {
         );
         let this = Arc::clone(self);
         async move {
+            if let Some(rest) = protocol::ui::ui_rest(req.uri().path()) {
+                let root = protocol::ui::root_of(rest);
+                let response = match this.run_ui(req, deadline).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        if e.status().is_server_error() {
+                            tracing::error!(error = %e, "page failed");
+                        } else {
+                            tracing::info!(error = %e, "page refused");
+                        }
+                        crate::ui::error_page(&root, e.into_response())
+                    }
+                };
+                tracing::info!(
+                    status = response.status().as_u16(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "done"
+                );
+                return response;
+            }
             let response = match this.respond(req, deadline).await {
                 Ok(outcome) => protocol::encode(outcome),
                 Err(e) => {
@@ -219,6 +239,41 @@ impl App {
         span.record("git_round_trips", ctx.counters.round_trips());
         span.record("git_ms", ctx.counters.time().as_millis() as u64);
         result
+    }
+
+    /// A page of the web view: the same authorization, allowlist and backend as the API, the
+    /// outcome rendered as HTML.
+    async fn run_ui(
+        self: &Arc<Self>,
+        req: http::Request<Bytes>,
+        deadline: Deadline,
+    ) -> Result<http::Response<Bytes>, Error> {
+        let (parts, body) = req.into_parts();
+        let credentials = self.auth.authorize(&parts.headers)?;
+        if body.len() > protocol::ui::MAX_FORM_BYTES {
+            return Err(ProtocolError::PayloadTooLarge { limit: protocol::ui::MAX_FORM_BYTES }.into());
+        }
+        let rest = protocol::ui::ui_rest(parts.uri.path()).unwrap_or_default();
+        let mut ui = protocol::ui::decode(&parts.method, rest, parts.uri.query(), &parts.headers, body)?;
+        if let Some(url) = &ui.repository {
+            if !self.config.repository_allowed(url) {
+                tracing::warn!(repository = %url, "repository not in the allowlist");
+                return Err(Error::RepositoryNotAllowed);
+            }
+        }
+        let Some(mut request) = ui.request.take() else { return Ok(crate::ui::render(&ui, None)) };
+        if let crate::backend::Operation::ForceUnlock { by, .. } = &mut request.op {
+            *by = crate::auth::caller_name(&parts.headers);
+        }
+        let span = tracing::Span::current();
+        span.record("operation", request.op.name());
+        span.record("path", request.target.path.as_str());
+        let ctx = RequestContext::new(credentials, deadline);
+        ui.request = Some(request.clone());
+        let result = self.run_backend(request, &ctx, &span).await;
+        span.record("git_round_trips", ctx.counters.round_trips());
+        span.record("git_ms", ctx.counters.time().as_millis() as u64);
+        Ok(crate::ui::render(&ui, Some(result?)))
     }
 
     /// The backend call on the blocking pool, once the repository's bulkhead lets it in.

@@ -164,6 +164,16 @@ impl Auth {
     }
 }
 
+/// Who a request says it is, for a log line: the username of its basic auth (never the
+/// password), `bearer token` for a token, `None` when it sent no credentials.
+pub fn caller_name(headers: &HeaderMap) -> Option<String> {
+    match sent_credentials(headers) {
+        Ok(Sent::Basic(Some(c))) => Some(c.username),
+        Ok(Sent::Bearer(_)) => Some("bearer token".into()),
+        _ => None,
+    }
+}
+
 /// The `Authorization: Basic` credentials of a request, if it sent any.
 /// What an `Authorization` header carries.
 enum Sent {

@@ -6,6 +6,7 @@
 //! [`storage::Storage`], whose git stores keep files on branches and settle every race with
 //! a compare-and-swap ref update. A [`context::RequestContext`] (credentials, deadline,
 //! counters) travels the whole way down; [`error`] is the one table from failure to status.
+//! Requests under `/ui/` take the same way and are rendered as pages by [`ui`].
 
 // Unsafe code lives in one module only (`run::sys`, two libc calls), which allows itself.
 #![deny(unsafe_code)]
@@ -22,3 +23,4 @@ pub mod protocol;
 pub mod run;
 pub mod serve;
 pub mod storage;
+pub mod ui;

@@ -324,7 +324,8 @@ pub fn banner(app: &App, local: SocketAddr) -> String {
          terraform {{\n  backend \"http\" {{\n    \
          address        = \"{base}/state/terraform.tfstate\"\n    \
          lock_address   = \"{base}/state/terraform.tfstate\"\n    \
-         unlock_address = \"{base}/state/terraform.tfstate\"\n  }}\n}}\n",
+         unlock_address = \"{base}/state/terraform.tfstate\"\n  }}\n}}\n\n\
+         The web view: {base}/ui/\n",
         storage = app.describe_storage(),
         branch = app.config().branch,
     )

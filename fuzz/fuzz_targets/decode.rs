@@ -111,6 +111,10 @@ fuzz_target!(|input: Input<'_>| {
             let status = Error::from(e).into_response().status();
             assert!(status.is_client_error(), "a decoding error must be a 4xx, got {status}");
         }
+        // `/states` lists a branch: it names no state.
+        Ok(req) if matches!(req.op, Operation::ListStates { .. }) => {
+            assert!(req.target.path.is_empty(), "a listing names no state: {:?}", req.target.path)
+        }
         Ok(req) => {
             let p = &req.target.path;
             assert!(protocol::path::check_state_path(p).is_ok(), "accepted path {p:?} fails its own check");

@@ -110,7 +110,7 @@ struct State<'a> {
     lineage: &'a str,
     outputs: BTreeMap<&'a str, Output<'a>>,
     /// Every resource instance by address, with what decides whether it changed.
-    instances: BTreeMap<Address<'a>, Attributes<'a>>,
+    instances: BTreeMap<Address<'a>, Instance<'a>>,
 }
 
 struct Output<'a> {
@@ -121,6 +121,53 @@ struct Output<'a> {
 
 /// `attributes` and `attributes_flat` of one instance.
 type Attributes<'a> = (Option<&'a Value>, Option<&'a Value>);
+
+/// One resource instance: what decides whether it changed, and which attributes are sensitive.
+#[derive(PartialEq)]
+struct Instance<'a> {
+    attributes: Attributes<'a>,
+    sensitive: Sensitive<'a>,
+}
+
+/// The attributes of an instance Terraform marked sensitive (`sensitive_attributes`).
+#[derive(Default, PartialEq)]
+struct Sensitive<'a> {
+    /// A mark this reader does not understand: every attribute counts as sensitive.
+    all: bool,
+    /// Top-level attributes named by a mark (`[{"type": "get_attr", "value": "password"}]`).
+    names: std::collections::BTreeSet<&'a str>,
+}
+
+impl<'a> Sensitive<'a> {
+    /// Fails closed: any mark that is not a path starting with an attribute name masks everything.
+    fn read(marks: Option<&'a Value>) -> Self {
+        let mut sensitive = Sensitive::default();
+        let list = match marks {
+            None | Some(Value::Null) => return sensitive,
+            Some(Value::Array(list)) => list,
+            Some(_) => return Sensitive { all: true, ..Sensitive::default() },
+        };
+        for mark in list {
+            let first = mark.as_array().and_then(|steps| steps.first());
+            let name = first
+                .filter(|step| step.get("type").and_then(Value::as_str) == Some("get_attr"))
+                .and_then(|step| step.get("value"))
+                .and_then(Value::as_str);
+            match name {
+                Some(name) => {
+                    sensitive.names.insert(name);
+                }
+                None => sensitive.all = true,
+            }
+        }
+        sensitive
+    }
+
+    /// Whether attribute `name` (or a flat `name.key`) is sensitive.
+    fn masks(&self, name: &str) -> bool {
+        self.all || self.names.contains(name.split('.').next().unwrap_or(name))
+    }
+}
 
 impl<'a> State<'a> {
     fn read(doc: &'a Value, side: Side) -> Result<Self, DiffError> {
@@ -176,7 +223,7 @@ fn read_resource<'a>(
     resource: &'a Value,
     i: usize,
     bad: &Bad<'_>,
-    instances: &mut BTreeMap<Address<'a>, Attributes<'a>>,
+    instances: &mut BTreeMap<Address<'a>, Instance<'a>>,
 ) -> Result<(), DiffError> {
     let resource = resource.as_object().ok_or_else(|| bad(format!("`resources[{i}]` is not a JSON object")))?;
     let text = |field: &str, required: bool| -> Result<Option<&'a str>, DiffError> {
@@ -210,7 +257,9 @@ fn read_resource<'a>(
             Some(_) => return Err(bad(format!("{} must be a string", at(".deposed")))),
         };
         let address = Address { module, data, kind, name, key, deposed };
-        instances.insert(address, (instance.get("attributes"), instance.get("attributes_flat")));
+        let sensitive = Sensitive::read(instance.get("sensitive_attributes"));
+        let attributes = (instance.get("attributes"), instance.get("attributes_flat"));
+        instances.insert(address, Instance { attributes, sensitive });
     }
     Ok(())
 }
@@ -294,17 +343,176 @@ fn diff_outputs(old: &BTreeMap<&str, Output<'_>>, new: &BTreeMap<&str, Output<'_
     json!({"added": added, "removed": removed, "changed": changed})
 }
 
-fn diff_resources(old: &BTreeMap<Address<'_>, Attributes<'_>>, new: &BTreeMap<Address<'_>, Attributes<'_>>) -> Value {
+fn diff_resources(old: &BTreeMap<Address<'_>, Instance<'_>>, new: &BTreeMap<Address<'_>, Instance<'_>>) -> Value {
     let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
-    for (address, attributes) in old {
+    for (address, instance) in old {
         match new.get(address) {
             None => removed.push(address.to_string()),
-            Some(now) if now != attributes => changed.push(address.to_string()),
+            Some(now) if now.attributes != instance.attributes => changed.push(address.to_string()),
             Some(_) => {}
         }
     }
     added.extend(new.keys().filter(|a| !old.contains_key(*a)).map(|a| a.to_string()));
     json!({"added": added, "removed": removed, "changed": changed})
+}
+
+/// Characters of one value a comparison shows at most (the rest is cut, with `…`).
+pub const MAX_VALUE_CHARS: usize = 2000;
+/// Resource instances a comparison lists at most (the count of the rest is given).
+const MAX_RESOURCE_CHANGES: usize = 2000;
+
+/// What a comparison says of one side.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Head {
+    pub serial: Option<u64>,
+    pub lineage: Option<String>,
+}
+
+/// How one output or resource instance differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// An output that differs. Values are compact JSON, never given for a sensitive output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutputChange {
+    pub name: String,
+    pub change: Change,
+    pub sensitive: bool,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// A resource instance that differs; `attributes` lists the changed ones of a changed instance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResourceChange {
+    pub address: String,
+    pub change: Change,
+    pub attributes: Vec<AttributeChange>,
+}
+
+/// One attribute side by side. A sensitive attribute (marked so on either side) has no values.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AttributeChange {
+    pub name: String,
+    pub sensitive: bool,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// Two versions compared attribute by attribute: what the web view's diff page shows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Comparison {
+    pub from: Head,
+    pub to: Head,
+    /// The client encrypted a side (OpenTofu state encryption): nothing inside can be compared.
+    pub encrypted_by_client: bool,
+    /// Sorted by name.
+    pub outputs: Vec<OutputChange>,
+    /// In address order.
+    pub resources: Vec<ResourceChange>,
+    /// Resource changes past [`MAX_RESOURCE_CHANGES`], not listed.
+    pub resources_more: usize,
+}
+
+/// `value` as compact JSON, cut at [`MAX_VALUE_CHARS`] characters.
+pub fn shown(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() <= MAX_VALUE_CHARS {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_VALUE_CHARS).collect();
+    cut.push('…');
+    cut
+}
+
+/// Compare two versions as [`diff`] does, with the changed attributes of each changed instance
+/// side by side. Sensitive outputs and attributes are named, never shown.
+pub fn compare(from: &[u8], to: &[u8]) -> Result<Comparison, DiffError> {
+    let from_doc = parse(from, Side::From)?;
+    let to_doc = parse(to, Side::To)?;
+    let head = |doc: &Value| Head {
+        serial: doc.get("serial").and_then(Value::as_u64),
+        lineage: doc.get("lineage").and_then(Value::as_str).map(str::to_owned),
+    };
+    let mut comparison = Comparison {
+        from: head(&from_doc),
+        to: head(&to_doc),
+        encrypted_by_client: false,
+        outputs: Vec::new(),
+        resources: Vec::new(),
+        resources_more: 0,
+    };
+    if client_encrypted(&from_doc, &to_doc).is_some() {
+        comparison.encrypted_by_client = true;
+        return Ok(comparison);
+    }
+    let old = State::read(&from_doc, Side::From)?;
+    let new = State::read(&to_doc, Side::To)?;
+
+    let names: std::collections::BTreeSet<&str> = old.outputs.keys().chain(new.outputs.keys()).copied().collect();
+    for name in names {
+        let value = |o: &Output<'_>| Some(shown(o.value.unwrap_or(&Value::Null)));
+        let row = match (old.outputs.get(name), new.outputs.get(name)) {
+            (Some(o), None) => (Change::Removed, o.sensitive, None, None),
+            (None, Some(n)) if n.sensitive => (Change::Added, true, None, None),
+            (None, Some(n)) => (Change::Added, false, None, value(n)),
+            (Some(o), Some(n)) if (o.value, o.kind, o.sensitive) == (n.value, n.kind, n.sensitive) => continue,
+            (Some(o), Some(n)) if o.sensitive || n.sensitive => (Change::Changed, true, None, None),
+            (Some(o), Some(n)) => (Change::Changed, false, value(o), value(n)),
+            (None, None) => continue,
+        };
+        let (change, sensitive, from, to) = row;
+        comparison.outputs.push(OutputChange { name: name.to_owned(), change, sensitive, from, to });
+    }
+
+    let addresses: std::collections::BTreeSet<&Address<'_>> =
+        old.instances.keys().chain(new.instances.keys()).collect();
+    for address in addresses {
+        let change = match (old.instances.get(address), new.instances.get(address)) {
+            (Some(_), None) => {
+                ResourceChange { address: address.to_string(), change: Change::Removed, attributes: vec![] }
+            }
+            (None, Some(_)) => {
+                ResourceChange { address: address.to_string(), change: Change::Added, attributes: vec![] }
+            }
+            (Some(o), Some(n)) if o.attributes != n.attributes => ResourceChange {
+                address: address.to_string(),
+                change: Change::Changed,
+                attributes: attribute_changes(o, n),
+            },
+            _ => continue,
+        };
+        if comparison.resources.len() >= MAX_RESOURCE_CHANGES {
+            comparison.resources_more += 1;
+            continue;
+        }
+        comparison.resources.push(change);
+    }
+    Ok(comparison)
+}
+
+/// The attributes that differ between two versions of an instance, by name.
+fn attribute_changes(old: &Instance<'_>, new: &Instance<'_>) -> Vec<AttributeChange> {
+    let map =
+        |i: &Instance<'_>| i.attributes.0.or(i.attributes.1).and_then(Value::as_object).cloned().unwrap_or_default();
+    let (before, after) = (map(old), map(new));
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let mut rows = Vec::new();
+    for name in names {
+        let (a, b) = (before.get(name), after.get(name));
+        if a == b {
+            continue;
+        }
+        let sensitive = old.sensitive.masks(name) || new.sensitive.masks(name);
+        let show = |v: Option<&Value>| if sensitive { None } else { v.map(shown) };
+        rows.push(AttributeChange { name: name.clone(), sensitive, from: show(a), to: show(b) });
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -743,5 +951,51 @@ mod tests {
             "the `from` version is a state of format version 3; only format version 4 (Terraform 0.12 and later) can be compared"
         );
         assert_eq!(diff(b"", &good).unwrap_err(), DiffError::Empty { side: Side::From },);
+    }
+
+    #[test]
+    fn compare_masks_sensitive_attributes_and_outputs() {
+        let web = |ami: &str, password: &str| {
+            let mut i = instance(None, json!({"ami": ami, "password": password, "tags": {"a": "1"}}));
+            i["sensitive_attributes"] = json!([[{"type": "get_attr", "value": "password"}]]);
+            i
+        };
+        let odd = |v: &str| {
+            let mut i = instance(None, json!({"x": v}));
+            i["sensitive_attributes"] = json!(["not a path"]);
+            i
+        };
+        let from = state(
+            1,
+            json!({"pw": {"value": "old-output-secret", "type": "string", "sensitive": true}, "ip": {"value": "a", "type": "string"}}),
+            json!([
+                resource(None, "managed", "aws_instance", "web", json!([web("ami-1", "old-attr-secret")])),
+                resource(None, "managed", "t", "odd", json!([odd("odd-old-secret")])),
+            ]),
+        );
+        let to = state(
+            2,
+            json!({"pw": {"value": "new-output-secret", "type": "string", "sensitive": true}, "ip": {"value": "b", "type": "string"}}),
+            json!([
+                resource(None, "managed", "aws_instance", "web", json!([web("ami-2", "new-attr-secret")])),
+                resource(None, "managed", "t", "odd", json!([odd("odd-new-secret")])),
+            ]),
+        );
+        let c = compare(&from, &to).unwrap();
+        let text = serde_json::to_string(&c).unwrap();
+        for secret in ["output-secret", "attr-secret", "odd-old-secret", "odd-new-secret"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(c.outputs.len(), 2);
+        assert_eq!((c.outputs[0].name.as_str(), c.outputs[0].from.as_deref()), ("ip", Some("\"a\"")));
+        assert!(c.outputs[1].sensitive && c.outputs[1].to.is_none());
+        let web = &c.resources[0];
+        assert_eq!(web.address, "aws_instance.web");
+        let names: Vec<_> = web.attributes.iter().map(|a| (a.name.as_str(), a.sensitive)).collect();
+        assert_eq!(names, [("ami", false), ("password", true)]);
+        assert_eq!(web.attributes[0].to.as_deref(), Some("\"ami-2\""));
+        // A mark that is not understood masks every attribute of its instance.
+        assert!(c.resources[1].attributes.iter().all(|a| a.sensitive && a.from.is_none()));
+        assert_eq!(shown(&json!("x".repeat(3000))).chars().count(), MAX_VALUE_CHARS + 1);
     }
 }

@@ -48,6 +48,28 @@ pub enum Operation {
         lock_id: Option<String>,
         force: bool,
     },
+    /// The states of the branch by path, `limit` of them after `after` (the web view, `/states`).
+    /// The request's path is empty: this is about the whole branch.
+    ListStates {
+        limit: usize,
+        after: Option<String>,
+    },
+    /// One state as the web view shows it, with up to `history` versions older than `before`.
+    ViewState {
+        history: usize,
+        before: Option<gix::ObjectId>,
+    },
+    /// What changed between two versions, attribute by attribute (the web view's diff).
+    Compare {
+        from: gix::ObjectId,
+        to: gix::ObjectId,
+    },
+    /// Release the lock held under `id` from the web view, asked by `by` (the caller's basic-auth
+    /// username, logged: a delete leaves no commit to carry a trailer).
+    ForceUnlock {
+        id: String,
+        by: Option<String>,
+    },
 }
 
 impl Operation {
@@ -64,6 +86,10 @@ impl Operation {
             Operation::GetVersion { .. } => "get-version",
             Operation::Diff { .. } => "diff",
             Operation::Restore { .. } => "restore",
+            Operation::ListStates { .. } => "list-states",
+            Operation::ViewState { .. } => "view-state",
+            Operation::Compare { .. } => "compare",
+            Operation::ForceUnlock { .. } => "force-unlock",
         }
     }
 }
@@ -81,6 +107,12 @@ pub enum Outcome {
     Done,
     /// A JSON document of our own (history, diff).
     Json(Bytes),
+    /// A page of the branch's states.
+    States(super::browse::StateList),
+    /// One state as the web view shows it.
+    StateView(Box<super::browse::StateView>),
+    /// Two versions compared attribute by attribute.
+    Comparison(Box<super::diff::Comparison>),
 }
 
 /// Why the lineage/serial guard refused a write.

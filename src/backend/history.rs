@@ -109,13 +109,25 @@ impl Backend {
         limit: usize,
         before: Option<ObjectId>,
     ) -> Result<Outcome, BackendError> {
+        Ok(Outcome::Json(to_json(&self.history_page(ctx, branch, path, limit, before)?)))
+    }
+
+    /// [`Backend::history`] as a typed page.
+    pub(super) fn history_page(
+        &self,
+        ctx: &RequestContext,
+        branch: &str,
+        path: &str,
+        limit: usize,
+        before: Option<ObjectId>,
+    ) -> Result<Page, BackendError> {
         let reference = super::branch_ref(branch);
         let tips = self.fetch_tips(ctx, std::slice::from_ref(&reference))?;
         let mut page = Page { path: path.to_owned(), versions: Vec::new(), next: None };
         let Some(&tip) = tips.get(&reference) else {
             return match before {
                 Some(id) => Err(BackendError::UnknownCursor(id)),
-                None => Ok(Outcome::Json(to_json(&page))),
+                None => Ok(page),
             };
         };
         let mut walk = Walk::new(self, ctx, &reference, tip, (limit as u32).saturating_add(2));
@@ -148,7 +160,7 @@ impl Backend {
         if let (true, Some(id)) = (skipping, before) {
             return Err(BackendError::UnknownCursor(id));
         }
-        Ok(Outcome::Json(to_json(&page)))
+        Ok(page)
     }
 
     /// The state as it was stored at `commit`, which must be in the branch's history.

@@ -16,6 +16,8 @@ const LOCK_INFO_BYTES: usize = 4 << 20;
 const KNOWN_REFS: usize = 4096;
 /// Stored files (by blob id) remembered as checked to be states.
 const CHECKED_STATES: usize = 4096;
+/// Stored files (by blob id) remembered as sealed or not (a listing reads each file once).
+const SEALED_FORMS: usize = 16384;
 
 pub struct Memory {
     lock_infos: Mutex<(LruCache<ObjectId, LockInfo>, usize)>,
@@ -23,6 +25,8 @@ pub struct Memory {
     /// Blob ids of stored files found to be states: content-addressed, so one check is enough
     /// (a large state is not scanned again on every GET).
     checked_states: Mutex<LruCache<ObjectId, ()>>,
+    /// Whether a stored file (by blob id) is sealed: content-addressed, so read once.
+    sealed_forms: Mutex<LruCache<ObjectId, bool>>,
 }
 
 impl Default for Memory {
@@ -31,6 +35,7 @@ impl Default for Memory {
             lock_infos: Mutex::new((LruCache::unbounded(), 0)),
             tips: Mutex::new(LruCache::new(NonZeroUsize::new(KNOWN_REFS).expect("not zero"))),
             checked_states: Mutex::new(LruCache::new(NonZeroUsize::new(CHECKED_STATES).expect("not zero"))),
+            sealed_forms: Mutex::new(LruCache::new(NonZeroUsize::new(SEALED_FORMS).expect("not zero"))),
         }
     }
 }
@@ -53,6 +58,15 @@ impl Memory {
                 None => break,
             }
         }
+    }
+
+    /// Whether the stored file `blob` is sealed, if known.
+    pub fn is_sealed(&self, blob: &ObjectId) -> Option<bool> {
+        self.sealed_forms.lock().expect("sealed_forms poisoned").get(blob).copied()
+    }
+
+    pub fn remember_sealed(&self, blob: ObjectId, sealed: bool) {
+        self.sealed_forms.lock().expect("sealed_forms poisoned").put(blob, sealed);
     }
 
     /// Whether the stored file `blob` was found to be a state before.

@@ -2,10 +2,11 @@
 //! Works over any [`Storage`]; every decision that must hold across processes is settled
 //! by the storage's compare-and-swap in one shared loop, never by a local mutex.
 
+pub(crate) mod browse;
 pub(crate) mod decide;
 pub(crate) mod diff;
 mod domain;
-mod history;
+pub(crate) mod history;
 mod lock_info;
 mod memory;
 pub mod sealing;
@@ -123,6 +124,25 @@ impl Backend {
             }
             Operation::Restore { commit, lock_id, force } => {
                 self.restore(ctx, branch, &lock, *commit, lock_id.as_deref(), *force)
+            }
+            Operation::ListStates { limit, after } => {
+                Ok(Outcome::States(self.list_states(ctx, branch, *limit, after.as_deref())?))
+            }
+            Operation::ViewState { history, before } => {
+                Ok(Outcome::StateView(Box::new(self.view_state(ctx, branch, path, *history, *before)?)))
+            }
+            Operation::Compare { from, to } => {
+                let read = |c| match self.version(ctx, branch, path, c)? {
+                    Outcome::State(body) => Ok(body),
+                    _ => Err(BackendError::NoSuchVersion),
+                };
+                let (from, to) = (read(*from)?, read(*to)?);
+                Ok(Outcome::Comparison(Box::new(diff::compare(&from, &to)?)))
+            }
+            Operation::ForceUnlock { id, by } => {
+                // A delete leaves no commit to carry a trailer: the log line is the record.
+                tracing::warn!(lock_id = ?id, forced_by = ?by.as_deref().unwrap_or("anonymous"), "force-unlock from the web view");
+                self.unlock(ctx, &lock, Some(id))
             }
             Operation::GetLock => {
                 let tips = self.fetch_tips(ctx, &lock.refs())?;

@@ -260,6 +260,12 @@ impl Sealing {
     }
 }
 
+/// Whether `stored` is in a sealed form (an age file or a KMS envelope), whoever sealed it.
+pub fn is_sealed(stored: &[u8]) -> bool {
+    let head = trim_start(stored);
+    head.starts_with(AGE_ARMOR) || head.starts_with(AGE_BINARY) || parse_envelope(head).is_some()
+}
+
 /// The public key of the first age identity in `settings`, if any parses.
 pub fn first_recipient_of(settings: &SealingSettings) -> Option<String> {
     let text = settings.age_identities.as_ref()?;

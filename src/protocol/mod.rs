@@ -3,6 +3,7 @@
 //! It checks the form of what arrives; the rules about states and locks live in `backend`.
 
 pub(crate) mod path;
+pub mod ui;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -56,14 +57,21 @@ pub enum ProtocolError {
     MethodNotAllowed { method: String, allow: &'static str },
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A form that did not come from the web view's own page (its CSRF check failed).
+    #[error("{0}")]
+    Forbidden(String),
 }
+
+/// States a `/states` page lists unless `limit` says otherwise, and at most.
+pub(crate) const DEFAULT_STATES_PAGE: usize = 100;
+pub(crate) const MAX_STATES_PAGE: usize = 1000;
 
 /// Versions a history page lists unless `limit` says otherwise, and at most.
 const DEFAULT_HISTORY_PAGE: usize = 50;
 const MAX_HISTORY_PAGE: usize = 500;
 
 /// A commit id as a query parameter: 40 lowercase or uppercase hex digits (SHA-1 repositories).
-fn parse_commit(name: &str, value: &str) -> Result<gix::ObjectId, ProtocolError> {
+pub(crate) fn parse_commit(name: &str, value: &str) -> Result<gix::ObjectId, ProtocolError> {
     if value.len() != 40 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ProtocolError::BadRequest(format!("`{name}` must be a commit id of 40 hex digits")));
     }
@@ -75,6 +83,8 @@ fn parse_commit(name: &str, value: &str) -> Result<gix::ObjectId, ProtocolError>
 const METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
 
 enum Kind {
+    /// `/states`: the listing of a branch (no path).
+    States,
     State,
     Lock,
     History,
@@ -94,8 +104,14 @@ pub fn decode(
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
 
     let (kind, raw_path) = route(path, &param)?;
-    let state_path = decode_path(&raw_path)?;
-    path::check_state_path(&state_path).map_err(ProtocolError::BadRequest)?;
+    let state_path = match kind {
+        Kind::States => String::new(),
+        _ => {
+            let state_path = decode_path(&raw_path)?;
+            path::check_state_path(&state_path).map_err(ProtocolError::BadRequest)?;
+            state_path
+        }
+    };
 
     let branch = param("ref").filter(|b| !b.is_empty());
     if let Some(b) = &branch {
@@ -123,6 +139,13 @@ pub fn decode(
         Some(_) => return Err(ProtocolError::BadRequest("`force` must be true or false".into())),
     };
     let op = match (kind, method.as_str()) {
+        (Kind::States, "GET") => Operation::ListStates {
+            limit: limit_param(param("limit"), DEFAULT_STATES_PAGE, MAX_STATES_PAGE)?,
+            after: after_param(param("after"))?,
+        },
+        (Kind::States, m) => {
+            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "GET" })
+        }
         (Kind::State, "GET") => match commit("version")? {
             Some(commit) => Operation::GetVersion { commit },
             None => Operation::GetState,
@@ -171,6 +194,9 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
     for skip in 0..2 {
         let Some(head) = segments.get(skip) else { break };
         let kind = match *head {
+            // The web view's prefix is never a stage: `/ui/state/x` is a page, not the state.
+            "ui" => return Err(ProtocolError::NotFound("the web view lives under /ui/".into())),
+            "states" if segments.len() == skip + 1 => Kind::States,
             "state" => Kind::State,
             "lock" => Kind::Lock,
             "history" => Kind::History,
@@ -197,7 +223,7 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
 /// The query's parameters, decoded as `application/x-www-form-urlencoded`. A name or value
 /// that is not UTF-8 once decoded is refused, never read with U+FFFD in its place (the `ID`
 /// compared with a lock's would then be another string than the one sent).
-fn query_params(query: &str) -> Result<Vec<(String, String)>, ProtocolError> {
+pub(crate) fn query_params(query: &str) -> Result<Vec<(String, String)>, ProtocolError> {
     let decode = |raw: &str| {
         percent_decode_str(&raw.replace('+', " ")).decode_utf8().map(std::borrow::Cow::into_owned).map_err(|_| {
             let name: String = raw.chars().take(32).collect();
@@ -221,7 +247,7 @@ fn query_params(query: &str) -> Result<Vec<(String, String)>, ProtocolError> {
         .collect()
 }
 
-fn decode_path(raw: &str) -> Result<String, ProtocolError> {
+pub(crate) fn decode_path(raw: &str) -> Result<String, ProtocolError> {
     percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())
@@ -244,6 +270,36 @@ fn check_md5(headers: &HeaderMap, body: &[u8]) -> Result<(), ProtocolError> {
 /// Base64 MD5 of `body`, as Terraform sends and checks it.
 pub fn content_md5(body: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
+}
+
+fn to_json(value: &impl serde::Serialize) -> Bytes {
+    let mut body = serde_json::to_vec_pretty(value).expect("our own documents serialize");
+    body.push(b'\n');
+    Bytes::from(body)
+}
+
+/// A page size parameter: `default` when absent, else 1 to `max`.
+pub(crate) fn limit_param(value: Option<String>, default: usize, max: usize) -> Result<usize, ProtocolError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ProtocolError::BadRequest(format!("`limit` must be from 1 to {max}"))),
+    }
+}
+
+/// A listing cursor: the path of the last state of the previous page.
+pub(crate) fn after_param(value: Option<String>) -> Result<Option<String>, ProtocolError> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(after) => {
+            path::check_state_path(&after)
+                .map_err(|why| ProtocolError::BadRequest(format!("`after` must be a state path: {why}")))?;
+            Ok(Some(after))
+        }
+    }
 }
 
 /// Encode a successful outcome.
@@ -272,6 +328,18 @@ pub fn encode(outcome: Outcome) -> http::Response<Bytes> {
         Outcome::Done => {
             b = b.status(StatusCode::OK);
             Bytes::new()
+        }
+        Outcome::States(list) => {
+            b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
+            to_json(&list)
+        }
+        Outcome::StateView(view) => {
+            b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
+            to_json(&view)
+        }
+        Outcome::Comparison(comparison) => {
+            b = b.status(StatusCode::OK).header(http::header::CONTENT_TYPE, "application/json");
+            to_json(&comparison)
         }
     };
     b.body(body).expect("static response parts are valid")

@@ -141,6 +141,32 @@ pub struct CommitInfo {
 /// Tips of branches, by full ref name; a missing key means the ref does not exist.
 pub type Tips = HashMap<String, ObjectId>;
 
+/// A file of a commit's tree, as a listing shows it (its content is not read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    /// The path from the root of the tree, `/`-separated.
+    pub path: String,
+    pub id: ObjectId,
+    /// Bytes, as stored.
+    pub size: u64,
+}
+
+/// One page of a tree's files, in byte order of their paths (git's own tree order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilePage {
+    pub files: Vec<TreeFile>,
+    /// More files follow the last one listed.
+    pub more: bool,
+}
+
+/// The refs under a prefix, up to a bound.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefListing {
+    pub tips: Tips,
+    /// More refs exist under the prefix than were listed (the first by name were kept).
+    pub truncated: bool,
+}
+
 /// A store of files on branches with compare-and-swap ref updates. Every call that may
 /// wait on the network is bounded by the context's deadline.
 pub trait Storage: Send + Sync {
@@ -168,6 +194,16 @@ pub trait Storage: Send + Sync {
     fn deepen(&self, _ctx: &RequestContext, _reference: &str, _depth: u32) -> Result<(), StorageError> {
         Ok(())
     }
+    /// The content of the blob `id` (a file's id from [`Storage::list_files`] or
+    /// [`Storage::file_id`]), `None` when absent here.
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Up to `limit` files of the tree of `commit` whose paths sort after `after` (byte order),
+    /// with their sizes and blob ids, without reading their contents. Work is bounded by the
+    /// page, not by the size of the tree: subtrees wholly before `after` are not opened.
+    fn list_files(&self, commit: ObjectId, after: Option<&str>, limit: usize) -> Result<FilePage, StorageError>;
+    /// Current refs whose full names start with `prefix` (e.g. `refs/heads/locks/`) at the source
+    /// of truth, the first `limit` by name, each tip's commit made readable locally.
+    fn list_refs(&self, ctx: &RequestContext, prefix: &str, limit: usize) -> Result<RefListing, StorageError>;
     /// A name for logs (never carries credentials).
     fn describe(&self) -> String;
     /// Throw away local copies that can be fetched again (a cache found broken). Returns

@@ -160,6 +160,28 @@ impl Storage for EmbeddedStore {
         }
     }
 
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        tree::read_blob(&self.local(), id)
+    }
+
+    fn list_files(
+        &self,
+        commit: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::storage::FilePage, StorageError> {
+        tree::list_files(&self.local(), commit, after, limit)
+    }
+
+    fn list_refs(
+        &self,
+        _ctx: &RequestContext,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<crate::storage::RefListing, StorageError> {
+        tree::list_refs(&self.local(), prefix, limit)
+    }
+
     fn describe(&self) -> String {
         format!("embedded repository {}", self.dir.display())
     }

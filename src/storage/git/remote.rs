@@ -271,6 +271,42 @@ fn fetch_tips_once(
     Ok(tips)
 }
 
+/// The refs under `prefix` on the remote (one glob refspec: `ls-refs` with a `ref-prefix`), the
+/// first `limit` by name, with every listed tip's commit fetched at depth 1 when missing.
+fn list_refs_once(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    prefix: &str,
+    limit: usize,
+    ctx: &RequestContext,
+    turn: &Mutex<()>,
+) -> Result<crate::storage::RefListing, StorageError> {
+    // gix wants a destination for a glob; it is never written: the listing's connection ends
+    // without a fetch, and missing tips are fetched by their exact names.
+    let spec = format!("{prefix}*:refs/gitstate-listing/*");
+    let found: Vec<(String, ObjectId)> = {
+        let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx)?;
+        prepare
+            .ref_map()
+            .mappings
+            .iter()
+            .filter_map(|m| {
+                let name = m.remote.as_name()?.to_string();
+                let id = m.remote.as_id()?.to_owned();
+                name.starts_with(prefix).then_some((name, id))
+            })
+            .collect()
+    };
+    let mut listing = tree::bounded_listing(found, limit);
+    if missing(repo, &listing.tips) {
+        let names: Vec<String> = listing.tips.keys().cloned().collect();
+        fetch_tips_once(repo, url, &names, ctx, turn)?;
+        // A lock released between the two looks is gone: so is its entry.
+        listing.tips.retain(|_, id| repo.has_object(*id));
+    }
+    Ok(listing)
+}
+
 /// Fetch `refs` so that `depth` commits of their history are in `repo` (the shallow
 /// boundary moves back; what is already here is not sent again).
 fn deepen_once(
@@ -384,6 +420,47 @@ impl Storage for RemoteStore {
         contained(&self.url, || {
             ctx.count_round_trip(|| {
                 transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+            })
+        })
+    }
+
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::read_blob(&repo, id).map_err(cache_error)
+    }
+
+    fn list_files(
+        &self,
+        commit: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::storage::FilePage, StorageError> {
+        let (_generation, repo) = self.local();
+        tree::list_files(&repo, commit, after, limit).map_err(cache_error)
+    }
+
+    fn list_refs(
+        &self,
+        ctx: &RequestContext,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<crate::storage::RefListing, StorageError> {
+        if Self::needs_rebuild(&self.generation().dir) {
+            self.reset_cache()?;
+        }
+        let (_generation, repo) = self.local();
+        contained(&self.url, || {
+            // One blind `ls-refs` where the host allows, as for the tips of a look.
+            if let Some(smart) = &self.smart {
+                if let Blind::Done(tips) = ctx.count_round_trip(|| smart.ls_prefix(ctx, prefix))? {
+                    let listing = tree::bounded_listing(tips.into_iter().collect(), limit);
+                    if !missing(&repo, &listing.tips) {
+                        return Ok(listing);
+                    }
+                }
+            }
+            ctx.count_round_trip(|| {
+                transport::retrying(ctx, || list_refs_once(&repo, &self.url, prefix, limit, ctx, &self.fetch_turn))
             })
         })
     }

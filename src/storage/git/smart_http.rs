@@ -209,9 +209,28 @@ impl SmartHttp {
 
     /// The tips of `refs` from one `ls-refs`, with no advertisement before it.
     pub fn ls_refs(&self, ctx: &RequestContext, refs: &[String]) -> Result<Blind<Tips>, StorageError> {
-        if !self.blind_allowed() || refs.is_empty() {
+        if refs.is_empty() {
             return Ok(Blind::Fallback);
         }
+        self.ls(ctx, refs, |name| refs.iter().any(|r| r == name))
+    }
+
+    /// Every ref whose name starts with `prefix`, from one `ls-refs`.
+    pub fn ls_prefix(&self, ctx: &RequestContext, prefix: &str) -> Result<Blind<Tips>, StorageError> {
+        self.ls(ctx, &[prefix.to_owned()], |name| name.starts_with(prefix))
+    }
+
+    /// One `ls-refs` with a `ref-prefix` per entry of `prefixes`; the refs `keep` accepts.
+    fn ls(
+        &self,
+        ctx: &RequestContext,
+        prefixes: &[String],
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Blind<Tips>, StorageError> {
+        if !self.blind_allowed() {
+            return Ok(Blind::Fallback);
+        }
+        let refs = prefixes;
         let mut body = Vec::new();
         pkt(&mut body, "command=ls-refs\n");
         pkt(&mut body, concat!("agent=gitstate/", env!("CARGO_PKG_VERSION"), "\n"));
@@ -250,7 +269,7 @@ impl SmartHttp {
                 self.disable("unexpected ls-refs line");
                 return Ok(Blind::Fallback);
             };
-            if refs.iter().any(|r| r == name) {
+            if keep(name) {
                 tips.insert(name.to_owned(), id);
             }
         }

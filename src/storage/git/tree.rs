@@ -6,7 +6,7 @@ use std::path::Path;
 
 use gix::bstr::BString;
 
-use crate::storage::{ObjectId, StorageError};
+use crate::storage::{FilePage, ObjectId, StorageError, TreeFile};
 
 /// Who signs the commits gitstate writes.
 #[derive(Debug, Clone)]
@@ -60,6 +60,15 @@ pub fn commit_info(repo: &gix::Repository, id: ObjectId) -> Result<Option<crate:
     }))
 }
 
+/// The content of the blob `id`, `None` when the repository does not have it.
+pub fn read_blob(repo: &gix::Repository, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+    if !repo.has_object(id) {
+        return Ok(None);
+    }
+    let object = repo.find_object(id).map_err(StorageError::local)?;
+    Ok(object.kind.is_blob().then(|| object.detach().data))
+}
+
 /// The id of the file `path` in the tree of `commit`, `None` when absent or not a file.
 pub fn file_id(repo: &gix::Repository, commit: ObjectId, path: &str) -> Result<Option<ObjectId>, StorageError> {
     let tree = repo
@@ -68,6 +77,89 @@ pub fn file_id(repo: &gix::Repository, commit: ObjectId, path: &str) -> Result<O
         .map_err(|e| StorageError::Local(format!("cannot read commit {commit}: {e}")))?;
     let Some(entry) = tree.lookup_entry_by_path(path).map_err(StorageError::local)? else { return Ok(None) };
     Ok(entry.mode().is_blob().then(|| entry.object_id()))
+}
+
+/// Up to `limit` files of the tree of `commit` whose paths sort after `after`, in byte order.
+/// A depth-first walk in git's tree order gives byte order of the full paths (git sorts a
+/// subtree `a` as `a/`), so the walk stops at the first file past the page, and skips every
+/// subtree whose paths all sort before `after` without opening it.
+pub fn list_files(
+    repo: &gix::Repository,
+    commit: ObjectId,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<FilePage, StorageError> {
+    let tree = repo
+        .find_commit(commit)
+        .and_then(|c| c.tree())
+        .map_err(|e| StorageError::Local(format!("cannot read commit {commit}: {e}")))?;
+    let mut page = FilePage::default();
+    list_tree(repo, tree.id, "", after, limit, &mut page)?;
+    Ok(page)
+}
+
+/// One tree of [`list_files`]' walk; `true` once the page is full.
+fn list_tree(
+    repo: &gix::Repository,
+    tree: ObjectId,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    page: &mut FilePage,
+) -> Result<bool, StorageError> {
+    let tree = repo.find_tree(tree).map_err(StorageError::local)?;
+    for entry in tree.iter() {
+        let entry = entry.map_err(StorageError::local)?;
+        let (name, mode, id) = (entry.filename(), entry.mode(), entry.oid().to_owned());
+        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
+        if mode.is_tree() {
+            let dir = format!("{path}/");
+            // Every path below sorts before `after`: past the first byte where they differ,
+            // `after` is the greater.
+            if after.is_some_and(|a| a > dir.as_str() && !a.starts_with(&dir)) {
+                continue;
+            }
+            if list_tree(repo, id, &path, after, limit, page)? {
+                return Ok(true);
+            }
+        } else if mode.is_blob() {
+            if after.is_some_and(|a| path.as_str() <= a) {
+                continue;
+            }
+            if page.files.len() >= limit {
+                page.more = true;
+                return Ok(true);
+            }
+            let size = repo.find_header(id).map_err(StorageError::local)?.size();
+            page.files.push(TreeFile { path, id, size });
+        }
+    }
+    Ok(false)
+}
+
+/// Refs of `repo` whose full names start with `prefix`, the first `limit` by name.
+pub fn list_refs(
+    repo: &gix::Repository,
+    prefix: &str,
+    limit: usize,
+) -> Result<crate::storage::RefListing, StorageError> {
+    let platform = repo.references().map_err(StorageError::local)?;
+    let mut found = Vec::new();
+    for r in platform.prefixed(prefix).map_err(StorageError::local)? {
+        let mut r = r.map_err(StorageError::local)?;
+        let name = r.name().as_bstr().to_string();
+        let id = r.peel_to_id().map_err(StorageError::local)?.detach();
+        found.push((name, id));
+    }
+    Ok(bounded_listing(found, limit))
+}
+
+/// The first `limit` of `refs` by name.
+pub fn bounded_listing(mut refs: Vec<(String, ObjectId)>, limit: usize) -> crate::storage::RefListing {
+    refs.sort();
+    let truncated = refs.len() > limit;
+    refs.truncate(limit);
+    crate::storage::RefListing { tips: refs.into_iter().collect(), truncated }
 }
 
 /// Write a commit: `parent`'s tree with `path` set to `content` (removed when `None`).

@@ -1,8 +1,9 @@
 //! Real components for the integration tests and examples (DESIGN.md §7): git servers,
-//! `gitstate serve`, Terraform, the Lambda emulator, moto, a stalling TCP proxy, and the
+//! `gitstate serve`, Terraform, headless Chromium, the Lambda emulator, moto, a stalling TCP proxy, and the
 //! shared fixtures, an in-memory store. A crate of its own (dev-dependency only); each harness
 //! stops what it started on drop.
 
+pub mod browser;
 pub mod dulwich;
 pub mod fixtures;
 pub mod gitd;

@@ -18,12 +18,16 @@ struct Commit {
     parent: Option<ObjectId>,
     files: BTreeMap<String, Vec<u8>>,
     message: String,
+    /// Seconds since the epoch when it was written (what the web view shows as a lock's age).
+    time: i64,
 }
 
 #[derive(Default)]
 struct Inner {
     refs: BTreeMap<String, ObjectId>,
     commits: HashMap<ObjectId, Commit>,
+    /// Every file content ever committed, by its git blob id.
+    blobs: HashMap<ObjectId, Vec<u8>>,
     next_id: u64,
 }
 
@@ -85,7 +89,10 @@ impl Inner {
         };
         check_no_collision(&files, path)?;
         match content {
-            Some(c) => files.insert(path.to_string(), c.to_vec()),
+            Some(c) => {
+                self.blobs.insert(blob_id(c), c.to_vec());
+                files.insert(path.to_string(), c.to_vec())
+            }
             None => files.remove(path),
         };
         self.next_id += 1;
@@ -93,9 +100,15 @@ impl Inner {
         bytes[..4].copy_from_slice(b"mem\0");
         bytes[12..].copy_from_slice(&self.next_id.to_be_bytes());
         let id = ObjectId::from_bytes_or_panic(&bytes);
-        self.commits.insert(id, Commit { parent, files, message: message.to_string() });
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.commits.insert(id, Commit { parent, files, message: message.to_string(), time });
         Ok(id)
     }
+}
+
+/// The git blob id of `content`.
+fn blob_id(content: &[u8]) -> ObjectId {
+    gix::objs::compute_hash(gix::hash::Kind::Sha1, gix::objs::Kind::Blob, content).expect("hashing")
 }
 
 /// As git trees allow: a state's file cannot become a directory of other states, nor the reverse.
@@ -151,6 +164,38 @@ impl MemoryStore {
         let mut inner = self.inner();
         let parent = inner.refs.get(&name).copied();
         let id = inner.write_commit(parent, path, content, message).unwrap_or_else(|e| panic!("put {path}: {e}"));
+        inner.refs.insert(name, id);
+        id
+    }
+
+    /// One commit on top of `reference` setting every file of `files` (path, content), moved
+    /// there: a large repository built in one step.
+    pub fn put_files(
+        &self,
+        reference: &str,
+        files: impl IntoIterator<Item = (String, Vec<u8>)>,
+        message: &str,
+    ) -> ObjectId {
+        let name = full_ref(reference);
+        check_ref_name(&name).unwrap_or_else(|e| panic!("{e}"));
+        let mut inner = self.inner();
+        let parent = inner.refs.get(&name).copied();
+        let mut all = match parent {
+            Some(p) => inner.commits[&p].files.clone(),
+            None => BTreeMap::new(),
+        };
+        for (path, content) in files {
+            let id = blob_id(&content);
+            inner.blobs.insert(id, content.clone());
+            all.insert(path, content);
+        }
+        inner.next_id += 1;
+        let mut bytes = [0u8; 20];
+        bytes[..4].copy_from_slice(b"mem\0");
+        bytes[12..].copy_from_slice(&inner.next_id.to_be_bytes());
+        let id = ObjectId::from_bytes_or_panic(&bytes);
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        inner.commits.insert(id, Commit { parent, files: all, message: message.to_string(), time });
         inner.refs.insert(name, id);
         id
     }
@@ -293,7 +338,7 @@ impl Storage for MemoryStore {
         Ok(inner.commits.get(&id).map(|c| gitstate::storage::CommitInfo {
             id,
             parents: c.parent.into_iter().collect(),
-            time: 0,
+            time: c.time,
             message: c.message.clone(),
         }))
     }
@@ -385,6 +430,57 @@ impl Storage for MemoryStore {
         }
         inner.refs = after;
         Ok(UpdateOutcome::Applied)
+    }
+
+    fn read_blob(&self, id: ObjectId) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.inner().blobs.get(&id).cloned())
+    }
+
+    fn list_files(
+        &self,
+        commit: ObjectId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<gitstate::storage::FilePage, StorageError> {
+        let inner = self.inner();
+        let files = &inner.commit(commit)?.files;
+        let mut page = gitstate::storage::FilePage::default();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        for (path, content) in files.range((start, std::ops::Bound::Unbounded)) {
+            if page.files.len() >= limit {
+                page.more = true;
+                break;
+            }
+            let id = blob_id(content);
+            page.files.push(gitstate::storage::TreeFile { path: path.clone(), id, size: content.len() as u64 });
+        }
+        Ok(page)
+    }
+
+    fn list_refs(
+        &self,
+        ctx: &RequestContext,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<gitstate::storage::RefListing, StorageError> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        ctx.counters.record(Duration::ZERO);
+        if let Some(f) = self.faults().fail_syncs {
+            return Err(f());
+        }
+        let inner = self.inner();
+        let mut listing = gitstate::storage::RefListing::default();
+        for (name, id) in inner.refs.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)) {
+            if listing.tips.len() >= limit {
+                listing.truncated = true;
+                break;
+            }
+            listing.tips.insert(name.clone(), *id);
+        }
+        Ok(listing)
     }
 
     fn describe(&self) -> String {
