@@ -38,7 +38,7 @@ pub struct Settings {
     /// Largest request body in bytes, 413 above it (default: 67108864)
     #[arg(long, env = "GITSTATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
-    /// Rebuilds of a write that lost the race for the branch (default: 16)
+    /// Pushes a write may make on a branch that keeps moving; 0: as many as the request's deadline allows (default: 0)
     #[arg(long, env = "GITSTATE_WRITE_RETRIES", value_name = "N")]
     pub write_retries: Option<String>,
     /// Comma-separated URL patterns a `repository` parameter must match (`*` within one path
@@ -205,8 +205,9 @@ pub struct Config {
     pub git_credentials_secret: Option<String>,
     /// `GITSTATE_USERNAME`/`GITSTATE_PASSWORD`: basic auth the backend itself requires.
     pub backend_credentials: Option<Credentials>,
-    /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 16:
-    /// 8 left some of 16 concurrent writers on one repository without a turn).
+    /// `GITSTATE_WRITE_RETRIES`: pushes a write may make on a branch that keeps moving; 0 (the
+    /// default): as many as the request's deadline allows (a count left writers of a busy
+    /// repository failing while time remained).
     pub write_retries: u32,
     /// `GITSTATE_REQUEST_TIMEOUT`: seconds a request may take under `serve` (default 25); under
     /// Lambda the invocation's own deadline, less a margin, is used.
@@ -250,7 +251,7 @@ impl Default for Config {
             git_credentials: None,
             git_credentials_secret: None,
             backend_credentials: None,
-            write_retries: 16,
+            write_retries: 0,
             request_timeout: Duration::from_secs(25),
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 6061)),
             max_repositories: 16,

@@ -12,7 +12,7 @@ pub use gix::ObjectId;
 pub use url::{RepoUrl, UrlError, UrlPattern};
 
 /// Errors of the storage layer, by what the caller can do about them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// Writing `path` would turn another state's file into a directory, or the reverse.
     #[error("path conflict: `{path}` cannot be stored because `{blocker}` {}", if *.blocker_is_state { "is a state" } else { "is a directory of other states" })]
