@@ -75,6 +75,50 @@ pub struct Config {
     pub serve_limits: ServeLimits,
     /// `GITSTATE_LISTEN`: where `gitstate serve` listens (default `127.0.0.1:6061`).
     pub listen: std::net::SocketAddr,
+    /// `ssh://` remotes: `GITSTATE_SSH_KEY` or `GITSTATE_SSH_KEY_FILE`, `GITSTATE_SSH_KNOWN_HOSTS`.
+    pub ssh: SshSettings,
+}
+
+/// The deployment's SSH identity as configured (`env` mode; in `secret` mode the secret's
+/// `ssh_private_key`/`ssh_known_hosts` fill what is not set here). Checked at start in
+/// `auth.rs` (`ssh_identity`): every SSH host the settings admit needs a pinned key.
+#[derive(Clone, Default)]
+pub struct SshSettings {
+    /// `GITSTATE_SSH_KEY` (the key's text) or `GITSTATE_SSH_KEY_FILE` (a path to it): an
+    /// OpenSSH private key without passphrase (ed25519, ECDSA or RSA).
+    pub private_key: Option<zeroize::Zeroizing<String>>,
+    /// `GITSTATE_SSH_KNOWN_HOSTS`: known_hosts lines pinning the key of every SSH host
+    /// (`github.com ssh-ed25519 AAAA…`, `[host]:2222 ssh-ed25519 AAAA…`).
+    pub known_hosts: Option<String>,
+}
+
+impl std::fmt::Debug for SshSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshSettings")
+            .field("private_key", &self.private_key.as_ref().map(|_| "<redacted>"))
+            .field("known_hosts", &self.known_hosts.is_some())
+            .finish()
+    }
+}
+
+impl SshSettings {
+    /// The one reading of the SSH settings.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let private_key = match (get("GITSTATE_SSH_KEY"), get("GITSTATE_SSH_KEY_FILE")) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError {
+                    name: "GITSTATE_SSH_KEY_FILE",
+                    reason: "set GITSTATE_SSH_KEY or GITSTATE_SSH_KEY_FILE, not both".into(),
+                })
+            }
+            (Some(text), None) => Some(zeroize::Zeroizing::new(text)),
+            (None, Some(path)) => Some(zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError { name: "GITSTATE_SSH_KEY_FILE", reason: format!("cannot read {path}: {}", e.kind()) }
+            })?)),
+            (None, None) => None,
+        };
+        Ok(SshSettings { private_key, known_hosts: get("GITSTATE_SSH_KNOWN_HOSTS") })
+    }
 }
 
 impl Default for Config {
@@ -100,6 +144,7 @@ impl Default for Config {
             bearer_username: "x-access-token".into(),
             serve_limits: ServeLimits::default(),
             sealing: SealingSettings::default(),
+            ssh: SshSettings::default(),
         }
     }
 }
@@ -302,6 +347,7 @@ impl Config {
         if let Some(d) = seconds("GITSTATE_WRITE_TIMEOUT", 3600.0)? {
             l.write_timeout = d;
         }
+        c.ssh = SshSettings::from_lookup(&get)?;
         c.validate()?;
         Ok(c)
     }
@@ -324,10 +370,10 @@ impl Config {
                 reason: "GITSTATE_AUTH=env holds git credentials of its own and requires backend basic auth: set GITSTATE_USERNAME and GITSTATE_PASSWORD".into(),
             });
         }
-        if self.auth == AuthMode::Env && self.git_credentials.is_none() {
+        if self.auth == AuthMode::Env && self.git_credentials.is_none() && self.ssh.private_key.is_none() {
             return Err(ConfigError {
                 name: "GITSTATE_GIT_USERNAME",
-                reason: "GITSTATE_AUTH=env needs GITSTATE_GIT_USERNAME and GITSTATE_GIT_PASSWORD".into(),
+                reason: "GITSTATE_AUTH=env needs GITSTATE_GIT_USERNAME and GITSTATE_GIT_PASSWORD (or, for ssh:// only, GITSTATE_SSH_KEY)".into(),
             });
         }
         Ok(())

@@ -156,7 +156,11 @@ fn main() -> std::process::ExitCode {
                 let Some(url) = config.repository.clone() else {
                     return fail("--check-host needs a repository on a git host (--repository)");
                 };
-                let report = check_repository(&url, &config.branch, config.git_credentials.clone());
+                let ssh = match gitstate::auth::ssh_identity(&config, None, None) {
+                    Ok(ssh) => ssh,
+                    Err(e) => return fail(e),
+                };
+                let report = check_repository(&url, &config.branch, config.git_credentials.clone(), ssh);
                 eprint!("{}", report.render());
                 if !report.healthy() {
                     return fail("refusing to start: gitstate's promises do not hold on this git host");
@@ -201,7 +205,14 @@ fn doctor(
         _ => return usage("--username and --password go together".into()),
     };
     let branch = branch.unwrap_or(config.branch.clone());
-    let report = check_repository(&url, &branch, credentials);
+    // The deployment's SSH key and pinned host keys, checked as at start (for ssh:// repositories).
+    let mut ssh_config = config.clone();
+    ssh_config.repository = Some(url.clone());
+    let ssh = match gitstate::auth::ssh_identity(&ssh_config, None, None) {
+        Ok(ssh) => ssh,
+        Err(e) => return usage(e.to_string()),
+    };
+    let report = check_repository(&url, &branch, credentials, ssh);
     print!("{}", report.render());
     if report.healthy() {
         std::process::ExitCode::SUCCESS
@@ -214,9 +225,10 @@ fn check_repository(
     url: &gitstate::storage::RepoUrl,
     branch: &str,
     credentials: Option<gitstate::context::Credentials>,
+    ssh: Option<std::sync::Arc<gitstate::context::SshIdentity>>,
 ) -> gitstate::doctor::Report {
     let scratch = std::env::temp_dir().join(format!("gitstate-doctor-{}-{:x}", std::process::id(), fastrand::u32(..)));
-    let report = gitstate::doctor::check(url, branch, credentials, &scratch);
+    let report = gitstate::doctor::check(url, branch, credentials, ssh, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     report
 }

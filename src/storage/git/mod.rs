@@ -7,6 +7,7 @@ pub mod pack;
 pub mod push;
 pub mod remote;
 mod smart_http;
+pub mod ssh;
 pub mod transport;
 pub mod tree;
 

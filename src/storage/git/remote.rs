@@ -200,7 +200,7 @@ fn prepare<'repo>(
         .map_err(|e| StorageError::CacheCorrupt(format!("cannot set up a fetch: {}", transport::chain(&e))))?
         .with_fetch_tags(Tags::None);
     let mut connection = remote.to_connection_with_transport(connection);
-    if url.scheme() != crate::storage::url::Scheme::Git {
+    if matches!(url.scheme(), crate::storage::url::Scheme::Http | crate::storage::url::Scheme::Https) {
         // gix configures the transport again from the repository's settings; keep our timeouts.
         connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
     }
