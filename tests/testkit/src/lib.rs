@@ -1,4 +1,4 @@
-//! Real components for the integration tests and examples (DESIGN.md §7): git servers,
+//! Real components for the integration tests and examples (DESIGN.md §7): git servers (git daemon, lighttpd + http-backend, OpenSSH sshd),
 //! `gitstate serve`, Terraform, the Lambda emulator, moto, a stalling TCP proxy, and the
 //! shared fixtures, an in-memory store. A crate of its own (dev-dependency only); each harness
 //! stops what it started on drop.
@@ -12,6 +12,7 @@ pub mod memory;
 pub mod moto;
 pub mod races;
 pub mod serve;
+pub mod sshd;
 pub mod stall;
 pub mod terraform;
 pub mod tls;
