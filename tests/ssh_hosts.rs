@@ -291,3 +291,32 @@ fn settings_that_cannot_work_refuse_to_start() {
     let stderr = refused_start(&url, &ssh_env("not-a-key-secret-material", &sshd.known_hosts_line()));
     assert!(stderr.contains("cannot be read") && !stderr.contains("secret-material"), "{stderr}");
 }
+
+#[test]
+fn doctor_checks_an_ssh_host() {
+    let sshd = Sshd::start();
+    let url = sshd.create_repo("states.git");
+    let run = |env: &[(String, String)]| {
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["doctor", "--repository", &url]);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("GITSTATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd.envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).output().expect("run gitstate doctor");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, text) = run(&ssh_env(&sshd.client_key().private, &sshd.known_hosts_line()));
+    println!("doctor over SSH:\n{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("PASS  protocol v2"), "GIT_PROTOCOL reaches git-upload-pack: {text}");
+    assert!(text.contains("PASS  atomic: offered") && text.contains("gitstate's promises hold on this host"), "{text}");
+    assert!(git_out(&sshd.repo_dir("states.git"), &["for-each-ref", "refs/gitstate-doctor/"]).is_empty());
+    // A refused key is named as such.
+    let stranger = sshd.stranger_key("stranger");
+    let (code, text) = run(&ssh_env(&stranger.private, &sshd.known_hosts_line()));
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("refused the deployment's SSH key"), "{text}");
+}
