@@ -320,3 +320,49 @@ fn doctor_checks_an_ssh_host() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("refused the deployment's SSH key"), "{text}");
 }
+
+#[test]
+fn secret_mode_takes_the_key_and_known_hosts_from_the_secret() {
+    use gitstate_testkit::moto::Moto;
+    let sshd = Sshd::start();
+    let url = sshd.create_repo("states.git");
+    let moto = Moto::start();
+    let secret = serde_json::json!({
+        "ssh_private_key": sshd.client_key().private,
+        "ssh_known_hosts": sshd.known_hosts_line(),
+        "backend_username": USER,
+        "backend_password": PASSWORD,
+    });
+    moto.create_secret("gitstate/ssh", &secret.to_string());
+    let mut opts = ServeOpts::new()
+        .repository(&url)
+        .env("GITSTATE_AUTH", "secret")
+        .env("GITSTATE_GIT_CREDENTIALS_SECRET", "gitstate/ssh")
+        .env("PATH", "");
+    for (k, v) in moto.aws_env() {
+        opts = opts.env(k, v);
+    }
+    let serve = Serve::start(opts);
+    let info = lock_info_value("secret-lock", "carol@test", "OperationTypeApply").to_string();
+    let r = call("LOCK", &serve.lock_url(STATE), Some(info.as_bytes()));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), serve.stderr_log());
+    assert!(rev_parse(&sshd.repo_dir("states.git"), &format!("refs/heads/locks/{STATE}")).is_some());
+    assert_eq!(call("UNLOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200);
+    // Without the backend's basic auth nothing reaches the host.
+    assert_eq!(http("GET", &serve.state_url(STATE), &[], None).status, 401);
+    let key_line = sshd.client_key().private.lines().nth(1).unwrap().to_owned();
+    assert!(!serve.stderr_log().contains(&key_line), "the private key is in the log");
+
+    // A secret without a pinned key for the host: refused at start.
+    let secret = serde_json::json!({
+        "ssh_private_key": sshd.client_key().private,
+        "backend_username": USER,
+        "backend_password": PASSWORD,
+    });
+    moto.create_secret("gitstate/ssh-unpinned", &secret.to_string());
+    let mut env = moto.aws_env();
+    env.push(("GITSTATE_AUTH".into(), "secret".into()));
+    env.push(("GITSTATE_GIT_CREDENTIALS_SECRET".into(), "gitstate/ssh-unpinned".into()));
+    let stderr = refused_start(&url, &env);
+    assert!(stderr.contains("no host key pinned for 127.0.0.1"), "{stderr}");
+}
