@@ -131,6 +131,8 @@ fn serve_over_ssh_locks_writes_reads_unlocks_and_deletes() {
     assert_eq!(r.status, 200, "delete: {}", r.text());
     assert!(git_out(&repo, &["ls-tree", "-r", "--name-only", "main"]).lines().all(|l| l != STATE));
     fsck_clean(&repo);
+    // Every operation ran on the one session kept while warm: one key exchange, one login.
+    assert_eq!(sshd.sessions_accepted(), 1, "{}", sshd.log());
 
     // A missing repository on the same host: 502, not an outage.
     let missing = serve_on(&sshd, &url.replace("states.git", "nothing-here.git"));
@@ -232,6 +234,13 @@ fn an_unreachable_or_silent_host_is_503() {
     let r = call("GET", &serve.state_url(STATE), None);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
+    // Back again: the dead session is replaced by a new one.
+    sshd.restart();
+    assert_eq!(call("GET", &serve.state_url(STATE), None).status, 204);
+    sshd.stop();
+    sshd.restart();
+    let info = lock_info_value("after-restart", "dave@test", "OperationTypeApply").to_string();
+    assert_eq!(call("LOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200, "{}", serve.stderr_log());
 
     // A host that accepts the connection and never speaks: the deadline answers.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();

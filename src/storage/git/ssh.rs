@@ -158,46 +158,73 @@ impl russh::client::Handler for Verifier {
     }
 }
 
-/// What the blocking halves share: the runtime driving the session, the session itself
-/// (dropped last, which ends it), and the request's deadline.
+/// An authenticated SSH session and the runtime driving it (a current-thread runtime: it
+/// runs while a request waits on it; several requests may wait on it at once). Kept between
+/// operations by [`KeptSessions`], or used once.
 struct Session {
-    runtime: tokio::runtime::Runtime,
-    handle: Mutex<Option<russh::client::Handle<Verifier>>>,
-    deadline: crate::context::Deadline,
-    interrupt: Arc<std::sync::atomic::AtomicBool>,
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: Mutex<Option<Arc<russh::client::Handle<Verifier>>>>,
     host: String,
 }
 
 impl Session {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives as long as the session")
+    }
+
+    fn is_closed(&self) -> bool {
+        self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|h| h.is_closed())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The session's task goes with its runtime, and the connection with it. Never blocks,
+        // wherever the last reference goes (an async worker included).
+        self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// One request's use of a session: its waits end at the request's deadline.
+#[derive(Clone)]
+struct Waiter {
+    session: Arc<Session>,
+    deadline: crate::context::Deadline,
+    interrupt: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Waiter {
     /// Run `fut` to its end, or fail at the deadline (at most `cap` from now).
     fn wait<T>(&self, cap: Duration, fut: impl std::future::Future<Output = T>) -> std::io::Result<T> {
         if self.interrupt.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the request was interrupted"));
         }
         let timeout = self.deadline.io_timeout(cap);
-        self.runtime.block_on(async { tokio::time::timeout(timeout, fut).await }).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} did not answer in time", self.host))
+        self.session.runtime().block_on(async { tokio::time::timeout(timeout, fut).await }).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} did not answer in time", self.session.host))
         })
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Some(handle) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = self.runtime.block_on(async {
-                tokio::time::timeout(
-                    Duration::from_millis(200),
-                    handle.disconnect(russh::Disconnect::ByApplication, "", "en"),
-                )
-                .await
-            });
-        }
-    }
+/// The SSH session of one remote kept open between operations while the process is warm:
+/// each operation opens a channel on it (no TCP, key exchange or authentication again). A
+/// session found closed, or that does not open a channel within a short wait (a connection
+/// that died while a Lambda instance was frozen), is replaced by a fresh one; nothing was
+/// asked of the host yet, so that is always safe.
+#[derive(Default)]
+pub(crate) struct KeptSessions {
+    kept: Mutex<Option<Arc<Session>>>,
 }
+
+/// How long a kept session may take to open a channel before a fresh session is tried.
+const KEPT_CHANNEL_WAIT: Duration = Duration::from_secs(3);
 
 /// The channel's data as a blocking reader; stderr and the exit status are kept aside.
 struct ChannelReader {
-    session: Arc<Session>,
+    waiter: Waiter,
     half: russh::ChannelReadHalf,
     buf: bytes::Bytes,
     stderr: Vec<u8>,
@@ -217,8 +244,8 @@ impl Read for ChannelReader {
             if self.eof {
                 return Ok(0);
             }
-            let session = Arc::clone(&self.session);
-            let msg = session.wait(IO_TIMEOUT, self.half.wait())?;
+            let waiter = self.waiter.clone();
+            let msg = waiter.wait(IO_TIMEOUT, self.half.wait())?;
             match msg {
                 Some(ChannelMsg::Data { data }) => {
                     self.got_data = true;
@@ -236,7 +263,7 @@ impl Read for ChannelReader {
                     match self.exit {
                         Some(status) if status != 0 && !self.got_data => {
                             return Err(std::io::Error::other(SshError::RemoteCommand {
-                                host: self.session.host.clone(),
+                                host: self.waiter.session.host.clone(),
                                 status,
                                 stderr: String::from_utf8_lossy(&self.stderr).trim().escape_debug().to_string(),
                             }))
@@ -252,13 +279,13 @@ impl Read for ChannelReader {
 
 /// The channel's input as a blocking writer.
 struct ChannelWriter {
-    session: Arc<Session>,
+    waiter: Waiter,
     half: russh::ChannelWriteHalf<russh::client::Msg>,
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.session
+        self.waiter
             .wait(IO_TIMEOUT, self.half.data(data))?
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.to_string()))?;
         Ok(data.len())
@@ -272,7 +299,7 @@ impl Write for ChannelWriter {
 impl Drop for ChannelWriter {
     fn drop(&mut self) {
         // End of our input: the remote command finishes. Best effort.
-        let _ = self.session.wait(Duration::from_millis(200), self.half.eof());
+        let _ = self.waiter.wait(Duration::from_millis(200), self.half.eof());
     }
 }
 
@@ -282,16 +309,27 @@ pub(crate) struct SshTransport {
     url: RepoUrl,
     version: Protocol,
     ctx: RequestContext,
+    kept: Option<Arc<KeptSessions>>,
     connection: Option<Connection<ChannelReader, ChannelWriter>>,
 }
 
-/// A transport for `url`; nothing is sent before the handshake.
+/// A transport for `url` on a session of its own; nothing is sent before the handshake.
 pub(crate) fn connect(url: &RepoUrl, version: Protocol, ctx: &RequestContext) -> Result<SshTransport, HostFailure> {
+    connect_kept(url, version, ctx, None)
+}
+
+/// A transport for `url` on the session `kept` holds (or a new one it then keeps).
+pub(crate) fn connect_kept(
+    url: &RepoUrl,
+    version: Protocol,
+    ctx: &RequestContext,
+    kept: Option<Arc<KeptSessions>>,
+) -> Result<SshTransport, HostFailure> {
     if ctx.ssh.is_none() {
         // Passthrough mode, or a tool without the deployment's key: refused at start already.
         return Err(classify(url, ctx, &SshError::Setup("no SSH key configured (GITSTATE_SSH_KEY)".into())));
     }
-    Ok(SshTransport { url: url.clone(), version, ctx: ctx.clone(), connection: None })
+    Ok(SshTransport { url: url.clone(), version, ctx: ctx.clone(), kept, connection: None })
 }
 
 /// The command the host runs: the service with the path single-quoted. The canonical path
@@ -305,8 +343,34 @@ fn command(service: Service, url: &RepoUrl) -> Result<String, SshError> {
 }
 
 impl SshTransport {
-    /// Connect, check the host key, authenticate, and run `service` on a session channel.
+    /// Run `service` on a channel of the kept session, or of a new one.
     fn open(&self, service: Service) -> Result<Connection<ChannelReader, ChannelWriter>, SshError> {
+        let command = command(service, &self.url)?;
+        let Some(kept) = &self.kept else {
+            let session = Arc::new(self.new_session()?);
+            return self.channel(session, &command, IO_TIMEOUT);
+        };
+        let reused = kept.kept.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|s| !s.is_closed());
+        if let Some(session) = reused {
+            match self.channel(Arc::clone(&session), &command, KEPT_CHANNEL_WAIT) {
+                Ok(connection) => return Ok(connection),
+                Err(e) if self.ctx.out_of_time() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(remote = %self.url, error = %e, "the kept SSH session failed; opening a new one");
+                    let mut slot = kept.kept.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        let session = Arc::new(self.new_session()?);
+        *kept.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&session));
+        self.channel(session, &command, IO_TIMEOUT)
+    }
+
+    /// Connect, check the host key, authenticate.
+    fn new_session(&self) -> Result<Session, SshError> {
         let url = &self.url;
         let host = url.host().to_owned();
         let identity = self.ctx.ssh.as_deref().ok_or(SshError::Setup("no SSH key configured".into()))?;
@@ -316,24 +380,22 @@ impl SshTransport {
         if pinned.is_empty() {
             return Err(SshError::Setup(format!("no host key pinned for {host} port {}", url.port())));
         }
-        let command = command(service, url)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| SshError::Setup(format!("cannot start the SSH runtime: {e}")))?;
-        let session = Arc::new(Session {
-            runtime,
-            handle: Mutex::new(None),
+        let session = Arc::new(Session { runtime: Some(runtime), handle: Mutex::new(None), host: host.clone() });
+        let waiter = Waiter {
+            session: Arc::clone(&session),
             deadline: self.ctx.deadline,
             interrupt: Arc::clone(&self.ctx.interrupt),
-            host: host.clone(),
-        });
+        };
         let unreachable = |source: std::io::Error| SshError::Unreachable { host: host.clone(), source };
         let session_failed = |e: russh::Error| SshError::Session { host: host.clone(), detail: e.to_string() };
 
         // TCP, bounded by the connect timeout and the deadline.
         let addr = (bare_host(url).to_owned(), url.port());
-        let tcp = session
+        let tcp = waiter
             .wait(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .map_err(unreachable)?
             .map_err(unreachable)?;
@@ -347,18 +409,9 @@ impl SshTransport {
             ..Default::default()
         });
         let verifier = Verifier { pinned, seen: Arc::clone(&seen) };
-        let started = session.runtime.block_on(async {
-            // `connect_stream` spawns the session's task on the runtime it runs in.
-            tokio::time::timeout(
-                session.deadline.io_timeout(IO_TIMEOUT),
-                russh::client::connect_stream(config, tcp, verifier),
-            )
-            .await
-        });
-        let mut handle = match started {
-            Err(_) => {
-                return Err(unreachable(std::io::Error::new(std::io::ErrorKind::TimedOut, "no SSH handshake in time")))
-            }
+        // `connect_stream` spawns the session's task on the runtime it runs in.
+        let mut handle = match waiter.wait(IO_TIMEOUT, russh::client::connect_stream(config, tcp, verifier)) {
+            Err(timeout) => return Err(unreachable(timeout)),
             Ok(Ok(handle)) => handle,
             Ok(Err(e)) => {
                 if let Some(fingerprint) = seen.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -376,7 +429,7 @@ impl SshTransport {
 
         // Public key authentication (RSA with the best hash the host offers).
         let hash = if key.algorithm().is_rsa() {
-            session
+            waiter
                 .wait(IO_TIMEOUT, handle.best_supported_rsa_hash())
                 .map_err(unreachable)?
                 .map_err(session_failed)?
@@ -385,29 +438,48 @@ impl SshTransport {
             None
         };
         let user = url.user().unwrap_or("git").to_owned();
-        let auth = session
+        let auth = waiter
             .wait(IO_TIMEOUT, handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash)))
             .map_err(unreachable)?
             .map_err(session_failed)?;
         if !auth.success() {
             return Err(SshError::KeyRefused { host });
         }
+        *session.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(handle));
+        drop(waiter);
+        Arc::try_unwrap(session).map_err(|_| SshError::Setup("the new session is shared".into()))
+    }
 
-        // One session channel running the service.
-        let channel =
-            session.wait(IO_TIMEOUT, handle.channel_open_session()).map_err(unreachable)?.map_err(session_failed)?;
+    /// One session channel running `command`, opened within `cap`.
+    fn channel(
+        &self,
+        session: Arc<Session>,
+        command: &str,
+        cap: Duration,
+    ) -> Result<Connection<ChannelReader, ChannelWriter>, SshError> {
+        let host = session.host.clone();
+        let waiter = Waiter { session, deadline: self.ctx.deadline, interrupt: Arc::clone(&self.ctx.interrupt) };
+        let unreachable = |source: std::io::Error| SshError::Unreachable { host: host.clone(), source };
+        let session_failed = |e: russh::Error| SshError::Session { host: host.clone(), detail: e.to_string() };
+        let handle = waiter.session.handle.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+            unreachable(std::io::Error::new(std::io::ErrorKind::NotConnected, "the SSH session is closed"))
+        })?;
+        let channel = waiter.wait(cap, handle.channel_open_session()).map_err(unreachable)?.map_err(session_failed)?;
+        drop(handle);
         if self.version == Protocol::V2 {
             // Hosts that do not accept the variable answer in v0, which gix understands too.
-            session
+            waiter
                 .wait(IO_TIMEOUT, channel.set_env(false, "GIT_PROTOCOL", "version=2"))
                 .map_err(unreachable)?
                 .map_err(session_failed)?;
         }
-        session.wait(IO_TIMEOUT, channel.exec(false, command)).map_err(unreachable)?.map_err(session_failed)?;
-        *session.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        waiter
+            .wait(IO_TIMEOUT, channel.exec(false, command.to_owned()))
+            .map_err(unreachable)?
+            .map_err(session_failed)?;
         let (read_half, write_half) = channel.split();
         let reader = ChannelReader {
-            session: Arc::clone(&session),
+            waiter: waiter.clone(),
             half: read_half,
             buf: bytes::Bytes::new(),
             stderr: Vec::new(),
@@ -415,8 +487,8 @@ impl SshTransport {
             got_data: false,
             eof: false,
         };
-        let writer = ChannelWriter { session, half: write_half };
-        let gix_url = url.to_gix();
+        let writer = ChannelWriter { waiter, half: write_half };
+        let gix_url = self.url.to_gix();
         Ok(Connection::new(
             reader,
             writer,

@@ -135,9 +135,14 @@ impl Sshd {
         false
     }
 
-    /// Stop sshd (and every session it runs); returns once the port refuses connections.
+    /// Stop sshd and every session it runs (each a process group of its own, found by its
+    /// parent's id); returns once the port refuses connections and the sessions are gone.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
+        for session in children_of(child.id()) {
+            signal_group(session, "KILL");
+            let _ = Command::new("kill").args(["-KILL", &session.to_string()]).stderr(Stdio::null()).status();
+        }
         signal_group(child.id(), "KILL");
         let _ = child.kill();
         let _ = child.wait();
@@ -145,6 +150,25 @@ impl Sshd {
         while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Start sshd again on the same port, with the same keys and repositories.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running sshd (stop it first)");
+        let bin = sshd_bin();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.spawn(&bin) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("sshd did not restart on port {}:\n{}", self.port, self.log());
+    }
+
+    /// How many times sshd accepted a key (one per SSH session set up).
+    pub fn sessions_accepted(&self) -> usize {
+        self.log().matches("Accepted publickey").count()
     }
 
     /// The user sshd lets in (the one running the tests).
@@ -204,4 +228,20 @@ impl Drop for Sshd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The ids of the processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // `pid (comm) state ppid ...`: comm may hold spaces, so read after its last `)`.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|stat| {
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            }) == Some(pid)
+        })
+        .collect()
 }
