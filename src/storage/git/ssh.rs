@@ -3,8 +3,10 @@
 //! known_hosts lines (no trust on first use), then one session channel that `exec`s
 //! `git-upload-pack '<path>'` or `git-receive-pack '<path>'`. gix-transport speaks git over
 //! that channel as over a spawned process (`ConnectMode::Process`), so fetch and our own push
-//! (push.rs) run over it unchanged. One connection per operation; every wait is bounded by
-//! the request's deadline. Failures are sorted by [`super::transport::classify`].
+//! (push.rs) run over it unchanged. A remote store keeps its session between operations
+//! ([`KeptSessions`]: a channel per operation); tools use a session per operation. Every
+//! wait is bounded by the request's deadline. Failures are sorted by
+//! [`super::transport::classify`].
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
