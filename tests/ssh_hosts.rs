@@ -131,6 +131,13 @@ fn serve_over_ssh_locks_writes_reads_unlocks_and_deletes() {
     assert_eq!(r.status, 200, "delete: {}", r.text());
     assert!(git_out(&repo, &["ls-tree", "-r", "--name-only", "main"]).lines().all(|l| l != STATE));
     fsck_clean(&repo);
+    // More operations than sshd lets one session hold channels at once (MaxSessions 10): each
+    // channel is closed after its operation.
+    for i in 0..8 {
+        let info = lock_info_value(&format!("cycle-{i}"), "alice@test", "OperationTypeApply").to_string();
+        assert_eq!(call("LOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200);
+        assert_eq!(call("UNLOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200);
+    }
     // Every operation ran on the one session kept while warm: one key exchange, one login.
     assert_eq!(sshd.sessions_accepted(), 1, "{}", sshd.log());
 

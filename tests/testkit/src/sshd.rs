@@ -110,7 +110,7 @@ impl Sshd {
             "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
              KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
-             AcceptEnv GIT_PROTOCOL\nMaxStartups 200\nMaxSessions 50\nLogLevel VERBOSE\n",
+             AcceptEnv GIT_PROTOCOL\nMaxStartups 200\nLogLevel VERBOSE\n",
             port = self.port,
             d = d.display()
         );
