@@ -176,6 +176,15 @@ fn terraform_apply_plan_and_force_unlock_over_ssh() {
     tf.force_unlock("stale-lock").assert_success();
     tf.apply().assert_success();
     fsck_clean(&sshd.repo_dir("tf.git"));
+
+    // History from a fresh instance (its cache holds the tip only): deepened over SSH.
+    let fresh = serve_on(&sshd, &url);
+    let r = call("GET", &format!("{}/history/{STATE}?limit=10", fresh.base_url()), None);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), fresh.stderr_log());
+    let versions = r.json()["versions"].as_array().cloned().unwrap_or_default();
+    let commits = git_out(&sshd.repo_dir("tf.git"), &["rev-list", "--count", "main"]);
+    assert_eq!(versions.len().to_string(), commits, "every version of the state, read over SSH: {}", r.text());
+    assert!(versions.len() >= 2);
 }
 
 #[test]
