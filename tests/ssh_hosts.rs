@@ -391,3 +391,18 @@ fn secret_mode_takes_the_key_and_known_hosts_from_the_secret() {
     let stderr = refused_start(&url, &env);
     assert!(stderr.contains("no host key pinned for 127.0.0.1"), "{stderr}");
 }
+
+#[test]
+fn rsa_and_ecdsa_keys_work_too() {
+    let sshd = Sshd::start();
+    let url = sshd.create_repo("states.git");
+    for kind in ["rsa", "ecdsa"] {
+        let key = sshd.authorized_key(&format!("client_{kind}"), kind);
+        let serve = serve_with(&url, &ssh_env(&key.private, &sshd.known_hosts_line()));
+        let info = lock_info_value(&format!("{kind}-lock"), "erin@test", "OperationTypeApply").to_string();
+        let r = call("LOCK", &serve.lock_url(STATE), Some(info.as_bytes()));
+        assert_eq!(r.status, 200, "{kind}: {}\n{}", r.text(), serve.stderr_log());
+        assert_eq!(call("UNLOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200, "{kind}");
+    }
+    assert!(sshd.log().contains("Accepted publickey for") && sshd.log().contains("RSA"), "{}", sshd.log());
+}

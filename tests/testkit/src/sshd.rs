@@ -218,6 +218,15 @@ impl Sshd {
         KeyPair::generate(self.dir.path(), name, "ed25519")
     }
 
+    /// A fresh key pair of type `kind` (`rsa`, `ecdsa`, `ed25519`) that sshd accepts too.
+    pub fn authorized_key(&self, name: &str, kind: &str) -> KeyPair {
+        let key = KeyPair::generate(self.dir.path(), name, kind);
+        let mut keys = std::fs::read_to_string(self.dir.path().join("authorized_keys")).unwrap();
+        keys.push_str(&format!("{}\n", key.public));
+        std::fs::write(self.dir.path().join("authorized_keys"), keys).unwrap();
+        key
+    }
+
     /// What sshd logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
