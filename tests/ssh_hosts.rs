@@ -236,6 +236,15 @@ fn a_refused_key_and_an_unpinned_host_key_are_502_naming_the_host() {
     let fingerprint = sshd.host_key().fingerprint();
     assert!(r.text().contains("127.0.0.1") && r.text().contains(&fingerprint), "{fingerprint}: {}", r.text());
     assert!(r.header("retry-after").is_none());
+    drop(serve);
+
+    // Only a key of a type the host does not have is pinned: refused the same way.
+    let rsa = gitstate_testkit::sshd::KeyPair::generate(tempfile::tempdir().unwrap().path(), "other-rsa", "rsa");
+    let pinned = format!("[127.0.0.1]:{} {}", sshd.port(), rsa.public_key());
+    let serve = serve_with(&url, &ssh_env(&sshd.client_key().private, &pinned));
+    let r = call("GET", &serve.state_url(STATE), None);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("127.0.0.1") && r.text().contains("ssh-ed25519"), "{}", r.text());
     // Nothing was written or authenticated: sshd saw no accepted key.
     assert!(!sshd.log().contains("Accepted publickey"), "{}", sshd.log());
 }
@@ -405,4 +414,16 @@ fn rsa_and_ecdsa_keys_work_too() {
         assert_eq!(call("UNLOCK", &serve.lock_url(STATE), Some(info.as_bytes())).status, 200, "{kind}");
     }
     assert!(sshd.log().contains("Accepted publickey for") && sshd.log().contains("RSA"), "{}", sshd.log());
+}
+
+#[test]
+fn a_host_with_several_keys_presents_the_pinned_one() {
+    let sshd = Sshd::start_with_rsa_host_key();
+    let url = sshd.create_repo("states.git");
+    let rsa = sshd.second_host_key().unwrap();
+    // Only the RSA host key is pinned: gitstate asks for it, as OpenSSH does with its known hosts.
+    let pinned = format!("[127.0.0.1]:{} {}", sshd.port(), rsa.public_key());
+    let serve = serve_with(&url, &ssh_env(&sshd.client_key().private, &pinned));
+    let r = call("GET", &serve.state_url(STATE), None);
+    assert_eq!(r.status, 204, "{}\n{}", r.text(), serve.stderr_log());
 }

@@ -119,6 +119,20 @@ pub fn pinned_for(known: &[KnownHost], host: &str, port: u16) -> Vec<PublicKey> 
     known.iter().filter(|k| k.hosts.contains(&wanted)).map(|k| k.key.clone()).collect()
 }
 
+/// The host key algorithms to ask for: those of the pinned keys, in russh's order of
+/// preference, so that a host with several keys presents one that is pinned (as OpenSSH does
+/// with its known hosts).
+fn host_key_algorithms(pinned: &[PublicKey]) -> Vec<russh::keys::Algorithm> {
+    let family =
+        |a: &russh::keys::Algorithm, b: &russh::keys::Algorithm| (a.clone().is_rsa() && b.clone().is_rsa()) || a == b;
+    russh::Preferred::DEFAULT
+        .key
+        .iter()
+        .filter(|offered| pinned.iter().any(|p| family(&p.algorithm(), offered)))
+        .cloned()
+        .collect()
+}
+
 /// Check an identity at start-up: the key reads (unencrypted OpenSSH or PEM), the known
 /// hosts read. Errors never carry key material.
 pub fn check_identity(identity: &SshIdentity) -> Result<Vec<KnownHost>, String> {
@@ -408,6 +422,7 @@ impl SshTransport {
         let config = Arc::new(russh::client::Config {
             inactivity_timeout: Some(IO_TIMEOUT),
             nodelay: true,
+            preferred: russh::Preferred { key: host_key_algorithms(&pinned).into(), ..Default::default() },
             ..Default::default()
         });
         let verifier = Verifier { pinned, seen: Arc::clone(&seen) };
@@ -420,6 +435,14 @@ impl SshTransport {
                     return Err(SshError::HostKeyRefused { host, fingerprint });
                 }
                 return Err(match e {
+                    // The host has no key of a pinned type: no pinned key can match.
+                    russh::Error::NoCommonAlgo { kind: russh::AlgorithmKind::Key, theirs, .. } => {
+                        let offered: String = theirs.join(", ").chars().take(200).collect();
+                        SshError::HostKeyRefused {
+                            host,
+                            fingerprint: format!("no key of a pinned type; it offers {}", offered.escape_debug()),
+                        }
+                    }
                     russh::Error::IO(io) => unreachable(io),
                     russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout => {
                         unreachable(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e.to_string()))
@@ -615,6 +638,14 @@ mod tests {
         ] {
             assert!(parse_known_hosts(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_the_pinned_key_types_are_asked_for() {
+        let known = parse_known_hosts(&format!("h ssh-ed25519 {ED25519}")).unwrap();
+        let keys: Vec<PublicKey> = known.into_iter().map(|k| k.key).collect();
+        assert_eq!(host_key_algorithms(&keys), vec![russh::keys::Algorithm::Ed25519]);
+        assert!(host_key_algorithms(&[]).is_empty());
     }
 
     #[test]

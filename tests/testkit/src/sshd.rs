@@ -79,12 +79,23 @@ pub struct Sshd {
     port: u16,
     dir: TempDir,
     host_key: KeyPair,
+    /// A second host key sshd also offers ([`Sshd::start_with_rsa_host_key`]).
+    second_host_key: Option<KeyPair>,
     client_key: KeyPair,
 }
 
 impl Sshd {
     /// Start sshd with a fresh host key, one authorized client key, and no repositories yet.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Like [`Sshd::start`], with an RSA host key offered beside the ed25519 one.
+    pub fn start_with_rsa_host_key() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(rsa_host_key: bool) -> Self {
         require_git();
         let bin = sshd_bin();
         let dir = tempfile::Builder::new().prefix("gitstate-sshd-").tempdir().expect("create a temporary directory");
@@ -93,8 +104,9 @@ impl Sshd {
         let _ = std::fs::create_dir_all("/run/sshd");
         let host_key = KeyPair::generate(dir.path(), "host_ed25519", "ed25519");
         let client_key = KeyPair::generate(dir.path(), "client_ed25519", "ed25519");
+        let second_host_key = rsa_host_key.then(|| KeyPair::generate(dir.path(), "host_rsa", "rsa"));
         std::fs::write(dir.path().join("authorized_keys"), format!("{}\n", client_key.public)).unwrap();
-        let mut sshd = Sshd { child: None, port: 0, dir, host_key, client_key };
+        let mut sshd = Sshd { child: None, port: 0, dir, host_key, second_host_key, client_key };
         for _ in 0..5 {
             sshd.port = free_port();
             if sshd.spawn(&bin) {
@@ -114,6 +126,10 @@ impl Sshd {
             port = self.port,
             d = d.display()
         );
+        let mut config = config;
+        if let Some(key) = &self.second_host_key {
+            config.push_str(&format!("HostKey {}\n", key.path.display()));
+        }
         std::fs::write(d.join("sshd_config"), config).unwrap();
         let log = File::options().create(true).append(true).open(d.join("sshd.log")).unwrap();
         let mut child = Command::new(bin)
@@ -206,6 +222,11 @@ impl Sshd {
     /// sshd's own host key.
     pub fn host_key(&self) -> &KeyPair {
         &self.host_key
+    }
+
+    /// The second host key ([`Sshd::start_with_rsa_host_key`]).
+    pub fn second_host_key(&self) -> Option<&KeyPair> {
+        self.second_host_key.as_ref()
     }
 
     /// The known_hosts line that pins sshd's host key.
