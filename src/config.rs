@@ -469,6 +469,38 @@ mod tests {
     }
 
     #[test]
+    fn ssh_settings_are_read_once_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "KEY-FROM-FILE").unwrap();
+        let path = file.display().to_string();
+        let from = |pairs: Vec<(&'static str, String)>| {
+            SshSettings::from_lookup(move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+        };
+        let s = from(vec![
+            ("GITSTATE_SSH_KEY_FILE", path.clone()),
+            ("GITSTATE_SSH_KNOWN_HOSTS", "h ssh-ed25519 AAAA".into()),
+        ])
+        .unwrap();
+        assert_eq!(s.private_key.as_deref().map(String::as_str), Some("KEY-FROM-FILE"));
+        assert_eq!(s.known_hosts.as_deref(), Some("h ssh-ed25519 AAAA"));
+        assert!(!format!("{s:?}").contains("KEY-FROM-FILE"));
+        let s = from(vec![("GITSTATE_SSH_KEY", "KEY-TEXT".into())]).unwrap();
+        assert_eq!(s.private_key.as_deref().map(String::as_str), Some("KEY-TEXT"));
+        assert!(from(vec![("GITSTATE_SSH_KEY", "a".into()), ("GITSTATE_SSH_KEY_FILE", path)]).is_err(), "not both");
+        let missing = from(vec![("GITSTATE_SSH_KEY_FILE", "/nonexistent/key".into())]).unwrap_err();
+        assert_eq!(missing.name, "GITSTATE_SSH_KEY_FILE");
+        // env mode with an SSH key needs no HTTP git credentials.
+        let env = |k: &str| match k {
+            "GITSTATE_AUTH" => Some("env".to_string()),
+            "GITSTATE_USERNAME" | "GITSTATE_PASSWORD" => Some("x".to_string()),
+            "GITSTATE_SSH_KEY" => Some("k".to_string()),
+            _ => None,
+        };
+        assert!(Config::from_lookup(env).is_ok());
+    }
+
+    #[test]
     fn allowlist() {
         let env = |k: &str| match k {
             "GITSTATE_REPOSITORY" => Some("https://git.example.com/team/states.git".to_string()),
