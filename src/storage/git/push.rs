@@ -106,7 +106,16 @@ impl Conversation for OverTransport<'_> {
 
 /// Open a conversation over gix's transport and read the advertisement.
 pub(crate) fn over_transport<'a>(url: &'a RepoUrl, ctx: &'a RequestContext) -> Result<Started<'a>, StorageError> {
-    let mut transport = transport::connect(url, Protocol::V1, ctx)?;
+    over(transport::connect(url, Protocol::V1, ctx)?, url, ctx)
+}
+
+/// Open a conversation over `transport` (not yet handshaken, asking for protocol v1) and
+/// read the advertisement.
+pub(crate) fn over<'a>(
+    mut transport: Box<dyn Transport + Send>,
+    url: &'a RepoUrl,
+    ctx: &'a RequestContext,
+) -> Result<Started<'a>, StorageError> {
     let adv = advertisement(&mut transport, url, ctx)?;
     Ok((Box::new(OverTransport { transport, url, ctx }), adv))
 }
