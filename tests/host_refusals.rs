@@ -595,7 +595,9 @@ fn touch(file: &Path, when: Option<&str>) {
 
 #[test]
 fn embedded_stale_lock_file() {
-    let mut serve = Serve::start(ServeOpts::new());
+    // A write retries a moving ref until its deadline: 4 s here, below the 10 s after which a
+    // ref's lock file counts as left over by a crash.
+    let mut serve = Serve::start(ServeOpts::new().env("GITSTATE_REQUEST_TIMEOUT", "4"));
     let c = Client::new(&serve);
     let repo = serve.repo_git_dir();
     c.post(A, None, &state(1, "one")).ok(200, &serve);
@@ -634,7 +636,8 @@ fn embedded_stale_lock_file() {
     c.lock(B, "id-2").ok(200, &serve);
     c.unlock(B, "id-2").ok(200, &serve);
 
-    // A fresh lock file may belong to a writer at work: retried, then 503 + Retry-After.
+    // A fresh lock file may belong to a writer at work: retried until the deadline, then 503 +
+    // Retry-After.
     touch(&lock_file, None);
     let h = c.post(A, None, &state(2, "two"));
     h.ok(503, &serve);

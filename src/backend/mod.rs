@@ -133,13 +133,8 @@ impl Backend {
             Operation::History { limit, before } => self.history(ctx, branch, path, *limit, *before),
             Operation::GetVersion { commit } => self.version(ctx, branch, path, *commit),
             Operation::Diff { from, to } => {
-                let read = |c| match self.version(ctx, branch, path, c)? {
-                    Outcome::State(body) => Ok(body),
-                    _ => Err(BackendError::NoSuchVersion),
-                };
-                let (from, to) = (read(*from)?, read(*to)?);
-                let summary = diff::diff(&from, &to)?;
-                let mut body = serde_json::to_vec_pretty(&summary).expect("a JSON value serializes");
+                let (from, to) = self.two_versions(ctx, branch, path, *from, *to)?;
+                let mut body = serde_json::to_vec_pretty(&diff::diff(&from, &to)?).expect("a JSON value serializes");
                 body.push(b'\n');
                 Ok(Outcome::Json(body.into()))
             }
@@ -153,11 +148,7 @@ impl Backend {
                 Ok(Outcome::StateView(Box::new(self.view_state(ctx, branch, path, *history, *before)?)))
             }
             Operation::Compare { from, to } => {
-                let read = |c| match self.version(ctx, branch, path, c)? {
-                    Outcome::State(body) => Ok(body),
-                    _ => Err(BackendError::NoSuchVersion),
-                };
-                let (from, to) = (read(*from)?, read(*to)?);
+                let (from, to) = self.two_versions(ctx, branch, path, *from, *to)?;
                 Ok(Outcome::Comparison(Box::new(diff::compare(&from, &to)?)))
             }
             Operation::ForceUnlock { id, by } => {
@@ -173,6 +164,22 @@ impl Backend {
                 }
             }
         }
+    }
+
+    /// Two versions of the state at `path`, as stored at commits `from` and `to` of the branch.
+    fn two_versions(
+        &self,
+        ctx: &RequestContext,
+        branch: &str,
+        path: &str,
+        from: ObjectId,
+        to: ObjectId,
+    ) -> Result<(Bytes, Bytes), BackendError> {
+        let read = |c| match self.version(ctx, branch, path, c)? {
+            Outcome::State(body) => Ok(body),
+            _ => Err(BackendError::NoSuchVersion),
+        };
+        Ok((read(from)?, read(to)?))
     }
 
     fn get(&self, ctx: &RequestContext, branch: &str, path: &str) -> Result<Outcome, BackendError> {

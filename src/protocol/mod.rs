@@ -82,7 +82,8 @@ pub(crate) fn parse_commit(name: &str, value: &str) -> Result<gix::ObjectId, Pro
 /// The methods both kinds of address answer.
 const METHODS: &str = "GET, POST, DELETE, LOCK, UNLOCK";
 
-enum Kind {
+/// What an address names.
+enum Address {
     /// `/states`: the listing of a branch (no path).
     States,
     State,
@@ -100,95 +101,149 @@ pub fn decode(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<BackendRequest, ProtocolError> {
-    let params = query_params(query.unwrap_or(""))?;
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let params = Params::parse(query)?;
+    let (address, raw_path) = route(path, &|name| params.get(name))?;
+    let target = target(&address, &raw_path, &params)?;
+    // Read on every request, whether its operation uses them or not: nothing sent goes unchecked.
+    let (lock_id, force) = (params.lock_id()?, params.force()?);
+    let op = operation(address, method, &params, headers, body, Extra { lock_id, force })?;
+    Ok(BackendRequest { target, op })
+}
 
-    let (kind, raw_path) = route(path, &param)?;
-    let state_path = match kind {
-        Kind::States => String::new(),
-        _ => {
-            let state_path = decode_path(&raw_path)?;
-            path::check_state_path(&state_path).map_err(ProtocolError::BadRequest)?;
-            state_path
+/// The query parameters of one request, decoded once (for the API and the web view alike).
+pub(crate) struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub(crate) fn parse(query: Option<&str>) -> Result<Self, ProtocolError> {
+        Ok(Params(query_params(query.unwrap_or(""))?))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// A parameter given with a value (an empty one counts as absent).
+    fn given(&self, name: &str) -> Option<String> {
+        self.get(name).filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn commit(&self, name: &str) -> Result<Option<gix::ObjectId>, ProtocolError> {
+        self.given(name).map(|v| parse_commit(name, &v)).transpose()
+    }
+
+    pub(crate) fn required_commit(&self, name: &str) -> Result<gix::ObjectId, ProtocolError> {
+        self.commit(name)?.ok_or_else(|| ProtocolError::BadRequest(format!("`{name}` (a commit id) is required")))
+    }
+
+    fn force(&self) -> Result<bool, ProtocolError> {
+        match self.get("force").as_deref() {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") => Ok(true),
+            Some(_) => Err(ProtocolError::BadRequest("`force` must be true or false".into())),
         }
-    };
+    }
 
-    let branch = param("ref").filter(|b| !b.is_empty());
+    fn lock_id(&self) -> Result<Option<String>, ProtocolError> {
+        let id = self.given("ID");
+        if let Some(id) = &id {
+            LockInfo::check_id(id)?;
+        }
+        Ok(id)
+    }
+}
+
+/// Which state, on which branch of which repository.
+fn target(address: &Address, raw_path: &str, params: &Params) -> Result<Target, ProtocolError> {
+    let path = match address {
+        Address::States => String::new(),
+        _ => state_path(raw_path)?,
+    };
+    let (repository, branch) = scope(params)?;
+    Ok(Target { repository, branch, path })
+}
+
+/// The state path of an address, decoded and checked.
+pub(crate) fn state_path(raw: &str) -> Result<String, ProtocolError> {
+    let path = decode_path(raw)?;
+    path::check_state_path(&path).map_err(ProtocolError::BadRequest)?;
+    Ok(path)
+}
+
+/// The `repository` and `ref` parameters, checked: which repository, which branch.
+pub(crate) fn scope(params: &Params) -> Result<(Option<RepoUrl>, Option<String>), ProtocolError> {
+    let branch = params.given("ref");
     if let Some(b) = &branch {
         path::check_branch(b).map_err(|why| ProtocolError::BadRequest(format!("the `ref` parameter: {why}")))?;
     }
-    let repository = match param("repository").filter(|r| !r.is_empty()) {
+    let repository = match params.given("repository") {
         Some(raw) => Some(RepoUrl::parse(&raw).map_err(|e| ProtocolError::BadRequest(e.to_string()))?),
         None => None,
     };
-    let lock_id = param("ID").filter(|id| !id.is_empty());
-    if let Some(id) = &lock_id {
-        LockInfo::check_id(id)?;
-    }
-    let target = Target { repository, branch, path: state_path };
+    Ok((repository, branch))
+}
 
-    let commit = |name: &str| -> Result<Option<gix::ObjectId>, ProtocolError> {
-        param(name).filter(|v| !v.is_empty()).map(|v| parse_commit(name, &v)).transpose()
-    };
-    let required = |name: &str| {
-        commit(name)?.ok_or_else(|| ProtocolError::BadRequest(format!("`{name}` (a commit id) is required")))
-    };
-    let force = match param("force").as_deref() {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") => true,
-        Some(_) => return Err(ProtocolError::BadRequest("`force` must be true or false".into())),
-    };
-    let op = match (kind, method.as_str()) {
-        (Kind::States, "GET") => Operation::ListStates {
-            limit: limit_param(param("limit"), DEFAULT_STATES_PAGE, MAX_STATES_PAGE)?,
-            after: after_param(param("after"))?,
+/// `?ID=` and `?force=`, read once.
+struct Extra {
+    lock_id: Option<String>,
+    force: bool,
+}
+
+/// The operation `method` asks of `address`.
+fn operation(
+    address: Address,
+    method: &Method,
+    params: &Params,
+    headers: &HeaderMap,
+    body: Bytes,
+    Extra { lock_id, force }: Extra,
+) -> Result<Operation, ProtocolError> {
+    let not_allowed =
+        |allow| ProtocolError::MethodNotAllowed { method: method.as_str().chars().take(32).collect(), allow };
+    Ok(match (address, method.as_str()) {
+        (Address::States, "GET") => Operation::ListStates {
+            limit: limit_param(params.get("limit"), DEFAULT_STATES_PAGE, MAX_STATES_PAGE)?,
+            after: after_param(params.get("after"))?,
         },
-        (Kind::States, m) => {
-            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "GET" })
-        }
-        (Kind::State, "GET") => match commit("version")? {
+        (Address::State, "GET") => match params.commit("version")? {
             Some(commit) => Operation::GetVersion { commit },
             None => Operation::GetState,
         },
-        (Kind::History, "GET") => {
-            let limit = match param("limit") {
+        (Address::History, "GET") => {
+            let limit = match params.get("limit") {
                 None => DEFAULT_HISTORY_PAGE,
                 Some(l) => l.parse::<usize>().ok().filter(|n| (1..=MAX_HISTORY_PAGE).contains(n)).ok_or_else(|| {
                     ProtocolError::BadRequest(format!("`limit` must be from 1 to {MAX_HISTORY_PAGE}"))
                 })?,
             };
-            Operation::History { limit, before: commit("before")? }
+            Operation::History { limit, before: params.commit("before")? }
         }
-        (Kind::Diff, "GET") => Operation::Diff { from: required("from")?, to: required("to")? },
-        (Kind::Restore, "POST") => Operation::Restore { commit: required("version")?, lock_id, force },
-        (Kind::History | Kind::Diff, m) => {
-            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "GET" })
+        (Address::Diff, "GET") => {
+            Operation::Diff { from: params.required_commit("from")?, to: params.required_commit("to")? }
         }
-        (Kind::Restore, m) => {
-            return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: "POST" })
-        }
-        (Kind::State, "POST" | "PUT") => {
+        (Address::Restore, "POST") => Operation::Restore { commit: params.required_commit("version")?, lock_id, force },
+        (Address::States | Address::History | Address::Diff, _) => return Err(not_allowed("GET")),
+        (Address::Restore, _) => return Err(not_allowed("POST")),
+        (Address::State, "POST" | "PUT") => {
             check_md5(headers, &body)?;
             let body = StateBody::check(body).map_err(|e| ProtocolError::BadRequest(e.to_string()))?;
             Operation::PutState { lock_id, body, force }
         }
-        (Kind::State, "DELETE") => Operation::DeleteState { lock_id },
-        (Kind::Lock, "GET") => Operation::GetLock,
-        (_, "LOCK") | (Kind::Lock, "POST" | "PUT") => Operation::Lock(parse_lock_info(body)?),
-        (_, "UNLOCK") | (Kind::Lock, "DELETE") => {
+        (Address::State, "DELETE") => Operation::DeleteState { lock_id },
+        (Address::Lock, "GET") => Operation::GetLock,
+        (_, "LOCK") | (Address::Lock, "POST" | "PUT") => Operation::Lock(parse_lock_info(body)?),
+        (_, "UNLOCK") | (Address::Lock, "DELETE") => {
             if body.iter().all(u8::is_ascii_whitespace) {
                 Operation::Unlock { id: None }
             } else {
                 Operation::Unlock { id: Some(parse_lock_info(body)?.id) }
             }
         }
-        (_, m) => return Err(ProtocolError::MethodNotAllowed { method: m.chars().take(32).collect(), allow: METHODS }),
-    };
-    Ok(BackendRequest { target, op })
+        (_, _) => return Err(not_allowed(METHODS)),
+    })
 }
 
 /// Find `/state/` or `/lock/` (after an optional stage segment), or the terraform-backend-git query form.
-fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, String), ProtocolError> {
+fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Address, String), ProtocolError> {
     let trimmed = path.strip_prefix('/').unwrap_or(path);
     let segments: Vec<&str> = trimmed.splitn(3, '/').collect();
     for skip in 0..2 {
@@ -196,12 +251,12 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
         let kind = match *head {
             // The web view's prefix is never a stage: `/ui/state/x` is a page, not the state.
             "ui" => return Err(ProtocolError::NotFound("the web view lives under /ui/".into())),
-            "states" if segments.len() == skip + 1 => Kind::States,
-            "state" => Kind::State,
-            "lock" => Kind::Lock,
-            "history" => Kind::History,
-            "diff" => Kind::Diff,
-            "restore" => Kind::Restore,
+            "states" if segments.len() == skip + 1 => Address::States,
+            "state" => Address::State,
+            "lock" => Address::Lock,
+            "history" => Address::History,
+            "diff" => Address::Diff,
+            "restore" => Address::Restore,
             _ => continue,
         };
         let rest = segments[skip + 1..].join("/");
@@ -211,7 +266,7 @@ fn route(path: &str, param: &dyn Fn(&str) -> Option<String>) -> Result<(Kind, St
     let only_stage = segments.iter().filter(|s| !s.is_empty()).count() <= 1;
     if only_stage && param("type").as_deref() == Some("git") {
         if let Some(state) = param("state") {
-            return Ok((Kind::State, state));
+            return Ok((Address::State, state));
         }
         return Err(ProtocolError::BadRequest("`type=git` needs a `state` parameter".into()));
     }

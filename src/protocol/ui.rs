@@ -8,7 +8,7 @@ use http::{HeaderMap, Method};
 use subtle::ConstantTimeEq;
 
 use super::Target;
-use super::{after_param, decode_path, limit_param, parse_commit, path, query_params, BackendRequest, ProtocolError};
+use super::{after_param, limit_param, query_params, scope, state_path, BackendRequest, Params, ProtocolError};
 use crate::backend::LockInfo;
 use crate::backend::Operation;
 use crate::storage::RepoUrl;
@@ -97,21 +97,13 @@ pub fn decode(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<UiRequest, ProtocolError> {
-    let params = query_params(query.unwrap_or(""))?;
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let branch = param("ref").filter(|b| !b.is_empty());
-    if let Some(b) = &branch {
-        path::check_branch(b).map_err(|why| ProtocolError::BadRequest(format!("the `ref` parameter: {why}")))?;
-    }
-    let repository = match param("repository").filter(|r| !r.is_empty()) {
-        Some(raw) => Some(RepoUrl::parse(&raw).map_err(|e| ProtocolError::BadRequest(e.to_string()))?),
-        None => None,
-    };
+    let params = Params::parse(query)?;
+    let (repository, branch) = scope(&params)?;
     let mut ui = UiRequest {
         page: Page::ToRoot,
         request: None,
-        repository: repository.clone(),
-        branch: branch.clone(),
+        repository,
+        branch,
         root: root_of(rest),
         csrf: csrf_cookie(headers),
         https: headers
@@ -124,26 +116,37 @@ pub fn decode(
         return Ok(ui);
     };
     let (head, raw_path) = inner.split_once('/').unwrap_or((inner, ""));
-    let target = |raw: &str| -> Result<Target, ProtocolError> {
-        let state_path = decode_path(raw)?;
-        path::check_state_path(&state_path).map_err(ProtocolError::BadRequest)?;
-        Ok(Target { repository: repository.clone(), branch: branch.clone(), path: state_path })
-    };
-    let commit = |name: &str| {
-        param(name)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| ProtocolError::BadRequest(format!("`{name}` (a commit id) is required")))
-            .and_then(|v| parse_commit(name, &v))
-    };
-    let (page, request) = match head {
+    let (page, wanted) = page_of(head, raw_path, method, &params, headers, &body, ui.csrf.as_deref())?;
+    ui.page = page;
+    if let Some((raw, op)) = wanted {
+        let path = raw.map(state_path).transpose()?.unwrap_or_default();
+        let target = Target { repository: ui.repository.clone(), branch: ui.branch.clone(), path };
+        ui.request = Some(BackendRequest { target, op });
+    }
+    Ok(ui)
+}
+
+/// An operation a page needs, with the raw path of its state (`None`: the listing, which has no state).
+type Wanted<'a> = (Option<&'a str>, Operation);
+
+/// The page `head` names, and the operation it needs.
+fn page_of<'a>(
+    head: &str,
+    raw_path: &'a str,
+    method: &Method,
+    params: &Params,
+    headers: &HeaderMap,
+    body: &Bytes,
+    csrf: Option<&str>,
+) -> Result<(Page, Option<Wanted<'a>>), ProtocolError> {
+    Ok(match head {
         "" if raw_path.is_empty() => {
             only(method, "GET")?;
             let op = Operation::ListStates {
-                limit: limit_param(param("limit"), DEFAULT_STATES_PAGE, MAX_STATES_PAGE)?,
-                after: after_param(param("after"))?,
+                limit: limit_param(params.get("limit"), DEFAULT_STATES_PAGE, MAX_STATES_PAGE)?,
+                after: after_param(params.get("after"))?,
             };
-            let target = Target { repository: repository.clone(), branch: branch.clone(), path: String::new() };
-            (Page::States, Some(BackendRequest { target, op }))
+            (Page::States, Some((None, op)))
         }
         "style.css" if raw_path.is_empty() => {
             only(method, "GET")?;
@@ -151,36 +154,27 @@ pub fn decode(
         }
         "state" => {
             only(method, "GET")?;
-            let before = param("before").filter(|v| !v.is_empty()).map(|v| parse_commit("before", &v)).transpose()?;
-            let history = limit_param(param("limit"), DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE)?;
-            (
-                Page::State,
-                Some(BackendRequest { target: target(raw_path)?, op: Operation::ViewState { history, before } }),
-            )
+            let before = params.commit("before")?;
+            let history = limit_param(params.get("limit"), DEFAULT_HISTORY_PAGE, MAX_HISTORY_PAGE)?;
+            (Page::State, Some((Some(raw_path), Operation::ViewState { history, before })))
         }
         "diff" => {
             only(method, "GET")?;
-            let (from, to) = (commit("from")?, commit("to")?);
-            (
-                Page::Diff { from, to },
-                Some(BackendRequest { target: target(raw_path)?, op: Operation::Compare { from, to } }),
-            )
+            let (from, to) = (params.required_commit("from")?, params.required_commit("to")?);
+            (Page::Diff { from, to }, Some((Some(raw_path), Operation::Compare { from, to })))
         }
         "download" => {
             only(method, "GET")?;
-            (Page::Download, Some(BackendRequest { target: target(raw_path)?, op: Operation::GetState }))
+            (Page::Download, Some((Some(raw_path), Operation::GetState)))
         }
         "unlock" => {
             only(method, "POST")?;
-            let target = target(raw_path)?;
-            let id = check_form_origin(headers, &body, ui.csrf.as_deref())?;
-            (Page::Unlock, Some(BackendRequest { target, op: Operation::ForceUnlock { id, by: None } }))
+            state_path(raw_path)?;
+            let id = check_form_origin(headers, body, csrf)?;
+            (Page::Unlock, Some((Some(raw_path), Operation::ForceUnlock { id, by: None })))
         }
         _ => return Err(ProtocolError::NotFound("no such page of the web view".into())),
-    };
-    ui.page = page;
-    ui.request = request;
-    Ok(ui)
+    })
 }
 
 fn only(method: &Method, allowed: &'static str) -> Result<(), ProtocolError> {

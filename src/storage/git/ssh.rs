@@ -407,7 +407,6 @@ impl SshTransport {
             interrupt: Arc::clone(&self.ctx.interrupt),
         };
         let unreachable = |source: std::io::Error| SshError::Unreachable { host: host.clone(), source };
-        let session_failed = |e: russh::Error| SshError::Session { host: host.clone(), detail: e.to_string() };
 
         // TCP, bounded by the connect timeout and the deadline.
         let addr = (bare_host(url).to_owned(), url.port());
@@ -430,46 +429,11 @@ impl SshTransport {
         let mut handle = match waiter.wait(IO_TIMEOUT, russh::client::connect_stream(config, tcp, verifier)) {
             Err(timeout) => return Err(unreachable(timeout)),
             Ok(Ok(handle)) => handle,
-            Ok(Err(e)) => {
-                if let Some(fingerprint) = seen.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    return Err(SshError::HostKeyRefused { host, fingerprint });
-                }
-                return Err(match e {
-                    // The host has no key of a pinned type: no pinned key can match.
-                    russh::Error::NoCommonAlgo { kind: russh::AlgorithmKind::Key, theirs, .. } => {
-                        let offered: String = theirs.join(", ").chars().take(200).collect();
-                        SshError::HostKeyRefused {
-                            host,
-                            fingerprint: format!("no key of a pinned type; it offers {}", offered.escape_debug()),
-                        }
-                    }
-                    russh::Error::IO(io) => unreachable(io),
-                    russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout => {
-                        unreachable(std::io::Error::new(std::io::ErrorKind::ConnectionReset, e.to_string()))
-                    }
-                    other => session_failed(other),
-                });
-            }
+            Ok(Err(e)) => return Err(handshake_failed(e, &seen, host)),
         };
 
-        // Public key authentication (RSA with the best hash the host offers).
-        let hash = if key.algorithm().is_rsa() {
-            waiter
-                .wait(IO_TIMEOUT, handle.best_supported_rsa_hash())
-                .map_err(unreachable)?
-                .map_err(session_failed)?
-                .flatten()
-        } else {
-            None
-        };
         let user = url.user().unwrap_or("git").to_owned();
-        let auth = waiter
-            .wait(IO_TIMEOUT, handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash)))
-            .map_err(unreachable)?
-            .map_err(session_failed)?;
-        if !auth.success() {
-            return Err(SshError::KeyRefused { host });
-        }
+        authenticate(&waiter, &mut handle, key, user, &host)?;
         *session.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(handle));
         drop(waiter);
         Arc::try_unwrap(session).map_err(|_| SshError::Setup("the new session is shared".into()))
@@ -583,6 +547,59 @@ impl Transport for SshTransport {
             ))),
         }
     }
+}
+
+/// Why the SSH handshake failed: a host key that is not pinned (seen by the verifier, or
+/// none of a pinned type offered), the host out of reach, or the session itself.
+fn handshake_failed(e: russh::Error, seen: &Mutex<Option<String>>, host: String) -> SshError {
+    if let Some(fingerprint) = seen.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return SshError::HostKeyRefused { host, fingerprint };
+    }
+    match e {
+        // The host has no key of a pinned type: no pinned key can match.
+        russh::Error::NoCommonAlgo { kind: russh::AlgorithmKind::Key, theirs, .. } => {
+            let offered: String = theirs.join(", ").chars().take(200).collect();
+            SshError::HostKeyRefused {
+                host,
+                fingerprint: format!("no key of a pinned type; it offers {}", offered.escape_debug()),
+            }
+        }
+        russh::Error::IO(io) => SshError::Unreachable { host, source: io },
+        russh::Error::Disconnect | russh::Error::HUP | russh::Error::ConnectionTimeout => SshError::Unreachable {
+            host,
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, e.to_string()),
+        },
+        other => SshError::Session { host, detail: other.to_string() },
+    }
+}
+
+/// Public key authentication as `user` (RSA with the best hash the host offers).
+fn authenticate(
+    waiter: &Waiter,
+    handle: &mut russh::client::Handle<Verifier>,
+    key: Arc<PrivateKey>,
+    user: String,
+    host: &str,
+) -> Result<(), SshError> {
+    let unreachable = |source: std::io::Error| SshError::Unreachable { host: host.to_owned(), source };
+    let session_failed = |e: russh::Error| SshError::Session { host: host.to_owned(), detail: e.to_string() };
+    let hash = if key.algorithm().is_rsa() {
+        waiter
+            .wait(IO_TIMEOUT, handle.best_supported_rsa_hash())
+            .map_err(unreachable)?
+            .map_err(session_failed)?
+            .flatten()
+    } else {
+        None
+    };
+    let auth = waiter
+        .wait(IO_TIMEOUT, handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash)))
+        .map_err(unreachable)?
+        .map_err(session_failed)?;
+    if !auth.success() {
+        return Err(SshError::KeyRefused { host: host.to_owned() });
+    }
+    Ok(())
 }
 
 /// Sort an SSH failure (found among an error's causes) into ours.
