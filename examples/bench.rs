@@ -1,17 +1,22 @@
 //! Benchmark (figures, not a test): median latency of GET, LOCK, POST, UNLOCK and a
 //! full apply cycle through `App::handle` against a local `git daemon`, next to the
 //! git CLI doing the same git work, with cold and warm caches and several history sizes;
-//! then the tables of issue 13: requests to a smart-HTTP host per operation and per real
-//! `terraform apply`/`plan` (lighttpd's access log), latency through a latency-injecting
-//! proxy next to the git CLI, states per repository, concurrent writers, cold start, and the
-//! peak memory of `gitstate serve` with large states. Every target is printed beside its
-//! figure; nothing is asserted on time.
+//! then the tables of issues 13 and 22: requests to a smart-HTTP host per operation and per
+//! real `terraform apply`/`plan` of each Terraform version (lighttpd's access log), latency
+//! through a latency-injecting proxy next to the git CLI over git:// and over HTTPS (lighttpd
+//! with `mod_openssl`; requests per cycle and new TLS handshakes while warm), states per
+//! repository, 1 to 256 concurrent writers at 0 and 20 ms each way, cold start (a new App, a
+//! fresh `gitstate serve` process, a fresh Lambda instance under the emulator, the binary's
+//! size), and the peak memory of `gitstate serve` with large states. Every target is printed
+//! beside its figure; nothing is asserted on time.
 //!
-//! Run: `cargo build --release && cargo run --release --example bench [-- ROUNDS] [--tiny]`
-//! (needs `git` for the daemon and the comparison, lighttpd and Terraform for the request
-//! counts; gitstate itself never runs git). `--tiny` shrinks every table (100 states instead
-//! of 10,000, writers up to 4, a 1 MB state instead of 5 and 50 MB) so that
-//! `tests/bench_runs.rs` can run it in a debug build.
+//! Run: `cargo build --release && cargo run --release --example bench [-- ROUNDS] [--tiny]
+//! [--table=N]` (needs `git` for the daemon and the comparison, lighttpd, openssl and Terraform
+//! for the request counts and HTTPS, cargo-lambda for the Lambda row; a table whose tools are
+//! missing says so and is skipped; gitstate itself never runs git). `--tiny` shrinks every
+//! table (100 states instead of 10,000, writers up to 4, a 1 MB state instead of 5 and 50 MB)
+//! so that `tests/bench_runs.rs` can run it in a debug build; `--table=N` runs the N-th table
+//! (from 1, in the order of [`HEADINGS`]) only.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -48,24 +53,55 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = GitDaemon::start();
     let started = Instant::now();
-    let heading = |i: usize| println!("{} [{:.0} s]", HEADINGS[i], started.elapsed().as_secs_f64());
     println!(
         "gitstate benchmark: {rounds} rounds per figure{}, {} build, git daemon on 127.0.0.1:{}",
         if tiny { ", tiny sizes" } else { "" },
         if cfg!(debug_assertions) { "debug" } else { "release" },
         daemon.port()
     );
-    heading(0);
+    // `--table=N` (N from 1) runs one table only.
+    let only: Option<usize> = args.iter().find_map(|a| a.strip_prefix("--table=")?.parse().ok());
+    for (i, heading) in HEADINGS.iter().enumerate() {
+        if only.is_some_and(|n| n != i + 1) {
+            continue;
+        }
+        println!("{heading} [{:.0} s]", started.elapsed().as_secs_f64());
+        match i {
+            0 => latency_by_history(&rt, &daemon, tmp.path(), rounds),
+            1 => history(&rt, &daemon, tmp.path()),
+            2 => encryption(&rt, &daemon, tmp.path(), rounds),
+            3 => {
+                let url = repo_with_history(&daemon, "big.git", 10);
+                let (before, after, took) = rt.block_on(big_state(&url, tmp.path(), 5));
+                println!(
+                    "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
+                    after - before
+                );
+            }
+            4 => requests_per_operation(),
+            5 => latency(&rt, &daemon, tmp.path(), rounds, tiny),
+            6 => tls_latency(&rt, tmp.path(), rounds, tiny),
+            7 => states_per_repository(&rt, &daemon, tmp.path(), rounds, tiny),
+            8 => concurrency(&rt, tmp.path(), rounds, tiny),
+            9 => cold_start(&rt, &daemon, tmp.path(), rounds, tiny),
+            _ => memory(&daemon, tiny),
+        }
+    }
+    println!("benchmark done [{:.0} s]", started.elapsed().as_secs_f64());
+}
+
+/// Latency of each operation by history size, warm and cold, beside the git CLI.
+fn latency_by_history(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize) {
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms"
     );
     for history in [10usize, 1_000, 10_000] {
         let name = format!("h{history}.git");
-        let url = repo_with_history(&daemon, &name, history);
+        let url = repo_with_history(daemon, &name, history);
         for cold in [false, true] {
-            let figures = run(&rt, &url, tmp.path(), rounds, cold);
-            let cli = git_cli_cycle(&url, tmp.path(), rounds.min(10));
+            let figures = run(rt, &url, tmp, rounds, cold);
+            let cli = git_cli_cycle(&url, tmp, rounds.min(10));
             println!(
                 "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12.2}",
                 format!("{history} commits, {}", if cold { "cold cache" } else { "warm cache" }),
@@ -78,32 +114,6 @@ fn main() {
             );
         }
     }
-    heading(1);
-    history(&rt, &daemon, tmp.path());
-    heading(2);
-    encryption(&rt, &daemon, tmp.path(), rounds);
-    heading(3);
-    let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
-    println!(
-        "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
-        after - before
-    );
-
-    heading(4);
-    requests_per_operation();
-    heading(5);
-    latency(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(6);
-    tls_latency(&rt, tmp.path(), rounds, tiny);
-    heading(7);
-    states_per_repository(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(8);
-    concurrency(&rt, tmp.path(), rounds, tiny);
-    heading(9);
-    cold_start(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(10);
-    memory(&daemon, tiny);
-    println!("benchmark done [{:.0} s]", started.elapsed().as_secs_f64());
 }
 
 /// Medians (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle.
@@ -1221,6 +1231,7 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
         "{:<10} {:>10} {:>11} {:>10} {:>9} {:>9}  {:<38} {}",
         "each way", "exec ms", "listening", "GET ms", "requests", "new TLS", "target", "requests of the first GET"
     );
+    let mut dominant = String::new();
     for d in if tiny { vec![0u64] } else { vec![0, 20] } {
         let proxy = LatencyProxy::start(host.httpd.port(), Duration::from_millis(d));
         let url = host.url_via(proxy.port, name);
@@ -1244,11 +1255,19 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
             counts.push(last.len() as f64);
         }
         let requests = median(&mut counts);
+        let (listening, get) = (median(&mut listening), median(&mut get));
+        dominant = format!(
+            "at {d} ms each way, of a fresh process's first answer ({:.0} ms from spawn) {:.0}% is the start up to listening ({:.0}% of that the bare process start, `--version`) and {:.0}% the first GET",
+            listening + get,
+            100.0 * listening / (listening + get),
+            100.0 * version / listening,
+            100.0 * get / (listening + get)
+        );
         println!(
             "{:<10} {version:>10.1} {:>11.1} {:>10.1} {requests:>9} {:>9}  {:<38} {}",
             format!("{d} ms"),
-            median(&mut listening),
-            median(&mut get),
+            listening,
+            get,
             median(&mut conns.iter().map(|&c| c as f64).collect::<Vec<_>>()),
             format!("<= handshakes + 1 request {}", met(requests <= 1.0)),
             describe(&last)
@@ -1258,6 +1277,7 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
         "medians of {rounds} fresh `gitstate serve` processes, each with an empty cache, over HTTPS through the latency proxy (a repository of {} states); exec = `gitstate --version` (process start and exit); listening = spawn to the start banner on stdout (settings, App::load, bind); GET = the first GET of a state, the requests it cost at lighttpd and the new connections (TCP + TLS handshakes) at the proxy",
         if tiny { 100 } else { 1_000 }
     );
+    println!("{dominant}");
 }
 
 /// Milliseconds `gitstate --version` takes: starting and ending the process, nothing else.
@@ -1339,10 +1359,19 @@ fn cold_lambda(tiny: bool) {
     let url = host.url_via(proxy.port, name);
     let ca = host.ca.display().to_string();
     println!(
-        "{:<22} {:>14} {:>13} {:>9} {:>9} {:>13} {:>9}  {}",
-        "Lambda instance", "first answer", "first GET ms", "requests", "new TLS", "second GET ms", "requests", "init"
+        "{:<16} {:>11} {:>11} {:>11} {:>12} {:>9} {:>9} {:>13} {:>9}",
+        "Lambda instance",
+        "cargo ms",
+        "up ms",
+        "answer ms",
+        "first GET ms",
+        "requests",
+        "new TLS",
+        "second GET ms",
+        "requests"
     );
     for i in 0..if tiny { 1 } else { 2 } {
+        let started = std::time::SystemTime::now();
         let emulator = gitstate_testkit::lambda::Emulator::start(&[
             ("GITSTATE_REPOSITORY", url.as_str()),
             ("SSL_CERT_FILE", ca.as_str()),
@@ -1358,24 +1387,41 @@ fn cold_lambda(tiny: bool) {
         };
         let (first, first_requests, first_conns) = get();
         let (second, second_requests, _) = get();
+        let log = emulator.log();
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         println!(
-            "{:<22} {:>11.0} ms {first:>13.1} {first_requests:>9} {first_conns:>9} {second:>13.1} {second_requests:>9}  {}",
+            "{:<16} {:>11} {:>11} {:>11.0} {first:>12.1} {first_requests:>9} {first_conns:>9} {second:>13.1} {second_requests:>9}",
             format!("{} start", if i == 0 { "first" } else { "another" }),
+            cell(cargo_check_ms(&log)),
+            cell(function_up_ms(&log, started)),
             ms(emulator.first_answer),
-            init_duration(&emulator.log())
         );
     }
     println!(
-        "first answer: from starting `cargo lambda watch` to the function's first answer (cargo's build check, the function's process start, one invocation; a {} binary); first GET: the instance's first look at the git host, empty /tmp cache; init: what the emulator's log says of the instance's init, if anything",
-        if cfg!(debug_assertions) { "debug" } else { "debug (cargo lambda watch builds its own)" }
+        "ms from starting `cargo lambda watch`: cargo = cargo's build check before it runs the function (its `Finished ... in` line; a debug binary{}); up = the function's first log line (lambda_runtime's, once gitstate's init is done: settings, App::load), by its timestamp; answer = the function's first answer (a request gitstate answers without the git host); first GET: the instance's first look at the git host over HTTPS (empty /tmp cache), its requests at lighttpd and new connections at a proxy; the emulator reports no Init Duration",
+        if cfg!(debug_assertions) { "" } else { ": cargo lambda watch builds its own" }
     );
 }
 
-/// `Init Duration` (or the like) from the emulator's log, if it reports one.
-fn init_duration(log: &str) -> String {
-    log.lines()
-        .find(|l| l.to_ascii_lowercase().contains("init duration") || l.to_ascii_lowercase().contains("init_duration"))
-        .map_or_else(|| "not reported by the emulator".into(), |l| l.trim().to_string())
+/// Cargo's build check in the emulator's log: `Finished ... target(s) in 1.00s`, in ms.
+fn cargo_check_ms(log: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains("Finished") && l.contains(" in "))?;
+    let took = line.rsplit(" in ").next()?.trim();
+    took.strip_suffix('s')?.parse::<f64>().ok().map(|s| s * 1000.0)
+}
+
+/// How long after `started` the function wrote its first JSON log line (by the line's
+/// `"timestamp":"2026-12-03T07:11:44.432637Z"`, UTC; compared as times of day).
+fn function_up_ms(log: &str, started: std::time::SystemTime) -> Option<f64> {
+    let line = log.lines().find(|l| l.starts_with('{') && l.contains("\"timestamp\""))?;
+    let stamp = line.split("\"timestamp\":\"").nth(1)?.split('"').next()?;
+    let clock = stamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s) =
+        (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    let logged = h * 3600.0 + m * 60.0 + s;
+    let since_epoch = started.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some((logged - since_epoch % 86_400.0).rem_euclid(86_400.0) * 1000.0)
 }
 
 /// The size of the `gitstate` binary this benchmark runs.
