@@ -1040,6 +1040,19 @@ struct WritersRow {
     p99_ms: f64,
     pushes: usize,
     lost_races: usize,
+    /// Why writes failed: each answer's first words, numbers left out, with how many.
+    failures: std::collections::BTreeMap<String, usize>,
+}
+
+/// The first words of a failed write's answer, its numbers replaced by `N` (so that "ran out
+/// of time after 6 push attempts" and "... after 8 ..." count as one reason).
+fn failure_reason(status: u16, body: &str) -> String {
+    let words: Vec<String> = body
+        .split_whitespace()
+        .take(10)
+        .map(|w| if w.chars().any(|c| c.is_ascii_digit()) { "N".into() } else { w.to_string() })
+        .collect();
+    format!("{status} {}", words.join(" "))
 }
 
 /// Writers at 1, 4, 16, 64 and 256 (the last one a stretch), with 0 and 20 ms added each way.
@@ -1092,6 +1105,9 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
                 r.pushes,
                 r.lost_races
             );
+            for (reason, count) in &r.failures {
+                println!("{:>8} failed: {count} x {reason}", "");
+            }
         }
     }
     println!(
@@ -1139,8 +1155,9 @@ fn writers_row(
                             &format!("writer {w} write {k}"),
                         );
                         let t = Instant::now();
-                        let status = call(&app, "POST", &format!("/state/conc/w{w}.tfstate"), &body).await;
-                        writes.push((status, ms(t.elapsed())));
+                        let (status, answer) =
+                            races::call(&app, "POST", &format!("/state/conc/w{w}.tfstate"), &body).await;
+                        writes.push((status, answer, ms(t.elapsed())));
                     }
                     writes
                 })
@@ -1148,9 +1165,13 @@ fn writers_row(
             .collect();
         let mut times = Vec::new();
         let mut failed = 0;
+        let mut failures = std::collections::BTreeMap::new();
         for t in tasks {
-            for (status, took) in t.await.expect("writer task") {
-                failed += usize::from(status != 200);
+            for (status, answer, took) in t.await.expect("writer task") {
+                if status != 200 {
+                    failed += 1;
+                    *failures.entry(failure_reason(status, &answer)).or_insert(0) += 1;
+                }
                 times.push(took);
             }
         }
@@ -1167,6 +1188,7 @@ fn writers_row(
             p99_ms: percentile(&mut times, 99),
             pushes: pushes() - pushes_before,
             lost_races: LOST_RACES.load(Ordering::SeqCst),
+            failures,
         }
     })
 }
