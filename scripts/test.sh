@@ -12,6 +12,7 @@
 #     ships a real Terraform v1.0.3 binary; exported as GITSTATE_TERRAFORM.
 #   - lighttpd (Debian package): serves `git http-backend` with basic auth, the
 #     smart-HTTP git host of tests/git_http.rs and tests/secret_mode.rs.
+#   - openssh-server (Debian package): sshd, the SSH git host of tests/ssh_hosts.rs.
 #   - age (Debian package): the `age`/`age-keygen` CLI of tests/encryption.rs.
 #   - chromium and chromium-driver (Debian packages): the headless browser of
 #     tests/ui_browser.rs, driven over WebDriver; screenshots go to target/ui-screenshots/.
@@ -53,6 +54,10 @@ fi
 # the tests' certificates (a CA, a certificate for 127.0.0.1, an expired one, one for another name).
 [ -f /usr/lib/lighttpd/mod_openssl.so ] || apt_install lighttpd-mod-openssl
 command -v openssl >/dev/null 2>&1 || apt_install openssl
+# SSH git host (tests/ssh_hosts.rs): OpenSSH's sshd (Debian openssh-server) runs
+# git-upload-pack/git-receive-pack; ssh-keygen (openssh-client) makes its host and client keys.
+# gitstate itself has its own SSH client and never runs ssh.
+{ [ -x /usr/sbin/sshd ] && command -v ssh-keygen >/dev/null 2>&1; } || apt_install openssh-server openssh-client
 # The age CLI (`age`, `age-keygen`; Debian package age): tests/encryption.rs makes
 # keys with it and decrypts what gitstate stored with no gitstate involved.
 command -v age >/dev/null 2>&1 && command -v age-keygen >/dev/null 2>&1 || apt_install age

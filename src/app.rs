@@ -234,7 +234,7 @@ impl App {
             }
         }
 
-        let ctx = RequestContext::new(credentials, deadline);
+        let ctx = RequestContext::new(credentials, deadline).with_ssh(self.auth.ssh());
         let result = self.run_backend(request, &ctx, &span).await;
         span.record("git_round_trips", ctx.counters.round_trips());
         span.record("git_ms", ctx.counters.time().as_millis() as u64);

@@ -6,7 +6,11 @@ use base64::Engine as _;
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use std::sync::Arc;
+
 use crate::config::{AuthMode, Config};
+use crate::context::SshIdentity;
+use crate::storage::url::Scheme;
 use crate::storage::Credentials;
 
 /// Why a caller was not let in. Statuses are assigned in `crate::error`.
@@ -39,6 +43,8 @@ pub struct Auth {
     git: Option<Credentials>,
     /// `secret` mode: age identities from the secret's `age_identities` field.
     age_identities: Option<zeroize::Zeroizing<String>>,
+    /// The deployment's SSH identity for `ssh://` remotes (`env`, `secret`).
+    ssh: Option<Arc<SshIdentity>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -55,6 +61,70 @@ struct SecretJson {
     backend_password: Option<String>,
     /// age identities that open stored states (encryption at rest), when they live in the secret.
     age_identities: Option<String>,
+    /// The deployment's SSH private key (OpenSSH format) for `ssh://` remotes.
+    ssh_private_key: Option<String>,
+    /// known_hosts lines pinning the key of every SSH host.
+    ssh_known_hosts: Option<String>,
+}
+
+/// The SSH identity a deployment uses, checked at start: the key and known hosts read, and
+/// every SSH host the settings admit (the repository, each `ssh://` allowlist entry) has a
+/// pinned key. `ssh://` in passthrough mode, and SSH settings there, are refused: a caller's
+/// basic auth is never an SSH password. Key and known hosts come from the settings, or else
+/// from the secret (`secret`).
+pub fn ssh_identity(
+    config: &Config,
+    secret_key: Option<String>,
+    secret_known_hosts: Option<String>,
+) -> Result<Option<Arc<SshIdentity>>, LoadError> {
+    let mut hosts: Vec<(String, u16)> = Vec::new();
+    if let Some(url) = config.repository.as_ref().filter(|u| u.scheme() == Scheme::Ssh) {
+        hosts.push((url.host().to_owned(), url.port()));
+    }
+    for pattern in config.allowed_repositories.iter().filter(|p| p.scheme() == Scheme::Ssh) {
+        let Some(host) = pattern.exact_host() else {
+            return Err(LoadError(format!(
+                "GITSTATE_ALLOWED_REPOSITORIES: {pattern}: an ssh:// entry must name its host exactly (each SSH host needs its pinned key)"
+            )));
+        };
+        hosts.push(host);
+    }
+    let private_key = config.ssh.private_key.clone().or(secret_key.map(zeroize::Zeroizing::new));
+    let known_hosts = config.ssh.known_hosts.clone().or(secret_known_hosts);
+    if config.auth == AuthMode::Passthrough {
+        if !hosts.is_empty() {
+            return Err(LoadError(
+                "ssh:// repositories need GITSTATE_AUTH=env or secret with the deployment's SSH key: \
+                 in passthrough mode a caller's basic auth is never used as an SSH credential"
+                    .into(),
+            ));
+        }
+        if private_key.is_some() || known_hosts.is_some() {
+            return Err(LoadError(
+                "GITSTATE_SSH_KEY/GITSTATE_SSH_KNOWN_HOSTS are used only with GITSTATE_AUTH=env or secret".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(private_key) = private_key else {
+        if hosts.is_empty() {
+            return Ok(None);
+        }
+        return Err(LoadError(
+            "ssh:// repositories need the deployment's SSH key: GITSTATE_SSH_KEY, GITSTATE_SSH_KEY_FILE or the secret's ssh_private_key".into(),
+        ));
+    };
+    let identity = SshIdentity { private_key, known_hosts: known_hosts.unwrap_or_default() };
+    let known = crate::storage::git::ssh::check_identity(&identity).map_err(LoadError)?;
+    for (host, port) in &hosts {
+        if crate::storage::git::ssh::pinned_for(&known, host, *port).is_empty() {
+            return Err(LoadError(format!(
+                "no host key pinned for {host} port {port}: add its known_hosts line to GITSTATE_SSH_KNOWN_HOSTS \
+                 (or the secret's ssh_known_hosts); gitstate does not trust a host on first use"
+            )));
+        }
+    }
+    Ok(Some(Arc::new(identity)))
 }
 
 impl Auth {
@@ -76,6 +146,7 @@ impl Auth {
                     backend: None,
                     git: None,
                     age_identities: None,
+                    ssh: ssh_identity(config, None, None)?,
                 })
             }
             AuthMode::Env => Ok(Auth {
@@ -84,6 +155,7 @@ impl Auth {
                 backend,
                 git: config.git_credentials.clone(),
                 age_identities: None,
+                ssh: ssh_identity(config, None, None)?,
             }),
             AuthMode::Secret => Err(LoadError("secret mode loads its credentials with Auth::load".into())),
         }
@@ -110,8 +182,11 @@ impl Auth {
             .map_err(|_| LoadError(format!("secret {id} is not a JSON object with username and password")))?;
         let git = match (json.username, json.password) {
             (Some(username), Some(password)) => Some(Credentials { username, password }),
+            // A secret for ssh:// remotes only needs no HTTP credentials.
+            (None, None) if json.ssh_private_key.is_some() => None,
             _ => return Err(LoadError(format!("secret {id} lacks username or password"))),
         };
+        let ssh = ssh_identity(config, json.ssh_private_key, json.ssh_known_hosts)?;
         let backend = config.backend_credentials.clone().or(match (json.backend_username, json.backend_password) {
             (Some(username), Some(password)) => Some(Credentials { username, password }),
             _ => None,
@@ -130,7 +205,13 @@ impl Auth {
             backend,
             git,
             age_identities: json.age_identities.map(zeroize::Zeroizing::new),
+            ssh,
         })
+    }
+
+    /// The deployment's SSH identity (`env`, `secret`), for `ssh://` remotes.
+    pub fn ssh(&self) -> Option<Arc<SshIdentity>> {
+        self.ssh.clone()
     }
 
     /// age identities read from the secret, if it holds any.

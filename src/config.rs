@@ -38,7 +38,7 @@ pub struct Settings {
     /// Largest request body in bytes, 413 above it (default: 67108864)
     #[arg(long, env = "GITSTATE_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
-    /// Rebuilds of a write that lost the race for the branch (default: 16)
+    /// Pushes a write may make on a branch that keeps moving; 0: as many as the request's deadline allows (default: 0)
     #[arg(long, env = "GITSTATE_WRITE_RETRIES", value_name = "N")]
     pub write_retries: Option<String>,
     /// Comma-separated URL patterns a `repository` parameter must match (`*` within one path
@@ -57,6 +57,15 @@ pub struct Settings {
     /// Git password or token (`env` mode, `doctor`); prefer the variable: flags are visible to other users
     #[arg(long, env = "GITSTATE_GIT_PASSWORD", value_name = "TOKEN", hide_env_values = true)]
     pub git_password: Option<String>,
+    /// `ssh://` repositories: the deployment's SSH private key (OpenSSH format), as text; prefer the variable or the file
+    #[arg(long, env = "GITSTATE_SSH_KEY", value_name = "KEY", hide_env_values = true)]
+    pub ssh_key: Option<String>,
+    /// `ssh://` repositories: a file holding the deployment's SSH private key
+    #[arg(long, env = "GITSTATE_SSH_KEY_FILE", value_name = "FILE")]
+    pub ssh_key_file: Option<String>,
+    /// known_hosts lines pinning the key of every SSH host the settings admit
+    #[arg(long, env = "GITSTATE_SSH_KNOWN_HOSTS", value_name = "LINES")]
+    pub ssh_known_hosts: Option<String>,
     /// Secrets Manager id of the git credentials (`secret` mode)
     #[arg(long, env = "GITSTATE_GIT_CREDENTIALS_SECRET", value_name = "ID")]
     pub git_credentials_secret: Option<String>,
@@ -205,8 +214,9 @@ pub struct Config {
     pub git_credentials_secret: Option<String>,
     /// `GITSTATE_USERNAME`/`GITSTATE_PASSWORD`: basic auth the backend itself requires.
     pub backend_credentials: Option<Credentials>,
-    /// `GITSTATE_WRITE_RETRIES`: how often a write that lost the race for the branch is rebuilt (default 16:
-    /// 8 left some of 16 concurrent writers on one repository without a turn).
+    /// `GITSTATE_WRITE_RETRIES`: pushes a write may make on a branch that keeps moving; 0 (the
+    /// default): as many as the request's deadline allows (a count left writers of a busy
+    /// repository failing while time remained).
     pub write_retries: u32,
     /// `GITSTATE_REQUEST_TIMEOUT`: seconds a request may take under `serve` (default 25); under
     /// Lambda the invocation's own deadline, less a margin, is used.
@@ -234,6 +244,50 @@ pub struct Config {
     pub serve_limits: ServeLimits,
     /// `GITSTATE_LISTEN`: where `gitstate serve` listens (default `127.0.0.1:6061`).
     pub listen: std::net::SocketAddr,
+    /// `ssh://` remotes: `GITSTATE_SSH_KEY` or `GITSTATE_SSH_KEY_FILE`, `GITSTATE_SSH_KNOWN_HOSTS`.
+    pub ssh: SshSettings,
+}
+
+/// The deployment's SSH identity as configured (`env` mode; in `secret` mode the secret's
+/// `ssh_private_key`/`ssh_known_hosts` fill what is not set here). Checked at start in
+/// `auth.rs` (`ssh_identity`): every SSH host the settings admit needs a pinned key.
+#[derive(Clone, Default)]
+pub struct SshSettings {
+    /// `GITSTATE_SSH_KEY` (the key's text) or `GITSTATE_SSH_KEY_FILE` (a path to it): an
+    /// OpenSSH private key without passphrase (ed25519, ECDSA or RSA).
+    pub private_key: Option<zeroize::Zeroizing<String>>,
+    /// `GITSTATE_SSH_KNOWN_HOSTS`: known_hosts lines pinning the key of every SSH host
+    /// (`github.com ssh-ed25519 AAAA…`, `[host]:2222 ssh-ed25519 AAAA…`).
+    pub known_hosts: Option<String>,
+}
+
+impl std::fmt::Debug for SshSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshSettings")
+            .field("private_key", &self.private_key.as_ref().map(|_| "<redacted>"))
+            .field("known_hosts", &self.known_hosts.is_some())
+            .finish()
+    }
+}
+
+impl SshSettings {
+    /// The one reading of the SSH settings.
+    fn read(s: &Settings) -> Result<Self, ConfigError> {
+        let private_key = match (set(&s.ssh_key), set(&s.ssh_key_file)) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "GITSTATE_SSH_KEY_FILE",
+                    "set GITSTATE_SSH_KEY or GITSTATE_SSH_KEY_FILE, not both",
+                ))
+            }
+            (Some(text), None) => Some(zeroize::Zeroizing::new(text.to_string())),
+            (None, Some(path)) => Some(zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new("GITSTATE_SSH_KEY_FILE", format!("cannot read {path}: {}", e.kind()))
+            })?)),
+            (None, None) => None,
+        };
+        Ok(SshSettings { private_key, known_hosts: set(&s.ssh_known_hosts).map(String::from) })
+    }
 }
 
 impl Default for Config {
@@ -250,7 +304,7 @@ impl Default for Config {
             git_credentials: None,
             git_credentials_secret: None,
             backend_credentials: None,
-            write_retries: 16,
+            write_retries: 0,
             request_timeout: Duration::from_secs(25),
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 6061)),
             max_repositories: 16,
@@ -259,6 +313,7 @@ impl Default for Config {
             bearer_username: "x-access-token".into(),
             serve_limits: ServeLimits::default(),
             sealing: SealingSettings::default(),
+            ssh: SshSettings::default(),
         }
     }
 }
@@ -381,6 +436,7 @@ impl Config {
             sealing: read_sealing(s)?,
             serve_limits: read_serve_limits(s)?,
             listen: parse_or("GITSTATE_LISTEN", &s.listen, d.listen, "expected an address like 127.0.0.1:6061")?,
+            ssh: SshSettings::read(s)?,
         };
         c.validate()?;
         Ok(c)
@@ -404,10 +460,10 @@ impl Config {
                 reason: "GITSTATE_AUTH=env holds git credentials of its own and requires backend basic auth: set GITSTATE_USERNAME and GITSTATE_PASSWORD".into(),
             });
         }
-        if self.auth == AuthMode::Env && self.git_credentials.is_none() {
+        if self.auth == AuthMode::Env && self.git_credentials.is_none() && self.ssh.private_key.is_none() {
             return Err(ConfigError {
                 name: "GITSTATE_GIT_USERNAME",
-                reason: "GITSTATE_AUTH=env needs GITSTATE_GIT_USERNAME and GITSTATE_GIT_PASSWORD".into(),
+                reason: "GITSTATE_AUTH=env needs GITSTATE_GIT_USERNAME and GITSTATE_GIT_PASSWORD (or, for ssh:// only, GITSTATE_SSH_KEY)".into(),
             });
         }
         Ok(())
@@ -630,6 +686,40 @@ mod tests {
             ("GITSTATE_PASSWORD", "p"),
         ]))
         .is_ok());
+    }
+
+    #[test]
+    fn ssh_settings_are_read_once_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "KEY-FROM-FILE").unwrap();
+        let path = file.display().to_string();
+        let from = |pairs: Vec<(&'static str, String)>| {
+            let settings =
+                Settings::from_sources(&[], move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))?;
+            SshSettings::read(&settings)
+        };
+        let s = from(vec![
+            ("GITSTATE_SSH_KEY_FILE", path.clone()),
+            ("GITSTATE_SSH_KNOWN_HOSTS", "h ssh-ed25519 AAAA".into()),
+        ])
+        .unwrap();
+        assert_eq!(s.private_key.as_deref().map(String::as_str), Some("KEY-FROM-FILE"));
+        assert_eq!(s.known_hosts.as_deref(), Some("h ssh-ed25519 AAAA"));
+        assert!(!format!("{s:?}").contains("KEY-FROM-FILE"));
+        let s = from(vec![("GITSTATE_SSH_KEY", "KEY-TEXT".into())]).unwrap();
+        assert_eq!(s.private_key.as_deref().map(String::as_str), Some("KEY-TEXT"));
+        assert!(from(vec![("GITSTATE_SSH_KEY", "a".into()), ("GITSTATE_SSH_KEY_FILE", path)]).is_err(), "not both");
+        let missing = from(vec![("GITSTATE_SSH_KEY_FILE", "/nonexistent/key".into())]).unwrap_err();
+        assert_eq!(missing.name, "GITSTATE_SSH_KEY_FILE");
+        // env mode with an SSH key needs no HTTP git credentials.
+        let env = |k: &str| match k {
+            "GITSTATE_AUTH" => Some("env".to_string()),
+            "GITSTATE_USERNAME" | "GITSTATE_PASSWORD" => Some("x".to_string()),
+            "GITSTATE_SSH_KEY" => Some("k".to_string()),
+            _ => None,
+        };
+        assert!(Config::from_lookup(env).is_ok());
     }
 
     #[test]

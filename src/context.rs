@@ -19,6 +19,20 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The deployment's SSH identity for `ssh://` remotes: a private key (OpenSSH format) and
+/// the host keys it trusts (known_hosts lines). Never printed: `Debug` hides the key.
+#[derive(Clone)]
+pub struct SshIdentity {
+    pub private_key: zeroize::Zeroizing<String>,
+    pub known_hosts: String,
+}
+
+impl std::fmt::Debug for SshIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SshIdentity(<redacted>)")
+    }
+}
+
 /// The instant by which a request must be answered.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(Instant);
@@ -78,6 +92,8 @@ impl Counters {
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub credentials: Option<Credentials>,
+    /// The deployment's SSH identity (`env` and `secret` modes), for `ssh://` remotes.
+    pub ssh: Option<Arc<SshIdentity>>,
     pub deadline: Deadline,
     /// Set when the deadline passes; handed to gix so that a long fetch stops.
     pub interrupt: Arc<AtomicBool>,
@@ -88,6 +104,7 @@ impl RequestContext {
     pub fn new(credentials: Option<Credentials>, deadline: Deadline) -> Self {
         RequestContext {
             credentials,
+            ssh: None,
             deadline,
             interrupt: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::default()),
@@ -97,6 +114,12 @@ impl RequestContext {
     /// A context with a generous deadline and no credentials (tools, tests, start-up).
     pub fn unbounded() -> Self {
         Self::new(None, Deadline::after(Duration::from_secs(3600)))
+    }
+
+    /// The same context carrying the deployment's SSH identity.
+    pub fn with_ssh(mut self, ssh: Option<Arc<SshIdentity>>) -> Self {
+        self.ssh = ssh;
+        self
     }
 
     pub fn credentials(&self) -> Option<&Credentials> {

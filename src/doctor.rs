@@ -82,9 +82,16 @@ impl Report {
 const STEP_BUDGET: Duration = Duration::from_secs(30);
 
 /// Check `url` (states on `branch`) with `credentials`; `scratch_dir` holds a throwaway cache.
-pub fn check(url: &RepoUrl, branch: &str, credentials: Option<Credentials>, scratch_dir: &Path) -> Report {
+/// `ssh` is the deployment's SSH identity, for `ssh://` repositories.
+pub fn check(
+    url: &RepoUrl,
+    branch: &str,
+    credentials: Option<Credentials>,
+    ssh: Option<std::sync::Arc<crate::context::SshIdentity>>,
+    scratch_dir: &Path,
+) -> Report {
     let mut report = Report::default();
-    let ctx = || RequestContext::new(credentials.clone(), Deadline::after(STEP_BUDGET));
+    let ctx = || RequestContext::new(credentials.clone(), Deadline::after(STEP_BUDGET)).with_ssh(ssh.clone());
     let author = Author { name: "gitstate doctor".into(), email: "doctor@gitstate.invalid".into() };
 
     // Reachable, and the credentials read.
@@ -152,6 +159,12 @@ fn meaning_of(e: &StorageError) -> &'static str {
         StorageError::CredentialsRefused => "the credentials are refused: every request would answer 401",
         StorageError::RepositoryNotFound(_) => "the repository does not exist for these credentials: 502",
         StorageError::CertificateRefused(_) => "the host's TLS certificate is refused: trust its CA (SSL_CERT_FILE)",
+        StorageError::HostKeyRefused { .. } => {
+            "the SSH host's key is not the one pinned: check it and fix GITSTATE_SSH_KNOWN_HOSTS (every request would answer 502)"
+        }
+        StorageError::SshKeyRefused { .. } => {
+            "the host refuses the deployment's SSH key: add it (e.g. as a deploy key with write access); 502"
+        }
         StorageError::HostUnavailable(_) | StorageError::ConnectionDropped(_) | StorageError::DeadlineExceeded(_) => {
             "the host cannot be reached: 503"
         }

@@ -113,7 +113,11 @@ impl Error {
                     St::CredentialsRefused => (S::UNAUTHORIZED, Challenge),
                     // The host refused this change by its own rules: trying again changes nothing.
                     St::PushRefused { .. } => (S::CONFLICT, Plain),
-                    St::RepositoryNotFound(_) | St::Protocol(_) | St::CertificateRefused(_) => (S::BAD_GATEWAY, Plain),
+                    St::RepositoryNotFound(_)
+                    | St::Protocol(_)
+                    | St::CertificateRefused(_)
+                    | St::HostKeyRefused { .. }
+                    | St::SshKeyRefused { .. } => (S::BAD_GATEWAY, Plain),
                     St::CacheCorrupt(_) | St::Local(_) => (S::INTERNAL_SERVER_ERROR, Plain),
                 },
             },
@@ -178,6 +182,13 @@ fn public_text(e: &Error) -> String {
         St::CertificateRefused(_) => {
             "the git host's TLS certificate was refused (untrusted issuer, expired, or issued for another name); see the server log".into()
         }
+        // Host names and key fingerprints are public: whoever runs gitstate needs them to act.
+        St::HostKeyRefused { host, fingerprint } => format!(
+            "the SSH host key of {host} ({fingerprint}) is not the one pinned in GITSTATE_SSH_KNOWN_HOSTS; not trusted"
+        ),
+        St::SshKeyRefused { host } => {
+            format!("{host} refused this deployment's SSH key (GITSTATE_SSH_KEY); the backend's operator must fix it")
+        }
         St::RepositoryNotFound(_) => "the repository does not exist on the git host (or these credentials cannot see it); check the repository URL".into(),
         St::PushRefused { reference, .. } => format!(
             "the git host refused to update {reference} (a hook, a protected branch or a deletion rule); see the server log"
@@ -236,6 +247,8 @@ mod tests {
             Error::Backend(B::Storage(St::CredentialsRefused)) => "credentials refused",
             Error::Backend(B::Storage(St::CertificateRefused(_))) => "certificate refused",
             Error::Backend(B::Storage(St::RepositoryNotFound(_))) => "repository not found",
+            Error::Backend(B::Storage(St::HostKeyRefused { .. })) => "host key refused",
+            Error::Backend(B::Storage(St::SshKeyRefused { .. })) => "ssh key refused",
             Error::Backend(B::Storage(St::PushRefused { .. })) => "push refused",
             Error::Backend(B::Storage(St::Protocol(_))) => "protocol",
             Error::Backend(B::Storage(St::DeadlineExceeded(_))) => "storage deadline",
@@ -318,6 +331,14 @@ mod tests {
             (StorageError::DeadlineExceeded("while reading").into(), 503, true, false),
             (StorageError::OutcomeUnknown(secret.into()).into(), 503, true, false),
             (StorageError::CertificateRefused(secret.into()).into(), 502, false, false),
+            (
+                StorageError::HostKeyRefused { host: "git.example.com".into(), fingerprint: "SHA256:abc".into() }
+                    .into(),
+                502,
+                false,
+                false,
+            ),
+            (StorageError::SshKeyRefused { host: "git.example.com".into() }.into(), 502, false, false),
             (StorageError::Local(secret.into()).into(), 500, false, false),
         ];
         let mut rows: Vec<&str> = cases.iter().map(|(e, ..)| row(e)).collect();
@@ -333,6 +354,11 @@ mod tests {
             assert!(!String::from_utf8_lossy(r.body()).contains("secret-host"), "{name} leaks");
             assert!(!r.body().is_empty(), "{name} says why");
         }
+        // The SSH refusals name the host (and the key's fingerprint) for the operator.
+        let body = |e: StorageError| String::from_utf8_lossy(Error::from(e).into_response().body()).into_owned();
+        let text = body(StorageError::HostKeyRefused { host: "h.example".into(), fingerprint: "SHA256:xyz".into() });
+        assert!(text.contains("h.example") && text.contains("SHA256:xyz"), "{text}");
+        assert!(body(StorageError::SshKeyRefused { host: "h.example".into() }).contains("h.example"));
         let r = Error::from(BackendError::Locked { holder: holder.clone() }).into_response();
         assert_eq!(r.body(), &holder);
         assert_eq!(r.headers()["content-type"], "application/json");

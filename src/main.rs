@@ -121,7 +121,11 @@ fn serve(settings: Settings, check_host: bool) -> std::process::ExitCode {
         let Some(url) = config.repository.clone() else {
             return fail("--check-host needs a repository on a git host (--repository)");
         };
-        let report = check_repository(&url, &config.branch, config.git_credentials.clone());
+        let ssh = match gitstate::auth::ssh_identity(&config, None, None) {
+            Ok(ssh) => ssh,
+            Err(e) => return fail(e),
+        };
+        let report = check_repository(&url, &config.branch, config.git_credentials.clone(), ssh);
         eprint!("{}", report.render());
         if !report.healthy() {
             return fail("refusing to start: gitstate's promises do not hold on this git host");
@@ -147,7 +151,12 @@ fn doctor(settings: &Settings) -> std::process::ExitCode {
     let Some(url) = config.repository.clone() else {
         return usage("name the repository: --repository URL (or GITSTATE_REPOSITORY)".into());
     };
-    let report = check_repository(&url, &config.branch, config.git_credentials.clone());
+    // The deployment's SSH key and pinned host keys, checked as at start (for ssh:// repositories).
+    let ssh = match gitstate::auth::ssh_identity(&config, None, None) {
+        Ok(ssh) => ssh,
+        Err(e) => return usage(e.to_string()),
+    };
+    let report = check_repository(&url, &config.branch, config.git_credentials.clone(), ssh);
     print!("{}", report.render());
     if report.healthy() {
         std::process::ExitCode::SUCCESS
@@ -160,9 +169,10 @@ fn check_repository(
     url: &gitstate::storage::RepoUrl,
     branch: &str,
     credentials: Option<gitstate::context::Credentials>,
+    ssh: Option<std::sync::Arc<gitstate::context::SshIdentity>>,
 ) -> gitstate::doctor::Report {
     let scratch = std::env::temp_dir().join(format!("gitstate-doctor-{}-{:x}", std::process::id(), fastrand::u32(..)));
-    let report = gitstate::doctor::check(url, branch, credentials, &scratch);
+    let report = gitstate::doctor::check(url, branch, credentials, ssh, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     report
 }

@@ -260,9 +260,11 @@ fn escape_table(h: u16, d: u16, th: u16, td: u16, base_dir: &str) -> Vec<(&'stat
         ("leading space", format!(" {hu}/team-a.git")),
         ("NUL byte", format!("{du}/team/ok.git\0")),
         ("tab inside the host", format!("http://127.0.0.1\t:{h}/git/team-a.git")),
-        // Schemes and forms that need git's own programs, or no scheme at all.
+        // Schemes and forms that need git's own programs, or no scheme at all; ssh:// (a
+        // scheme of gitstate's own since issue 19) outside the patterns.
         ("file://", format!("file://{base_dir}/other/secret.git")),
         ("ssh://", "ssh://127.0.0.1/other/secret.git".to_string()),
+        ("scp-like with a user", format!("git@127.0.0.1:{base_dir}/other/secret.git")),
         ("scp-like", format!("127.0.0.1:{base_dir}/other/secret.git")),
         ("ext:: transport", "ext::sh -c touch% /tmp/gitstate-pwned".to_string()),
         ("git+http://", format!("git+http://127.0.0.1:{h}/git/team-a.git")),

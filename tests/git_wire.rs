@@ -110,13 +110,20 @@ fn unreachable_host_is_unavailable() {
     assert!(matches!(err, StorageError::HostUnavailable(_)), "{err:?}");
 }
 
-/// Only git://, http:// and https:// can be named at all: anything else would make gix spawn git.
+/// Only git://, http://, https:// and ssh:// can be named at all: anything else would make gix
+/// spawn git. ssh:// is gitstate's own client, and without the deployment's key (as here) it
+/// refuses before connecting: never an `ssh` binary (tests/ssh_hosts.rs runs it against sshd).
 #[test]
-fn file_and_ssh_urls_are_refused() {
+fn file_urls_are_refused_and_ssh_needs_the_deployments_key() {
     let dir = tempfile::tempdir().unwrap();
-    for u in [format!("file://{}", dir.path().display()), "ssh://h/x.git".into(), dir.path().display().to_string()] {
+    for u in [format!("file://{}", dir.path().display()), dir.path().display().to_string()] {
         assert_eq!(RepoUrl::parse(&u), Err(gitstate::storage::UrlError::Scheme), "{u}");
     }
+    let repo = cache(dir.path());
+    // TEST-NET: nothing would answer there.
+    let u = url("ssh://git@192.0.2.1/x.git");
+    let err = fetch_(&repo, &u, &[MAIN.to_owned()]).unwrap_err();
+    assert!(matches!(err, StorageError::Local(_)), "{err:?}");
 }
 
 /// A repository the daemon does not have is a permanent "not found", not "try again".

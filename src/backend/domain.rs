@@ -131,7 +131,7 @@ pub enum Stale {
 }
 
 /// Why the backend refused or failed a request. Statuses are assigned in `crate::error`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// The lock is held by someone else; carries the holder's LockInfo JSON.
     #[error("the state is locked by another client")]

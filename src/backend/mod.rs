@@ -2,6 +2,7 @@
 //! Works over any [`Storage`]; every decision that must hold across processes is settled
 //! by the storage's compare-and-swap in one shared loop, never by a local mutex.
 
+mod batch;
 pub(crate) mod browse;
 pub(crate) mod decide;
 pub(crate) mod diff;
@@ -35,7 +36,8 @@ const NESTED_LOCK_EVIDENCE: u32 = 2;
 pub struct BackendSettings {
     /// Branch that holds the states when the request names none.
     pub branch: String,
-    /// Pushes a write (or lock, or unlock) may make before it gives up on a moving branch.
+    /// Pushes a write (or lock, or unlock) may make before it gives up on a moving branch;
+    /// 0: as many as its deadline allows.
     pub write_retries: u32,
 }
 
@@ -48,6 +50,25 @@ pub struct Backend {
     /// LockInfos and last-seen tips. A tip is only ever a guess to push against: every push
     /// carries its expected old ids, and any answer other than a push comes from a fresh look.
     memory: Memory,
+    /// Writes of this process waiting for the same branch, pushed together.
+    lines: batch::Lines,
+}
+
+/// The refs a batch looks at: the branch, and both lock branches of every write's state.
+fn batch_refs(branch_ref: &str, jobs: &[Arc<batch::Job>]) -> Vec<String> {
+    let mut refs = vec![branch_ref.to_owned()];
+    for lock_ref in jobs.iter().flat_map(|job| job.lock.refs()) {
+        if !refs.contains(&lock_ref) {
+            refs.push(lock_ref);
+        }
+    }
+    refs
+}
+
+/// What one write of a batch comes to, given the tips.
+enum JobStep {
+    Answer(Result<Outcome, BackendError>),
+    Commit { commit: ObjectId, updates: Vec<RefUpdate> },
 }
 
 /// What one step of a compare-and-swap loop comes to, given the tips.
@@ -58,7 +79,7 @@ enum Step {
 
 impl Backend {
     pub fn new(storage: Arc<dyn Storage>, settings: BackendSettings, sealing: Arc<Sealing>) -> Self {
-        Backend { storage, settings, sealing, memory: Memory::default() }
+        Backend { storage, settings, sealing, memory: Memory::default(), lines: batch::Lines::default() }
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -187,23 +208,29 @@ impl Backend {
         // Try to create the lock straight away: a rejected create means a lock exists. Rejected
         // again with no lock to be seen, it is a nesting lock (`a` while `a/b` is held).
         let mut unseen_blockers = 0;
-        let (outcome, _) = self.compare_and_swap(ctx, &lock.refs(), Some(Tips::new()), |tips| {
-            let view = self.lock_view(tips, lock)?;
-            Ok(match view.holder {
-                Some(h) if h.info.id == info.id => Step::Answer(Ok(Outcome::Done)),
-                Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info.raw })),
-                None if unseen_blockers >= NESTED_LOCK_EVIDENCE => {
-                    Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
-                }
-                None => {
-                    unseen_blockers += 1;
-                    // The other layout's lock is never created, only checked absent.
-                    let mut updates = vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }];
-                    updates.extend(view.absence_checks().filter(|check| check.name != lock.reference));
-                    Step::Push(updates)
-                }
-            })
-        })?;
+        let (outcome, _) = self.compare_and_swap(
+            ctx,
+            || lock.refs(),
+            Some(Tips::new()),
+            |tips| {
+                let view = self.lock_view(tips, lock)?;
+                Ok(match view.holder {
+                    Some(h) if h.info.id == info.id => Step::Answer(Ok(Outcome::Done)),
+                    Some(h) => Step::Answer(Err(BackendError::Locked { holder: h.info.raw })),
+                    None if unseen_blockers >= NESTED_LOCK_EVIDENCE => {
+                        Step::Answer(Err(BackendError::NestedLock(lock.path.clone())))
+                    }
+                    None => {
+                        unseen_blockers += 1;
+                        // The other layout's lock is never created, only checked absent.
+                        let mut updates =
+                            vec![RefUpdate { name: lock.reference.clone(), old: None, new: Some(commit) }];
+                        updates.extend(view.absence_checks().filter(|check| check.name != lock.reference));
+                        Step::Push(updates)
+                    }
+                })
+            },
+        )?;
         self.remember(commit, info.clone());
         tracing::info!(lock_id = ?info.id, "lock taken");
         Ok(outcome)
@@ -217,21 +244,28 @@ impl Backend {
             .memory
             .guess(&refs)
             .filter(|t| t.get(&lock.reference).is_some_and(|c| self.memory.lock_info(c).is_some()));
-        self.compare_and_swap(ctx, &refs, guess, |tips| {
-            Ok(match self.lock_view(tips, lock)?.holder {
-                None => Step::Answer(Ok(Outcome::Done)),
-                Some(h) if id.is_some_and(|id| id != h.info.id) => {
-                    Step::Answer(Err(BackendError::WrongLockId { holder: h.info.raw }))
-                }
-                Some(h) => {
-                    tracing::info!(lock_id = ?h.info.id, forced = id.is_none(), "releasing the lock");
-                    Step::Push(vec![RefUpdate { name: h.reference.clone(), old: Some(h.commit), new: None }])
-                }
-            })
-        })
+        self.compare_and_swap(
+            ctx,
+            || refs.clone(),
+            guess,
+            |tips| {
+                Ok(match self.lock_view(tips, lock)?.holder {
+                    None => Step::Answer(Ok(Outcome::Done)),
+                    Some(h) if id.is_some_and(|id| id != h.info.id) => {
+                        Step::Answer(Err(BackendError::WrongLockId { holder: h.info.raw }))
+                    }
+                    Some(h) => {
+                        tracing::info!(lock_id = ?h.info.id, forced = id.is_none(), "releasing the lock");
+                        Step::Push(vec![RefUpdate { name: h.reference.clone(), old: Some(h.commit), new: None }])
+                    }
+                })
+            },
+        )
         .map(|(outcome, _)| outcome)
     }
 
+    /// A write (or delete, or restore): pushed together with the other writes of this process
+    /// waiting for the same branch, one commit each.
     fn write(
         &self,
         ctx: &RequestContext,
@@ -240,41 +274,122 @@ impl Backend {
         write: &Write<'_>,
     ) -> Result<Outcome, BackendError> {
         let branch_ref = branch_ref(branch);
-        let mut refs = vec![branch_ref.clone()];
-        refs.extend(lock.refs());
-        let started = Instant::now();
-        // First try against what this process last saw (one round trip when nobody else wrote).
-        // Sealed once, on the first attempt that commits (a KMS seal costs a round trip).
-        let mut sealed: Option<Vec<u8>> = None;
-        let outcome = self.compare_and_swap(ctx, &refs, self.memory.guess(&refs), |tips| {
-            self.write_step(ctx, tips, &branch_ref, lock, write, &mut sealed)
+        let job = batch::Job::new(write, lock.clone());
+        let answer = self.lines.submit(&branch_ref, job, ctx.deadline.instant(), |batch| {
+            self.push_batch(ctx, &branch_ref, batch);
         });
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        match &outcome {
-            // A commit landed: how many pushes it took (the stress command reads this line).
-            Ok((_, attempts @ 1..)) => tracing::info!(attempts, elapsed_ms, "state written"),
-            Ok(_) => tracing::info!(elapsed_ms, "write answered without a commit"),
-            Err(e) => tracing::info!(error = %e, elapsed_ms, "write refused or failed"),
-        }
-        outcome.map(|(outcome, _)| outcome)
+        answer.unwrap_or_else(|| {
+            tracing::warn!("the other writes of this process on the branch took it until the deadline");
+            Err(BackendError::DeadlineExceeded { pushes: 0 })
+        })
     }
 
-    /// One attempt of a write over `tips`: an answer, or the commit and the ref updates to push.
-    fn write_step(
+    /// Commit the writes of `batch` on `branch_ref`, one commit each in line, push them as one
+    /// compare-and-swap (with every write's lock guard), and answer each. Writes that join the
+    /// line while a push is lost go into the next attempt.
+    fn push_batch(&self, ctx: &RequestContext, branch_ref: &str, batch: &mut batch::Batch<'_>) {
+        let started = Instant::now();
+        // Sealed once per write, on the first attempt that commits (a KMS seal costs a round trip).
+        let mut sealed: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut answers: Vec<Option<Result<Outcome, BackendError>>> = Vec::new();
+        let refs = batch_refs(branch_ref, &batch.jobs);
+        // First try against what this process last saw (one round trip when nobody else wrote).
+        let guess = self.memory.guess(&refs);
+        let mut on_guess = guess.is_some();
+        // The jobs are read by the step and grown before each look: both through one cell.
+        let batch = std::cell::RefCell::new(batch);
+        let outcome = self.compare_and_swap(
+            ctx,
+            || {
+                let mut batch = batch.borrow_mut();
+                batch.join_waiting();
+                batch_refs(branch_ref, &batch.jobs)
+            },
+            guess,
+            |tips| {
+                let fresh = !std::mem::replace(&mut on_guess, false);
+                let jobs = &batch.borrow().jobs;
+                sealed.resize(jobs.len(), None);
+                answers.resize(jobs.len(), None);
+                self.batch_step(ctx, tips, branch_ref, jobs, fresh, &mut sealed, &mut answers)
+            },
+        );
+        let batch = batch.into_inner();
+        // A look that failed before any step leaves no answers yet: the outcome is everyone's.
+        answers.resize(batch.jobs.len(), None);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let writes = batch.jobs.len();
+        match &outcome {
+            // A commit landed: how many pushes it took (the stress command reads this line).
+            Ok((_, attempts @ 1..)) => tracing::info!(attempts, writes, elapsed_ms, "state written"),
+            Ok(_) => tracing::info!(writes, elapsed_ms, "write answered without a commit"),
+            Err(e) => tracing::info!(error = %e, writes, elapsed_ms, "write refused or failed"),
+        }
+        for (job, answer) in batch.jobs.iter().zip(answers) {
+            job.answer(match (answer, &outcome) {
+                (Some(answer), _) => answer,
+                (None, Ok((outcome, _))) => Ok(outcome.clone()),
+                (None, Err(e)) => Err(e.clone()),
+            });
+        }
+    }
+
+    /// One attempt of a batch over `tips`: each write decided on top of the one before it;
+    /// the branch moves from its tip to the last commit, guarded by every write's lock.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_step(
         &self,
         ctx: &RequestContext,
         tips: &Tips,
         branch_ref: &str,
-        lock: &LockName,
-        write: &Write<'_>,
-        sealed: &mut Option<Vec<u8>>,
+        jobs: &[Arc<batch::Job>],
+        fresh: bool,
+        sealed: &mut [Option<Vec<u8>>],
+        answers: &mut [Option<Result<Outcome, BackendError>>],
     ) -> Result<Step, BackendError> {
-        let view = self.lock_view(tips, lock)?;
-        let holder = view.holder.as_ref();
         let base = tips.get(branch_ref).copied();
-        let stored = self.stored_for_rules(ctx, base, write)?;
-        let (message, guard) = match decide_write(write, holder, stored.as_ref().map(|s| s.as_slice())) {
-            Decision::Answer(answer) => return Ok(Step::Answer(answer)),
+        let mut head = base;
+        let mut guards: Vec<RefUpdate> = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            answers[i] = None;
+            match self.job_step(ctx, tips, head, job, &mut sealed[i])? {
+                JobStep::Answer(answer) if fresh => answers[i] = Some(answer),
+                // A guess may lead to a push, never to an answer: look again.
+                JobStep::Answer(_) => return Ok(Step::Answer(Ok(Outcome::Done))),
+                JobStep::Commit { commit, updates } => {
+                    head = Some(commit);
+                    for u in updates {
+                        if !guards.iter().any(|g| g.name == u.name) {
+                            guards.push(u);
+                        }
+                    }
+                }
+            }
+        }
+        if head == base {
+            return Ok(Step::Answer(Ok(Outcome::Done)));
+        }
+        let mut updates = vec![RefUpdate { name: branch_ref.to_owned(), old: base, new: head }];
+        updates.extend(guards);
+        Ok(Step::Push(updates))
+    }
+
+    /// One write of a batch over `tips`, on top of `head` (the branch's tip, or the commit of
+    /// the write before it): its answer, or its commit and the lock checks it lands under.
+    fn job_step(
+        &self,
+        ctx: &RequestContext,
+        tips: &Tips,
+        head: Option<ObjectId>,
+        job: &batch::Job,
+        sealed: &mut Option<Vec<u8>>,
+    ) -> Result<JobStep, BackendError> {
+        let write = job.write();
+        let view = self.lock_view(tips, &job.lock)?;
+        let holder = view.holder.as_ref();
+        let stored = self.stored_for_rules(ctx, head, &write)?;
+        let (message, guard) = match decide_write(&write, holder, stored.as_ref().map(|s| s.as_slice())) {
+            Decision::Answer(answer) => return Ok(JobStep::Answer(answer)),
             Decision::Commit { message, guard } => (message, guard),
         };
         let content = match (write.content, sealed) {
@@ -282,19 +397,19 @@ impl Backend {
             (Some(_), Some(done)) => Some(done.as_slice()),
             (Some(plain), slot) => Some(slot.insert(self.sealing.seal(ctx, plain.bytes())?).as_slice()),
         };
-        let commit = match self.storage.commit(base, write.path, content, &message) {
-            Err(e @ StorageError::PathConflict { .. }) => return Ok(Step::Answer(Err(e.into()))),
+        let commit = match self.storage.commit(head, write.path, content, &message) {
+            Err(e @ StorageError::PathConflict { .. }) => return Ok(JobStep::Answer(Err(e.into()))),
             other => other?,
         };
         // The write lands only if the lock is still this one at that instant (a guard in an
         // atomic push); no other lock may appear meanwhile (checked against the push's own
         // ref advertisement).
-        let mut updates = vec![RefUpdate { name: branch_ref.to_owned(), old: base, new: Some(commit) }];
+        let mut updates = Vec::new();
         if let (Some(h), Some(held)) = (holder, guard) {
             updates.push(RefUpdate { name: h.reference.clone(), old: Some(held), new: Some(held) });
         }
         updates.extend(view.absence_checks());
-        Ok(Step::Push(updates))
+        Ok(JobStep::Commit { commit, updates })
     }
 
     /// The state stored at `base` as the rules see it: as Terraform sent it, never its stored
@@ -335,20 +450,21 @@ impl Backend {
     fn compare_and_swap(
         &self,
         ctx: &RequestContext,
-        refs: &[String],
+        mut refs: impl FnMut() -> Vec<String>,
         mut guess: Option<Tips>,
         mut step: impl FnMut(&Tips) -> Result<Step, BackendError>,
     ) -> Result<(Outcome, u32), BackendError> {
-        let attempts = self.settings.write_retries.max(1);
+        let attempts = self.settings.write_retries;
         let mut pushes = 0;
         loop {
             if ctx.out_of_time() {
                 return Err(BackendError::DeadlineExceeded { pushes });
             }
             let fresh = guess.is_none();
+            let refs = refs();
             let tips = match guess.take() {
                 Some(tips) => tips,
-                None => self.fetch_tips(ctx, refs)?,
+                None => self.fetch_tips(ctx, &refs)?,
             };
             let updates = match step(&tips)? {
                 Step::Answer(answer) if fresh => return answer.map(|a| (a, pushes)),
@@ -360,7 +476,7 @@ impl Backend {
                 Err(BackendError::Storage(StorageError::OutcomeUnknown(why))) => {
                     // The push may have landed: never send it again blindly. One look tells.
                     tracing::warn!(reason = %why, "the git host's answer to a push was lost; looking whether it landed");
-                    self.landed(ctx, refs, &updates)?
+                    self.landed(ctx, &refs, &updates)?
                 }
                 other => other?,
             };
@@ -375,7 +491,7 @@ impl Backend {
                 UpdateOutcome::Applied => unreachable!("an applied push applied its first update"),
                 UpdateOutcome::Rejected(why) | UpdateOutcome::PartlyApplied { rejected: why, .. } => {
                     tracing::info!(attempt = pushes, rejected = ?why, "lost the race; looking again");
-                    if pushes >= attempts {
+                    if attempts > 0 && pushes >= attempts {
                         tracing::warn!(attempts, "gave up on a moving branch");
                         return Err(BackendError::Contended { attempts });
                     }
@@ -489,6 +605,7 @@ impl LockView {
 
 /// The branch holding the lock of one state, and the file in its commit. A function of the
 /// branch and the path alone: every deployment, whatever its settings, takes the same lock.
+#[derive(Clone)]
 struct LockName {
     branch: String,
     path: String,
@@ -536,10 +653,12 @@ fn branch_ref(branch: &str) -> String {
 
 /// Back off before retrying a lost race: a random pause up to a ceiling that grows with the
 /// attempt from the git host's round trip (a racer that waits less than a round trip only
-/// meets the winner's push again), so racers spread out over what one push costs.
+/// meets the winner's push again), so racers spread out over what one push costs. The
+/// ceiling stops at 16 round trips: one instance is one racer (its writes go out together),
+/// and a longer pause only leaves the branch idle.
 fn jitter(attempt: u32, round_trip: Duration) -> Duration {
     let unit = round_trip.clamp(Duration::from_millis(5), Duration::from_millis(500));
-    let ceiling = unit * (1u32 << attempt.min(6));
+    let ceiling = unit * (1u32 << attempt.min(4));
     Duration::from_micros(fastrand::u64(1..=ceiling.as_micros().max(1) as u64))
 }
 
@@ -559,10 +678,10 @@ mod tests {
     fn jitter_grows_from_the_round_trip_and_stays_bounded() {
         for attempt in 0..20 {
             let pause = jitter(attempt, Duration::from_millis(40));
-            assert!(pause <= Duration::from_millis(40) * (1 << attempt.min(6)), "{attempt}: {pause:?}");
+            assert!(pause <= Duration::from_millis(40) * (1 << attempt.min(4)), "{attempt}: {pause:?}");
         }
-        // A slow host's round trip is capped: 500 ms × 64 at most.
-        assert!(jitter(30, Duration::from_secs(10)) <= Duration::from_millis(500) * 64);
+        // A slow host's round trip is capped: 500 ms × 16 at most.
+        assert!(jitter(30, Duration::from_secs(10)) <= Duration::from_millis(500) * 16);
         let ctx = RequestContext::unbounded();
         assert_eq!(round_trip(&ctx), Duration::from_millis(10));
         ctx.counters.record(Duration::from_millis(30));

@@ -25,7 +25,7 @@ const DATA_KEYS: usize = 64;
 const DATA_KEY_TTL: Duration = Duration::from_secs(300);
 
 /// Why a state could not be sealed or opened. Never carries state content or key material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SealError {
     /// The stored state is encrypted to keys this deployment does not hold.
     #[error("the stored state cannot be decrypted: it needs {needs}")]

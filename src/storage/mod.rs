@@ -12,7 +12,7 @@ pub use gix::ObjectId;
 pub use url::{RepoUrl, UrlError, UrlPattern};
 
 /// Errors of the storage layer, by what the caller can do about them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// Writing `path` would turn another state's file into a directory, or the reverse.
     #[error("path conflict: `{path}` cannot be stored because `{blocker}` {}", if *.blocker_is_state { "is a state" } else { "is a directory of other states" })]
@@ -31,6 +31,13 @@ pub enum StorageError {
     /// name): retrying does not heal it.
     #[error("the git host's TLS certificate was refused: {0}")]
     CertificateRefused(String),
+    /// The SSH host's key is not the one pinned for it (GITSTATE_SSH_KNOWN_HOSTS): a
+    /// man in the middle, or a host that changed its key. Retrying does not heal it.
+    #[error("the host key of {host} ({fingerprint}) is not pinned for it")]
+    HostKeyRefused { host: String, fingerprint: String },
+    /// The SSH host refused the deployment's own key: only whoever runs gitstate can fix it.
+    #[error("{host} refused the deployment's SSH key")]
+    SshKeyRefused { host: String },
     /// The git host refused the credentials (401/403 or equivalent).
     #[error("git host refused the credentials")]
     CredentialsRefused,

@@ -13,6 +13,9 @@ pub enum Scheme {
     Git,
     Http,
     Https,
+    /// `ssh://[user@]host[:port]/path`, or scp-like `user@host:path`: git over an SSH
+    /// session of gitstate's own (no `ssh` binary).
+    Ssh,
 }
 
 impl Scheme {
@@ -21,6 +24,7 @@ impl Scheme {
             "git" => Some(Scheme::Git),
             "http" => Some(Scheme::Http),
             "https" => Some(Scheme::Https),
+            "ssh" => Some(Scheme::Ssh),
             _ => None,
         }
     }
@@ -30,6 +34,7 @@ impl Scheme {
             Scheme::Git => "git",
             Scheme::Http => "http",
             Scheme::Https => "https",
+            Scheme::Ssh => "ssh",
         }
     }
 
@@ -38,6 +43,7 @@ impl Scheme {
             Scheme::Git => 9418,
             Scheme::Http => 80,
             Scheme::Https => 443,
+            Scheme::Ssh => 22,
         }
     }
 }
@@ -46,21 +52,24 @@ impl Scheme {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
     #[error(
-        "the repository URL must start with git://, http:// or https:// (file:// and ssh need git's own programs)"
+        "the repository URL must start with git://, http://, https:// or ssh:// (or be scp-like user@host:path); file:// needs git's own programs"
     )]
     Scheme,
-    #[error("the repository URL must not carry credentials (user or password)")]
+    #[error("the repository URL must not carry credentials (a password; a user only in ssh:// URLs)")]
     Credentials,
     #[error("the repository URL is not in canonical form: {0}")]
     NotCanonical(&'static str),
 }
 
-/// A repository URL in canonical form: lowercase scheme and host, no user info, the
+/// A repository URL in canonical form: lowercase scheme and host, no password, a user
+/// only for `ssh://` (where it is part of the address: `git` when none is written), the
 /// default port dropped, a path of non-empty segments without dots-only segments,
 /// percent-escapes, backslashes, query or fragment. Its `Display` is that form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RepoUrl {
     scheme: Scheme,
+    /// The SSH user (`ssh://` only; never a credential).
+    user: Option<String>,
     host: String,
     /// `None` for the scheme's default port.
     port: Option<u16>,
@@ -70,6 +79,7 @@ pub struct RepoUrl {
 /// The parts of `scheme://authority/path` before any check of their content.
 struct RawParts<'a> {
     scheme: &'a str,
+    user: Option<&'a str>,
     authority: &'a str,
     path: &'a str,
 }
@@ -81,10 +91,53 @@ fn split_parts(s: &str) -> Result<RawParts<'_>, UrlError> {
     let (scheme, rest) = s.split_once("://").ok_or(UrlError::Scheme)?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     // Checked before anything else so that credentials are named as such, whatever else is wrong.
-    if authority.contains('@') {
+    let (user, authority) = match authority.rsplit_once('@') {
+        // The SSH user is part of the address; anywhere else a user is a credential.
+        Some((user, host)) if scheme == "ssh" => (Some(check_user(user)?), host),
+        Some(_) => return Err(UrlError::Credentials),
+        None => (None, authority),
+    };
+    Ok(RawParts { scheme, user, authority, path })
+}
+
+/// An SSH user: a plain name (no password, nothing a shell or ssh could read as an option).
+fn check_user(user: &str) -> Result<&str, UrlError> {
+    if user.contains(':') || user.contains('@') {
         return Err(UrlError::Credentials);
     }
-    Ok(RawParts { scheme, authority, path })
+    let ok = (1..=32).contains(&user.len())
+        && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !user.starts_with(['-', '.']);
+    if ok {
+        Ok(user)
+    } else {
+        Err(UrlError::NotCanonical("invalid SSH user (letters, digits, `-` `_` `.`; not starting with `-`)"))
+    }
+}
+
+/// The `ssh://` spelling of a scp-like `user@host:path` (`None`: not scp-like). As git does,
+/// a path not starting with `/` is read from the root (`git@github.com:o/r.git` is
+/// `ssh://git@github.com/o/r.git`) except `~/…`, which stays relative to the user's home.
+fn scp_to_ssh(s: &str) -> Option<Result<String, UrlError>> {
+    if s.contains("://") || s.starts_with('/') || !s.contains(':') {
+        return None;
+    }
+    // Paths hold no `@`: the user is everything before the last one.
+    let Some((user, rest)) = s.rsplit_once('@') else {
+        return Some(Err(UrlError::NotCanonical("a scp-like repository URL needs a user: user@host:path")));
+    };
+    let user = match check_user(user) {
+        Ok(user) => user,
+        Err(e) => return Some(Err(e)),
+    };
+    let Some((host, path)) = rest.split_once(':') else {
+        return Some(Err(UrlError::NotCanonical("a scp-like repository URL is user@host:path")));
+    };
+    if host.starts_with('[') || path.contains(':') {
+        return Some(Err(UrlError::NotCanonical("write an IPv6 host or a port as ssh://user@[host]:port/path")));
+    }
+    let path = path.strip_prefix('/').unwrap_or(path);
+    Some(Ok(format!("ssh://{user}@{host}/{path}")))
 }
 
 fn parse_scheme(s: &str) -> Result<Scheme, UrlError> {
@@ -215,15 +268,32 @@ fn is_segment(s: &str) -> bool {
 impl RepoUrl {
     /// Parse a URL a caller (or the configuration) sent; anything not canonical is refused.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
-        let raw = split_parts(s)?;
+        let scp = scp_to_ssh(s).transpose()?;
+        let raw = split_parts(scp.as_deref().unwrap_or(s))?;
         let scheme = parse_scheme(raw.scheme)?;
         let (host, port) = parse_authority(raw.authority, scheme, is_dns_label)?;
         let segments = parse_path(raw.path, is_segment)?;
-        Ok(RepoUrl { scheme, host, port, segments })
+        let user = ssh_user(scheme, raw.user);
+        Ok(RepoUrl { scheme, user, host, port, segments })
     }
 
     pub fn scheme(&self) -> Scheme {
         self.scheme
+    }
+
+    /// The SSH user (`ssh://` URLs only).
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The repository path as the host's `git-upload-pack`/`git-receive-pack` is given it:
+    /// `/a/b.git`, or `~/a/b.git` for a path under the user's home (`ssh://h/~/a/b.git`).
+    pub fn remote_path(&self) -> String {
+        let path = format!("/{}", self.segments.join("/"));
+        match path.strip_prefix("/~") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("~{rest}"),
+            _ => path,
+        }
     }
 
     /// The host as written in the URL (an IPv6 address keeps its brackets).
@@ -238,6 +308,7 @@ impl RepoUrl {
     /// The same repository under another spelling: `x` and `x.git` compare equal.
     pub fn same_repository(&self, other: &RepoUrl) -> bool {
         self.scheme == other.scheme
+            && self.user == other.user
             && self.host == other.host
             && self.port == other.port
             && self.segments.len() == other.segments.len()
@@ -260,11 +331,17 @@ impl RepoUrl {
             Scheme::Git => gix::url::Scheme::Git,
             Scheme::Http => gix::url::Scheme::Http,
             Scheme::Https => gix::url::Scheme::Https,
+            Scheme::Ssh => gix::url::Scheme::Ssh,
         };
         let path = format!("/{}", self.segments.join("/"));
-        gix::Url::from_parts(scheme, None, None, Some(self.host.clone()), self.port, path.into(), false)
+        gix::Url::from_parts(scheme, self.user.clone(), None, Some(self.host.clone()), self.port, path.into(), false)
             .expect("a canonical repository URL is a valid gix URL")
     }
+}
+
+/// `ssh://` always has a user (`git` when none is written); other schemes never.
+fn ssh_user(scheme: Scheme, user: Option<&str>) -> Option<String> {
+    (scheme == Scheme::Ssh).then(|| user.unwrap_or("git").to_owned())
 }
 
 fn strip_git(segment: &str) -> &str {
@@ -273,7 +350,11 @@ fn strip_git(segment: &str) -> &str {
 
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme.as_str(), self.host)?;
+        write!(f, "{}://", self.scheme.as_str())?;
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        write!(f, "{}", self.host)?;
         if let Some(port) = self.port {
             write!(f, ":{port}")?;
         }
@@ -294,7 +375,8 @@ pub fn redact_raw(s: &str) -> String {
             let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
             format!("{scheme}://{host}{path}")
         }
-        None => s.to_owned(),
+        // scp-like `user@host:path`: whatever precedes the host may hold a password.
+        None => s.rsplit_once('@').map_or(s, |(_, rest)| rest).to_owned(),
     };
     s.chars().take(200).flat_map(char::escape_debug).collect()
 }
@@ -304,6 +386,8 @@ pub fn redact_raw(s: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlPattern {
     scheme: Scheme,
+    /// The SSH user (`ssh://` only), matched exactly.
+    user: Option<String>,
     host_labels: Vec<String>,
     /// `None`: an IPv6 host, matched exactly.
     host_exact: Option<String>,
@@ -331,8 +415,10 @@ fn glob_one(pattern: &str, text: &str) -> bool {
 
 impl UrlPattern {
     pub fn parse(s: &str) -> Result<Self, UrlError> {
-        let raw = split_parts(s)?;
+        let scp = scp_to_ssh(s).transpose()?;
+        let raw = split_parts(scp.as_deref().unwrap_or(s))?;
         let scheme = parse_scheme(raw.scheme)?;
+        let user = ssh_user(scheme, raw.user);
         let (host, port) = if raw.authority.starts_with('[') {
             parse_authority(raw.authority, scheme, is_dns_label)?
         } else {
@@ -358,12 +444,26 @@ impl UrlPattern {
         let segments = parse_path(raw.path, is_glob_segment)?;
         let host_exact = host.starts_with('[').then(|| host.clone());
         let host_labels = host.split('.').map(str::to_owned).collect();
-        Ok(UrlPattern { scheme, host_labels, host_exact, port, segments })
+        Ok(UrlPattern { scheme, user, host_labels, host_exact, port, segments })
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The host and port every URL this pattern matches has; `None` when the host has a `*`.
+    pub fn exact_host(&self) -> Option<(String, u16)> {
+        let host = self.host_exact.clone().unwrap_or_else(|| self.host_labels.join("."));
+        (!host.contains('*')).then(|| (host, self.port.unwrap_or(self.scheme.default_port())))
     }
 
     /// Scheme, host, port and path compared part by part; `x` and `x.git` in the last segment are one repository.
     pub fn matches(&self, url: &RepoUrl) -> bool {
-        if self.scheme != url.scheme || self.port != url.port || self.segments.len() != url.segments.len() {
+        if self.scheme != url.scheme
+            || self.user != url.user
+            || self.port != url.port
+            || self.segments.len() != url.segments.len()
+        {
             return false;
         }
         let host_ok = match &self.host_exact {
@@ -387,7 +487,11 @@ impl UrlPattern {
 
 impl fmt::Display for UrlPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme.as_str(), self.host_labels.join("."))?;
+        write!(f, "{}://", self.scheme.as_str())?;
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        write!(f, "{}", self.host_labels.join("."))?;
         if let Some(port) = self.port {
             write!(f, ":{port}")?;
         }
@@ -427,7 +531,8 @@ mod tests {
             ("https://user:pw@h/x", UrlError::Credentials),
             ("https://user@h/x", UrlError::Credentials),
             ("file:///etc/passwd", UrlError::Scheme),
-            ("ssh://h/x", UrlError::Scheme),
+            ("ssh://git:pw@h/x", UrlError::Credentials),
+            ("git:pw@h:x", UrlError::Credentials),
             ("/local/path", UrlError::Scheme),
         ];
         for (s, want) in cases {
@@ -507,7 +612,108 @@ mod tests {
     }
 
     #[test]
+    fn ssh_urls_parse_into_one_canonical_form() {
+        let u = |s: &str| RepoUrl::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let github = u("git@github.com:team/states.git");
+        assert_eq!(github.to_string(), "ssh://git@github.com/team/states.git");
+        assert_eq!(github, u("ssh://git@github.com/team/states.git"));
+        assert_eq!(github, u("ssh://git@github.com:22/team/states.git"), "22 is ssh's default port");
+        assert_eq!(github, u("ssh://github.com/team/states.git"), "the user is `git` when none is written");
+        assert_eq!(github, u("git@github.com:/team/states.git"));
+        assert_eq!(
+            (github.user(), github.port(), github.remote_path().as_str()),
+            (Some("git"), 22, "/team/states.git")
+        );
+        let other = u("ssh://root@127.0.0.1:2222/srv/git/x.git");
+        assert_eq!(other.to_string(), "ssh://root@127.0.0.1:2222/srv/git/x.git");
+        assert_eq!((other.host(), other.port()), ("127.0.0.1", 2222));
+        assert!(!other.same_repository(&u("ssh://git@127.0.0.1:2222/srv/git/x.git")), "another user");
+        assert!(other.same_repository(&u("ssh://root@127.0.0.1:2222/srv/git/x")));
+        // Home-relative paths, as git sends them.
+        assert_eq!(u("deploy@h:~/repos/x.git").remote_path(), "~/repos/x.git");
+        assert_eq!(u("ssh://deploy@h/~/repos/x.git").to_string(), "ssh://deploy@h/~/repos/x.git");
+        assert_eq!(u("ssh://deploy@h/~x/a").remote_path(), "/~x/a");
+        assert_eq!(u("ssh://git@[::1]:2222/x.git").to_string(), "ssh://git@[::1]:2222/x.git");
+        assert_eq!(u("ssh://git@h/x").to_gix().to_bstring(), "ssh://git@h/x");
+        // Users with dots, digits and dashes inside.
+        assert_eq!(u("ssh://deploy-bot.1@h/x").user(), Some("deploy-bot.1"));
+    }
+
+    #[test]
+    fn ssh_urls_are_attacked_from_every_side() {
+        let refused = |s: &str| RepoUrl::parse(s).expect_err(s);
+        // Passwords, in either spelling.
+        for s in ["ssh://git:pw@h/x", "git:pw@h:x", "ssh://git:@h/x", "ssh://a@b@h/x", "a:b@c@h:x"] {
+            assert_eq!(refused(s), UrlError::Credentials, "{s}");
+        }
+        for s in [
+            // Empty or hostile users, hosts and paths (an option to ssh, a shell's quote).
+            "ssh://@h/x",
+            "@h:x",
+            "ssh://-oProxyCommand=touch@h/x",
+            "-oProxyCommand=x@h:y",
+            "ssh://git@-oProxyCommand=touch/x",
+            "git@-oProxyCommand=touch:x",
+            "git@h:-upload'pack/x",
+            "ssh://git@h/a'b",
+            "ssh://git@h/a\"b",
+            "ssh://git@h/a;touch%20x",
+            "ssh://git@h/a`id`",
+            "ssh://git@h/$(id)",
+            "ssh://git@h/a b",
+            "ssh://git@h/a/../b",
+            "git@h:../x",
+            "git@h:a/../../etc",
+            "git@h:",
+            "git@h:/",
+            "ssh://git@h",
+            "ssh://git@h/",
+            "ssh://g\nit@h/x",
+            "ssh://Git User@h/x",
+            "ssh://git@H/x",
+            "SSH://git@h/x",
+            // Ports and IPv6.
+            "ssh://git@h:0/x",
+            "ssh://git@h:65536/x",
+            "ssh://git@h:022/x",
+            "ssh://git@h:/x",
+            "git@h:2222:x",
+            "git@[::1]:x",
+            "ssh://git@[0:0:0:0:0:0:0:1]/x",
+            "ssh://git@[::1/x",
+            "ssh://git@127.1/x",
+            // scp-like without a user, and queries.
+            "h:x",
+            "github.com:team/x.git",
+            "ssh://git@h/x?ProxyCommand=y",
+            "ssh://git@h/x#y",
+        ] {
+            assert!(RepoUrl::parse(s).is_err(), "{s:?} should be refused");
+        }
+        // A path segment starting with `-` stays under `/`: never an option of git-upload-pack.
+        assert_eq!(RepoUrl::parse("git@h:-x").unwrap().remote_path(), "/-x");
+    }
+
+    #[test]
+    fn ssh_patterns_match_the_canonical_form() {
+        let p = |s: &str| UrlPattern::parse(s).unwrap();
+        let u = |s: &str| RepoUrl::parse(s).unwrap();
+        let org = p("ssh://git@github.com/team/*");
+        assert!(org.matches(&u("git@github.com:team/states.git")));
+        assert!(org.matches(&u("ssh://github.com:22/team/states")));
+        assert!(!org.matches(&u("ssh://root@github.com/team/states.git")), "another user");
+        assert!(!org.matches(&u("ssh://git@github.com:2222/team/states.git")), "another port");
+        assert!(!org.matches(&u("https://github.com/team/states.git")), "another scheme");
+        assert!(!org.matches(&u("git@github.com:other/states.git")));
+        assert!(p("git@github.com:team/*").matches(&u("ssh://git@github.com/team/x")));
+        assert_eq!(p("git@github.com:team/*").to_string(), "ssh://git@github.com/team/*");
+        assert!(UrlPattern::parse("ssh://git:pw@h/*").is_err());
+        assert!(UrlPattern::parse("ssh://g*@h/*").is_err(), "users are exact");
+    }
+
+    #[test]
     fn raw_urls_are_redacted_for_logs() {
+        assert_eq!(redact_raw("git:secret@h:x"), "h:x");
         assert_eq!(redact_raw("https://u:secret@h/x?token=abc"), "https://h/x");
         assert_eq!(redact_raw("https://h/x\nFORGED"), "https://h/x\\nFORGED");
         assert!(!redact_raw("\u{1b}[31mred").contains('\u{1b}'));

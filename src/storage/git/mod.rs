@@ -7,6 +7,7 @@ pub mod pack;
 pub mod push;
 pub mod remote;
 mod smart_http;
+pub(crate) mod ssh;
 pub(crate) mod transport;
 pub(crate) mod tree;
 

@@ -106,7 +106,16 @@ impl Conversation for OverTransport<'_> {
 
 /// Open a conversation over gix's transport and read the advertisement.
 pub(crate) fn over_transport<'a>(url: &'a RepoUrl, ctx: &'a RequestContext) -> Result<Started<'a>, StorageError> {
-    let mut transport = transport::connect(url, Protocol::V1, ctx)?;
+    over(transport::connect(url, Protocol::V1, ctx)?, url, ctx)
+}
+
+/// Open a conversation over `transport` (not yet handshaken, asking for protocol v1) and
+/// read the advertisement.
+pub(crate) fn over<'a>(
+    mut transport: Box<dyn Transport + Send>,
+    url: &'a RepoUrl,
+    ctx: &'a RequestContext,
+) -> Result<Started<'a>, StorageError> {
     let adv = advertisement(&mut transport, url, ctx)?;
     Ok((Box::new(OverTransport { transport, url, ctx }), adv))
 }
@@ -204,6 +213,19 @@ pub(crate) fn push_with<'a>(
     Ok(PushReport { outcome, advertisement: adv, refused_by_host })
 }
 
+/// The most commits one push carries (a batch of writes is far smaller).
+const MAX_PUSHED_COMMITS: usize = 1024;
+
+/// The one parent of `id`, `None` for a root (or a merge, which gitstate never makes).
+fn single_parent(repo: &gix::Repository, id: ObjectId) -> Result<Option<ObjectId>, StorageError> {
+    let commit = repo.find_commit(id).map_err(|e| StorageError::CacheCorrupt(format!("commit {id} to push: {e}")))?;
+    let mut parents = commit.parent_ids();
+    Ok(match (parents.next(), parents.next()) {
+        (Some(p), None) => Some(p.detach()),
+        _ => None,
+    })
+}
+
 /// The pack a push of `commands` needs: the new commits (those the remote does not have
 /// already, by `remote_has`) and what they add to their parents. `None` when every command
 /// is a delete (receive-pack then wants no pack at all).
@@ -215,8 +237,19 @@ pub(crate) fn pack_for(
     if !commands.iter().any(|u| u.new.is_some()) {
         return Ok(None);
     }
-    let mut new_commits: Vec<ObjectId> =
-        commands.iter().filter(|u| !u.is_guard()).filter_map(|u| u.new).filter(|id| !remote_has(id)).collect();
+    // A command may move a ref over a chain of new commits (a batch of writes, one commit
+    // each): all of them travel, from its new id back to its old one.
+    let mut new_commits: Vec<ObjectId> = Vec::new();
+    for u in commands.iter().filter(|u| !u.is_guard()) {
+        let mut next = u.new;
+        while let Some(id) = next.filter(|id| Some(*id) != u.old && !remote_has(id) && !new_commits.contains(id)) {
+            if new_commits.len() >= MAX_PUSHED_COMMITS {
+                return Err(StorageError::Local(format!("more than {MAX_PUSHED_COMMITS} new commits in one push")));
+            }
+            new_commits.push(id);
+            next = single_parent(repo, id)?;
+        }
+    }
     // A guard's commit travels whether or not the host seems to have it: receive-pack skips
     // (rather than fails) a command whose objects are missing, even in an atomic push, so a
     // lock commit pruned on the host would turn the guard into no check at all. With its
@@ -226,12 +259,13 @@ pub(crate) fn pack_for(
             new_commits.push(id);
         }
     }
-    // A server accepting these commits must hold their parents, and so all the parents hold.
+    // A server accepting these commits must hold their parents outside the pack, and so all
+    // the parents hold.
     let mut parents = Vec::new();
     for id in &new_commits {
         let commit =
             repo.find_commit(*id).map_err(|e| StorageError::CacheCorrupt(format!("commit {id} to push: {e}")))?;
-        parents.extend(commit.parent_ids().map(|p| p.detach()));
+        parents.extend(commit.parent_ids().map(|p| p.detach()).filter(|p| !new_commits.contains(p)));
     }
     Ok(Some(super::pack::build_pack(repo, &new_commits, &parents)?))
 }

@@ -94,6 +94,8 @@ pub struct RemoteStore {
     fetch_turn: Mutex<()>,
     /// Smart HTTP without advertisement round trips (`http://`, `https://` only).
     smart: Option<SmartHttp>,
+    /// The SSH session kept between operations (`ssh://` only).
+    kept: Option<Arc<super::ssh::KeptSessions>>,
     author: Author,
 }
 
@@ -115,6 +117,7 @@ impl RemoteStore {
         // anything but the push's own advertisement.
         let _ = std::fs::remove_file(first.join("gitstate-receive-caps"));
         let smart = SmartHttp::new(&url);
+        let kept = (url.scheme() == crate::storage::url::Scheme::Ssh).then(Default::default);
         sweep_leftovers(&base);
         let generation = Generation { dir: first, repo, discard: AtomicBool::new(false), in_use: None };
         Ok(RemoteStore {
@@ -124,6 +127,7 @@ impl RemoteStore {
             generations: AtomicU32::new(0),
             fetch_turn: Mutex::new(()),
             smart,
+            kept,
             author,
         })
     }
@@ -177,11 +181,36 @@ pub fn fetch_tips(
     ctx: &RequestContext,
     turn: &Mutex<()>,
 ) -> Result<Tips, StorageError> {
+    fetch_tips_via(repo, url, refs, ctx, turn, None)
+}
+
+/// [`fetch_tips`] on the SSH session `kept` holds (`ssh://`), else on a connection of its own.
+fn fetch_tips_via(
+    repo: &gix::Repository,
+    url: &RepoUrl,
+    refs: &[String],
+    ctx: &RequestContext,
+    turn: &Mutex<()>,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
+) -> Result<Tips, StorageError> {
     if refs.is_empty() {
         return Ok(Tips::new());
     }
     // Fetching changes no ref and writes packs whole: a broken attempt can simply be repeated.
-    transport::retrying(ctx, || fetch_tips_once(repo, url, refs, ctx, turn))
+    transport::retrying(ctx, || fetch_tips_once(repo, url, refs, ctx, turn, kept))
+}
+
+/// A transport to `url`: on the kept SSH session where there is one.
+fn connect(
+    url: &RepoUrl,
+    version: Protocol,
+    ctx: &RequestContext,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
+) -> Result<Box<dyn Transport + Send>, StorageError> {
+    match kept {
+        Some(kept) => Ok(Box::new(super::ssh::connect_kept(url, version, ctx, Some(Arc::clone(kept)))?)),
+        None => transport::connect(url, version, ctx),
+    }
 }
 
 /// A fetch of `refs` from `url` with the ref listing done (one connection; nothing received yet).
@@ -190,9 +219,10 @@ fn prepare<'repo>(
     url: &RepoUrl,
     refs: &[String],
     ctx: &RequestContext,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
 ) -> Result<gix::remote::fetch::Prepare<'repo, 'repo, Box<dyn Transport + Send>>, StorageError> {
     let connection: Box<dyn Transport + Send> =
-        Box::new(transport::WithoutSymrefs(transport::connect(url, Protocol::V2, ctx)?));
+        Box::new(transport::WithoutSymrefs(connect(url, Protocol::V2, ctx, kept)?));
     // Refspecs without a destination: the objects are fetched, no local ref is written.
     let remote = repo
         .remote_at_without_url_rewrite(url.to_gix())
@@ -200,7 +230,7 @@ fn prepare<'repo>(
         .map_err(|e| StorageError::CacheCorrupt(format!("cannot set up a fetch: {}", transport::chain(&e))))?
         .with_fetch_tags(Tags::None);
     let mut connection = remote.to_connection_with_transport(connection);
-    if url.scheme() != crate::storage::url::Scheme::Git {
+    if matches!(url.scheme(), crate::storage::url::Scheme::Http | crate::storage::url::Scheme::Https) {
         // gix configures the transport again from the repository's settings; keep our timeouts.
         connection = connection.with_transport_options(Box::new(transport::http_options(ctx)));
     }
@@ -240,8 +270,9 @@ fn fetch_tips_once(
     refs: &[String],
     ctx: &RequestContext,
     turn: &Mutex<()>,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
 ) -> Result<Tips, StorageError> {
-    let prepare = prepare(repo, url, refs, ctx)?;
+    let prepare = prepare(repo, url, refs, ctx, kept)?;
     let tips: Tips = prepare
         .ref_map()
         .mappings
@@ -280,12 +311,13 @@ fn list_refs_once(
     limit: usize,
     ctx: &RequestContext,
     turn: &Mutex<()>,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
 ) -> Result<crate::storage::RefListing, StorageError> {
     // gix wants a destination for a glob; it is never written: the listing's connection ends
     // without a fetch, and missing tips are fetched by their exact names.
     let spec = format!("{prefix}*:refs/gitstate-listing/*");
     let found: Vec<(String, ObjectId)> = {
-        let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx)?;
+        let prepare = prepare(repo, url, std::slice::from_ref(&spec), ctx, kept)?;
         prepare
             .ref_map()
             .mappings
@@ -300,7 +332,7 @@ fn list_refs_once(
     let mut listing = tree::bounded_listing(found, limit);
     if missing(repo, &listing.tips) {
         let names: Vec<String> = listing.tips.keys().cloned().collect();
-        fetch_tips_once(repo, url, &names, ctx, turn)?;
+        fetch_tips_once(repo, url, &names, ctx, turn, kept)?;
         // A lock released between the two looks is gone: so is its entry.
         listing.tips.retain(|_, id| repo.has_object(*id));
     }
@@ -316,8 +348,9 @@ fn deepen_once(
     depth: u32,
     ctx: &RequestContext,
     turn: &Mutex<()>,
+    kept: Option<&Arc<super::ssh::KeptSessions>>,
 ) -> Result<(), StorageError> {
-    let prepare = prepare(repo, url, refs, ctx)?;
+    let prepare = prepare(repo, url, refs, ctx, kept)?;
     let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
     receive(prepare, url, depth, ctx)
 }
@@ -354,7 +387,7 @@ impl RemoteStore {
                 }
             }
         }
-        ctx.count_round_trip(|| fetch_tips(&repo, &self.url, refs, ctx, &self.fetch_turn))
+        ctx.count_round_trip(|| fetch_tips_via(&repo, &self.url, refs, ctx, &self.fetch_turn, self.kept.as_ref()))
     }
 }
 
@@ -368,12 +401,13 @@ impl RemoteStore {
         updates: &[crate::storage::RefUpdate],
     ) -> Result<super::push::PushReport, StorageError> {
         let url = &self.url;
-        let open = || match &self.smart {
-            Some(smart) => match smart.start_push(ctx)? {
+        let open = || match (&self.smart, &self.kept) {
+            (Some(smart), _) => match smart.start_push(ctx)? {
                 Some(started) => Ok(started),
                 None => super::push::over_transport(url, ctx),
             },
-            None => super::push::over_transport(url, ctx),
+            (None, Some(kept)) => super::push::over(connect(url, Protocol::V1, ctx, Some(kept))?, url, ctx),
+            (None, None) => super::push::over_transport(url, ctx),
         };
         super::push::push_with(open, repo, url, updates, ctx, true)
     }
@@ -419,7 +453,9 @@ impl Storage for RemoteStore {
         let refs = [reference.to_owned()];
         contained(&self.url, || {
             ctx.count_round_trip(|| {
-                transport::retrying(ctx, || deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn))
+                transport::retrying(ctx, || {
+                    deepen_once(&repo, &self.url, &refs, depth, ctx, &self.fetch_turn, self.kept.as_ref())
+                })
             })
         })
     }
@@ -460,7 +496,9 @@ impl Storage for RemoteStore {
                 }
             }
             ctx.count_round_trip(|| {
-                transport::retrying(ctx, || list_refs_once(&repo, &self.url, prefix, limit, ctx, &self.fetch_turn))
+                transport::retrying(ctx, || {
+                    list_refs_once(&repo, &self.url, prefix, limit, ctx, &self.fetch_turn, self.kept.as_ref())
+                })
             })
         })
     }

@@ -42,7 +42,7 @@ pub(crate) enum Blind<T> {
 impl SmartHttp {
     /// For `http://` and `https://` repositories.
     pub fn new(url: &RepoUrl) -> Option<Self> {
-        if url.scheme() == Scheme::Git {
+        if !matches!(url.scheme(), Scheme::Http | Scheme::Https) {
             return None;
         }
         let client = reqwest::blocking::Client::builder()

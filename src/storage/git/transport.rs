@@ -39,6 +39,9 @@ pub(crate) fn classify(url: &RepoUrl, ctx: &RequestContext, err: &(dyn StdError 
         }
     }
     for cause in causes() {
+        if let Some(e) = cause.downcast_ref::<super::ssh::SshError>() {
+            return super::ssh::sort(e, text);
+        }
         if let Some(e) = cause.downcast_ref::<reqwest::Error>() {
             if let Some(status) = e.status() {
                 return http_status(status.as_u16(), text).unwrap_or_else(StorageError::Protocol);
@@ -178,6 +181,7 @@ pub(crate) fn connect(
     match url.scheme() {
         Scheme::Git => Ok(Box::new(connect_daemon(url, version, ctx)?)),
         Scheme::Http | Scheme::Https => connect_http(url, version, ctx),
+        Scheme::Ssh => Ok(Box::new(super::ssh::connect(url, version, ctx)?)),
     }
 }
 
