@@ -18,8 +18,6 @@
 //! so that `tests/bench_runs.rs` can run it in a debug build; `--table=N` runs the N-th table
 //! (from 1, in the order of [`HEADINGS`]) only.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use gitstate::app::App;
 use gitstate_testkit::gitd::{git, git_out, git_with_input, GitDaemon};
+use gitstate_testkit::latency::LatencyProxy;
 use gitstate_testkit::races;
 
 /// The heading printed above each table (tests/bench_runs.rs checks that each one appears).
@@ -495,73 +494,6 @@ fn install_event_counter() {
         .with(EventCounter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
         .init();
-}
-
-/// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:target` that delivers every chunk `delay`
-/// after it arrived, in each direction (so a round trip costs `2 × delay` more), and holds a
-/// new connection back one round trip (the TCP handshake; no TLS), without limiting
-/// throughput; TCP_NODELAY on both sides. Its threads end with their connections;
-/// the accepting thread lives as long as the process (nothing to kill: no child process).
-/// It counts the connections it accepted: over TLS, each one is a handshake.
-struct LatencyProxy {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl LatencyProxy {
-    fn start(target: u16, delay: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the latency proxy");
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                counter.fetch_add(1, Ordering::SeqCst);
-                // A TCP handshake costs one round trip before the first byte can go out: the
-                // client's first bytes wait in the socket buffer meanwhile.
-                std::thread::spawn(move || {
-                    std::thread::sleep(2 * delay);
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { return };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
-                    delayed_pipe(client, s2, delay);
-                    delayed_pipe(server, c2, delay);
-                });
-            }
-        });
-        LatencyProxy { port, accepted }
-    }
-
-    /// Connections accepted so far.
-    fn connections(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-/// Copy `from` to `to`, each chunk `delay` late: a reader stamps chunks, a writer waits for
-/// each stamp; end of input is passed on as a half close once everything before it is written.
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for (due, bytes) in rx {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            if to.write_all(&bytes).is_err() {
-                let _ = to.shutdown(Shutdown::Both);
-                return;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-    });
 }
 
 // --- 1. requests per operation ---------------------------------------------------------------
@@ -1037,6 +969,8 @@ struct WritersRow {
     writes_per_s: f64,
     attempts_p50: f64,
     attempts_max: f64,
+    /// Landed writes per applied push (group commit: one push carries the writes of one App).
+    per_push: f64,
     p99_ms: f64,
     pushes: usize,
     lost_races: usize,
@@ -1065,7 +999,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
     // 256 writers write fewer times each: about 512 writes per row at most.
     let per_writer = |n: usize| if tiny { 2 } else { rounds.max(5).min((512 / n).max(1)) };
     println!(
-        "{:<8} {:>5} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8}  {}",
+        "{:<8} {:>5} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8}  {}",
         "writers",
         "apps",
         "each way",
@@ -1074,6 +1008,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
         "writes/s",
         "att. p50",
         "att. max",
+        "w/push",
         "p99 ms",
         "pushes",
         "lost",
@@ -1093,7 +1028,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
                 _ => "-".into(),
             };
             println!(
-                "{n:<8} {:>5} {:>10} {:>7} {:>7} {:>9.1} {:>9} {:>9} {:>10.0} {:>8} {:>8}  {target}",
+                "{n:<8} {:>5} {:>10} {:>7} {:>7} {:>9.1} {:>9} {:>9} {:>7.1} {:>10.0} {:>8} {:>8}  {target}",
                 r.apps,
                 format!("{delay} ms"),
                 r.writes,
@@ -1101,6 +1036,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
                 r.writes_per_s,
                 r.attempts_p50,
                 r.attempts_max,
+                r.per_push,
                 r.p99_ms,
                 r.pushes,
                 r.lost_races
@@ -1111,7 +1047,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
         }
     }
     println!(
-        "every writer its own state (conc/w<i>.tfstate), {} writes each ({} at 256 writers), no lock, all at once, through the latency proxy in front of git daemon (--max-connections=0); writers spread over up to 16 Apps (own caches, as Lambda instances); failed = any answer but 200; p99 = 99th percentile of one POST's time; attempts = pushes per landed write, from gitstate's own `compare-and-swap applied` event (pushes=N); pushes = `Request receive-pack` lines of git daemon's log; lost = gitstate's `lost the race` events",
+        "every writer its own state (conc/w<i>.tfstate), {} writes each ({} at 256 writers), no lock, all at once, through the latency proxy in front of git daemon (--max-connections=0); writers spread over up to 16 Apps (own caches, as Lambda instances); failed = any answer but 200; p99 = 99th percentile of one POST's time; attempts = pushes until one applied, from gitstate's own `compare-and-swap applied` event (pushes=N), one per applied push; w/push = landed writes per applied push (group commit: one push may carry several writes of one App); pushes = `Request receive-pack` lines of git daemon's log; lost = gitstate's `lost the race` events",
         per_writer(1),
         per_writer(256)
     );
@@ -1185,6 +1121,7 @@ fn writers_row(
             writes_per_s: (writes - failed) as f64 / took.as_secs_f64(),
             attempts_p50: percentile(&mut attempts, 50),
             attempts_max: attempts.iter().cloned().fold(0.0, f64::max),
+            per_push: (writes - failed) as f64 / attempts.len().max(1) as f64,
             p99_ms: percentile(&mut times, 99),
             pushes: pushes() - pushes_before,
             lost_races: LOST_RACES.load(Ordering::SeqCst),
