@@ -1,6 +1,6 @@
 //! Every setting of gitstate, declared once in [`Settings`] (flag, environment variable, help)
 //! and read once into a checked [`Config`] that `serve`, `run`, `doctor`, `decrypt` and the
-//! Lambda entry all build from. README's configuration table is checked against it.
+//! Lambda entry all build from. The table of docs/configuration.md is checked against it.
 
 use std::path::PathBuf;
 use std::time::Duration;

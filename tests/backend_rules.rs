@@ -1,4 +1,4 @@
-//! The backend rules of README's "Answers" paragraph and "The lineage/serial guard" section,
+//! The backend rules of docs/addresses.md: the "Answers" paragraph and "The lineage/serial guard" section,
 //! through the public `App::handle` over the in-memory `MemoryStore`: no git, no network,
 //! every test in milliseconds. Races, contention, an unavailable host and deadlines are
 //! injected faults of the store. After every refusal the store is checked unchanged.
@@ -327,7 +327,7 @@ async fn force_true_overrides_the_guard() {
     expect(send(&app, "POST", &format!("/state/{P}?ID=b&force=true"), &state(9, "z")).await, 423);
     assert_eq!(snapshot(&store), before);
     // A body without serial/lineage (an encrypted envelope) cannot be shown newer than a
-    // guarded state: 409 unless forced (decide.rs fails closed; README still says "stored as they are").
+    // guarded state: 409 unless forced (decide.rs fails closed; docs/addresses.md still says "stored as they are").
     let envelope = r#"{"encrypted_data":"abc","meta":{}}"#;
     let refused = expect(send(&app, "POST", &with_id("a"), envelope).await, 409);
     assert!(refused.body.contains("force=true"), "{}", refused.body);

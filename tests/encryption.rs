@@ -1154,7 +1154,7 @@ fn identical_write_over_a_stale_stored_form_stores_it_again_encrypted() {
     assert_eq!(remote.tip(), tip, "the identical write over a current envelope made a commit");
 }
 
-/// `gitstate decrypt` (README: reading a stored state outside the backend) opens an age file
+/// `gitstate decrypt` (docs/encryption.md: reading a stored state outside the backend) opens an age file
 /// and a KMS envelope with the keys of the environment, from standard input or a file.
 #[test]
 fn gitstate_decrypt_opens_what_was_stored() {

@@ -412,7 +412,7 @@ fn restore_an_old_version_then_terraform_sees_it() {
     assert_eq!(got.status, 400, "restore without version: {}", got.text());
     assert_eq!(server_git(&gitd, &["rev-parse", "main"]), two);
 
-    // The README's recipe: LOCK, POST /restore/...&ID=, UNLOCK.
+    // The recipe of docs/history.md: LOCK, POST /restore/...&ID=, UNLOCK.
     let mine = lock_info_value("restore-1", "admin@laptop", "OperationTypeRestore");
     let got = http_json("LOCK", &serve.state_url(path), &mine);
     assert_eq!(got.status, 200, "LOCK: {}", got.text());

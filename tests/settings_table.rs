@@ -1,4 +1,4 @@
-//! Every setting is declared once (src/config.rs, clap `env`): README's configuration table,
+//! Every setting is declared once (src/config.rs, clap `env`): the configuration table (docs/configuration.md),
 //! the variables the code names and the ones template.yaml sets all agree with that declaration.
 
 use std::collections::BTreeSet;
@@ -36,13 +36,11 @@ fn names_in(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// The rows of README's configuration table: (variables, flags) per row.
-fn readme_rows() -> Vec<(Vec<String>, Vec<String>)> {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme.split("\n## Configuration\n").nth(1).expect("README has a Configuration section");
-    let section = section.split("\n## ").next().unwrap();
-    section
-        .lines()
+/// The rows of the configuration table (docs/configuration.md, the page README links to):
+/// (variables, flags) per row.
+fn table_rows() -> Vec<(Vec<String>, Vec<String>)> {
+    let page = std::fs::read_to_string(root().join("docs/configuration.md")).expect("docs/configuration.md");
+    page.lines()
         .filter(|l| l.starts_with("| `GITSTATE_"))
         .map(|l| {
             let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
@@ -53,10 +51,11 @@ fn readme_rows() -> Vec<(Vec<String>, Vec<String>)> {
 }
 
 #[test]
-fn readme_table_lists_every_setting_with_its_flag_and_nothing_else() {
+fn configuration_table_lists_every_setting_with_its_flag_and_nothing_else() {
     let declared = declared();
     assert!(declared.len() > 25, "the declaration lost settings: {declared:?}");
-    let rows = readme_rows();
+    let rows = table_rows();
+    assert!(!rows.is_empty(), "no `| `GITSTATE_` row found in docs/configuration.md");
     let mut in_table = BTreeSet::new();
     for (variables, flags) in &rows {
         assert_eq!(variables.len(), flags.len(), "one flag per variable in the row of {variables:?}");
@@ -64,13 +63,13 @@ fn readme_table_lists_every_setting_with_its_flag_and_nothing_else() {
             let (_, declared_flag) = declared
                 .iter()
                 .find(|(v, _)| v == variable)
-                .unwrap_or_else(|| panic!("README's table lists {variable}, which no setting declares"));
-            assert_eq!(flag, declared_flag, "README's flag of {variable}");
+                .unwrap_or_else(|| panic!("docs/configuration.md lists {variable}, which no setting declares"));
+            assert_eq!(flag, declared_flag, "docs/configuration.md's flag of {variable}");
             in_table.insert(variable.clone());
         }
     }
     for (variable, _) in &declared {
-        assert!(in_table.contains(variable), "{variable} is declared but missing from README's configuration table");
+        assert!(in_table.contains(variable), "{variable} is declared but missing from docs/configuration.md");
     }
 }
 

@@ -62,7 +62,7 @@ fn sam_validate_lint_is_clean() {
     assert!(text.contains("is a valid SAM Template"), "sam validate --lint said:\n{text}");
 }
 
-/// The parts of the template the README and the tests rely on.
+/// The parts of the template docs/lambda.md and the tests rely on.
 #[test]
 fn template_declares_the_function_the_api_and_the_backend_block() {
     let t = std::fs::read_to_string(root().join("template.yaml")).unwrap();

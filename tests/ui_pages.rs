@@ -376,7 +376,7 @@ async fn ten_thousand_states_are_paged_and_pages_stay_small() {
     assert!(first.body.len() < 100_000, "a page is bounded: {} bytes", first.body.len());
 }
 
-/// Page weights and render times (a figure for the README, not a timed test).
+/// Page weights and render times (a figure for docs/web-view.md, not a timed test).
 #[tokio::test]
 async fn page_weights_and_render_times() {
     for n in [1usize, 100, 10_000] {
