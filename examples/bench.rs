@@ -1,20 +1,23 @@
 //! Benchmark (figures, not a test): median latency of GET, LOCK, POST, UNLOCK and a
 //! full apply cycle through `App::handle` against a local `git daemon`, next to the
 //! git CLI doing the same git work, with cold and warm caches and several history sizes;
-//! then the tables of issue 13: requests to a smart-HTTP host per operation and per real
-//! `terraform apply`/`plan` (lighttpd's access log), latency through a latency-injecting
-//! proxy next to the git CLI, states per repository, concurrent writers, cold start, and the
-//! peak memory of `gitstate serve` with large states. Every target is printed beside its
-//! figure; nothing is asserted on time.
+//! then the tables of issues 13 and 22: requests to a smart-HTTP host per operation and per
+//! real `terraform apply`/`plan` of each Terraform version (lighttpd's access log), latency
+//! through a latency-injecting proxy next to the git CLI over git:// and over HTTPS (lighttpd
+//! with `mod_openssl`; requests per cycle and new TLS handshakes while warm), states per
+//! repository, 1 to 256 concurrent writers at 0 and 20 ms each way, cold start (a new App, a
+//! fresh `gitstate serve` process, a fresh Lambda instance under the emulator, the binary's
+//! size), and the peak memory of `gitstate serve` with large states. Every target is printed
+//! beside its figure; nothing is asserted on time.
 //!
-//! Run: `cargo build --release && cargo run --release --example bench [-- ROUNDS] [--tiny]`
-//! (needs `git` for the daemon and the comparison, lighttpd and Terraform for the request
-//! counts; gitstate itself never runs git). `--tiny` shrinks every table (100 states instead
-//! of 10,000, writers up to 4, a 1 MB state instead of 5 and 50 MB) so that
-//! `tests/bench_runs.rs` can run it in a debug build.
+//! Run: `cargo build --release && cargo run --release --example bench [-- ROUNDS] [--tiny]
+//! [--table=N]` (needs `git` for the daemon and the comparison, lighttpd, openssl and Terraform
+//! for the request counts and HTTPS, cargo-lambda for the Lambda row; a table whose tools are
+//! missing says so and is skipped; gitstate itself never runs git). `--tiny` shrinks every
+//! table (100 states instead of 10,000, writers up to 4, a 1 MB state instead of 5 and 50 MB)
+//! so that `tests/bench_runs.rs` can run it in a debug build; `--table=N` runs the N-th table
+//! (from 1, in the order of [`HEADINGS`]) only.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,16 +25,18 @@ use std::time::{Duration, Instant};
 
 use gitstate::app::App;
 use gitstate_testkit::gitd::{git, git_out, git_with_input, GitDaemon};
+use gitstate_testkit::latency::LatencyProxy;
 use gitstate_testkit::races;
 
 /// The heading printed above each table (tests/bench_runs.rs checks that each one appears).
-const HEADINGS: [&str; 10] = [
+const HEADINGS: [&str; 11] = [
     "== latency by history size (git daemon, medians) ==",
     "== history pages ==",
     "== encryption ==",
     "== 5 MB state in this process ==",
     "== requests to the git host per operation (lighttpd access log) ==",
     "== latency with an added round trip (latency proxy in front of git daemon) ==",
+    "== latency over HTTPS (latency proxy in front of lighttpd with mod_openssl) ==",
     "== states per repository ==",
     "== concurrent writers on one repository ==",
     "== cold start ==",
@@ -47,24 +52,55 @@ fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = GitDaemon::start();
     let started = Instant::now();
-    let heading = |i: usize| println!("{} [{:.0} s]", HEADINGS[i], started.elapsed().as_secs_f64());
     println!(
         "gitstate benchmark: {rounds} rounds per figure{}, {} build, git daemon on 127.0.0.1:{}",
         if tiny { ", tiny sizes" } else { "" },
         if cfg!(debug_assertions) { "debug" } else { "release" },
         daemon.port()
     );
-    heading(0);
+    // `--table=N` (N from 1) runs one table only.
+    let only: Option<usize> = args.iter().find_map(|a| a.strip_prefix("--table=")?.parse().ok());
+    for (i, heading) in HEADINGS.iter().enumerate() {
+        if only.is_some_and(|n| n != i + 1) {
+            continue;
+        }
+        println!("{heading} [{:.0} s]", started.elapsed().as_secs_f64());
+        match i {
+            0 => latency_by_history(&rt, &daemon, tmp.path(), rounds),
+            1 => history(&rt, &daemon, tmp.path()),
+            2 => encryption(&rt, &daemon, tmp.path(), rounds),
+            3 => {
+                let url = repo_with_history(&daemon, "big.git", 10);
+                let (before, after, took) = rt.block_on(big_state(&url, tmp.path(), 5));
+                println!(
+                    "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
+                    after - before
+                );
+            }
+            4 => requests_per_operation(),
+            5 => latency(&rt, &daemon, tmp.path(), rounds, tiny),
+            6 => tls_latency(&rt, tmp.path(), rounds, tiny),
+            7 => states_per_repository(&rt, &daemon, tmp.path(), rounds, tiny),
+            8 => concurrency(&rt, tmp.path(), rounds, tiny),
+            9 => cold_start(&rt, &daemon, tmp.path(), rounds, tiny),
+            _ => memory(&daemon, tiny),
+        }
+    }
+    println!("benchmark done [{:.0} s]", started.elapsed().as_secs_f64());
+}
+
+/// Latency of each operation by history size, warm and cold, beside the git CLI.
+fn latency_by_history(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize) {
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "scenario", "GET ms", "LOCK ms", "POST ms", "UNLOCK ms", "cycle ms", "git CLI ms"
     );
     for history in [10usize, 1_000, 10_000] {
         let name = format!("h{history}.git");
-        let url = repo_with_history(&daemon, &name, history);
+        let url = repo_with_history(daemon, &name, history);
         for cold in [false, true] {
-            let figures = rt.block_on(run(&url, tmp.path(), rounds, cold));
-            let cli = git_cli_cycle(&url, tmp.path(), rounds.min(10));
+            let figures = run(rt, &url, tmp, rounds, cold);
+            let cli = git_cli_cycle(&url, tmp, rounds.min(10));
             println!(
                 "{:<28} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12.2}",
                 format!("{history} commits, {}", if cold { "cold cache" } else { "warm cache" }),
@@ -77,41 +113,32 @@ fn main() {
             );
         }
     }
-    heading(1);
-    history(&rt, &daemon, tmp.path());
-    heading(2);
-    encryption(&rt, &daemon, tmp.path(), rounds);
-    heading(3);
-    let (before, after, took) = rt.block_on(big_state(&repo_with_history(&daemon, "big.git", 10), tmp.path(), 5));
-    println!(
-        "5 MB state POST + GET: {took:.1} ms; peak RSS of this process {before:.1} MiB before, {after:.1} MiB after (+{:.1} MiB)",
-        after - before
-    );
-
-    heading(4);
-    requests_per_operation();
-    heading(5);
-    latency(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(6);
-    states_per_repository(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(7);
-    concurrency(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(8);
-    cold_start(&rt, &daemon, tmp.path(), rounds, tiny);
-    heading(9);
-    memory(&daemon, tiny);
-    println!("benchmark done [{:.0} s]", started.elapsed().as_secs_f64());
 }
 
 /// Medians (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle.
-async fn run(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
-    run_samples(url, tmp, rounds, cold).await.map(|mut s| median(&mut s))
+fn run(rt: &tokio::runtime::Runtime, url: &str, tmp: &Path, rounds: usize, cold: bool) -> [f64; 5] {
+    run_samples(rt, url, tmp, rounds, cold).map(|mut s| median(&mut s))
 }
 
 /// Every sample (ms) of GET, LOCK, POST, UNLOCK and a whole LOCK+GET+POST+UNLOCK cycle, `rounds`
 /// cycles. Warm: one App, after one cycle not counted (the App's first look fills its cache);
 /// cold: a new App with an empty cache directory for every cycle.
-async fn run_samples(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [Vec<f64>; 5] {
+fn run_samples(rt: &tokio::runtime::Runtime, url: &str, tmp: &Path, rounds: usize, cold: bool) -> [Vec<f64>; 5] {
+    run_samples_as(rt, url, tmp, rounds, cold, None, &mut || {})
+}
+
+/// [`run_samples`] with an `Authorization` header on every request (handed on to the git host);
+/// `measuring` is called once, before the first cycle that counts (to read counters). Apps are
+/// opened and dropped outside the runtime (over HTTPS an App holds a blocking HTTP client).
+fn run_samples_as(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    tmp: &Path,
+    rounds: usize,
+    cold: bool,
+    auth: Option<&str>,
+    measuring: &mut dyn FnMut(),
+) -> [Vec<f64>; 5] {
     let mut samples: [Vec<f64>; 5] = Default::default();
     let mut app = new_app(url, tmp, 0);
     let path = "/state/bench/terraform.tfstate";
@@ -119,6 +146,9 @@ async fn run_samples(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [Vec<f
     for i in 0..rounds + warmup {
         if cold {
             app = new_app(url, tmp, i + 1);
+        }
+        if i == warmup {
+            measuring();
         }
         let id = format!("bench-{i}-{}", fastrand::u64(..));
         let lock = format!(
@@ -131,18 +161,18 @@ async fn run_samples(url: &str, tmp: &Path, rounds: usize, cold: bool) -> [Vec<f
         let mut took = [0.0; 5];
         let cycle = Instant::now();
         let t = Instant::now();
-        assert_eq!(call(&app, "LOCK", path, &lock).await, 200);
+        assert_eq!(rt.block_on(call_as(&app, "LOCK", path, &lock, auth)), 200);
         took[1] = ms(t.elapsed());
         let t = Instant::now();
-        let s = call(&app, "GET", path, "").await;
+        let s = rt.block_on(call_as(&app, "GET", path, "", auth));
         assert!(s == 200 || s == 204);
         took[0] = ms(t.elapsed());
         let t = Instant::now();
-        let s = call(&app, "POST", &format!("{path}?ID={id}&force=true"), &state).await;
+        let s = rt.block_on(call_as(&app, "POST", &format!("{path}?ID={id}&force=true"), &state, auth));
         assert_eq!(s, 200);
         took[2] = ms(t.elapsed());
         let t = Instant::now();
-        assert_eq!(call(&app, "UNLOCK", path, &lock).await, 200);
+        assert_eq!(rt.block_on(call_as(&app, "UNLOCK", path, &lock, auth)), 200);
         took[3] = ms(t.elapsed());
         took[4] = ms(cycle.elapsed());
         if i >= warmup {
@@ -310,6 +340,15 @@ async fn call(app: &Arc<App>, method: &str, uri: &str, body: &str) -> u16 {
     races::call(app, method, uri, body).await.0
 }
 
+/// [`call`] with an `Authorization` header, if any.
+async fn call_as(app: &Arc<App>, method: &str, uri: &str, body: &str, auth: Option<&str>) -> u16 {
+    let mut request = races::request(method, uri, body);
+    if let Some(auth) = auth {
+        request.headers_mut().insert(http::header::AUTHORIZATION, auth.parse().expect("a header value"));
+    }
+    app.handle(request).await.status().as_u16()
+}
+
 /// The same git work with the CLI: shallow fetch, commit, push; create and delete a lock branch.
 fn git_cli_cycle(url: &str, tmp: &Path, rounds: usize) -> f64 {
     median(&mut git_cli_samples(url, tmp, rounds))
@@ -455,63 +494,6 @@ fn install_event_counter() {
         .with(EventCounter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
         .init();
-}
-
-/// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:target` that delivers every chunk `delay`
-/// after it arrived, in each direction (so a round trip costs `2 × delay` more), and holds a
-/// new connection back one round trip (the TCP handshake; no TLS), without limiting
-/// throughput; TCP_NODELAY on both sides. Its threads end with their connections;
-/// the accepting thread lives as long as the process (nothing to kill: no child process).
-struct LatencyProxy {
-    port: u16,
-}
-
-impl LatencyProxy {
-    fn start(target: u16, delay: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the latency proxy");
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                // A TCP handshake costs one round trip before the first byte can go out: the
-                // client's first bytes wait in the socket buffer meanwhile.
-                std::thread::spawn(move || {
-                    std::thread::sleep(2 * delay);
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { return };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
-                    delayed_pipe(client, s2, delay);
-                    delayed_pipe(server, c2, delay);
-                });
-            }
-        });
-        LatencyProxy { port }
-    }
-}
-
-/// Copy `from` to `to`, each chunk `delay` late: a reader stamps chunks, a writer waits for
-/// each stamp; end of input is passed on as a half close once everything before it is written.
-fn delayed_pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n @ 1..) = from.read(&mut buf) {
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for (due, bytes) in rx {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            if to.write_all(&bytes).is_err() {
-                let _ = to.shutdown(Shutdown::Both);
-                return;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-    });
 }
 
 // --- 1. requests per operation ---------------------------------------------------------------
@@ -688,7 +670,6 @@ fn requests_per_operation() {
         row("terraform plan, cold (after init)", &reqs, Some(7));
     }
     println!("targets: warm apply <= 7, warm plan 5; a warm look 1 request, a warm push 2 (its own advertisement, for lock safety); cold at most 2 more than warm");
-    tls_handshakes();
 }
 
 /// New connections (each a TLS handshake) to an HTTPS git host per apply, cold and warm,
@@ -759,7 +740,7 @@ fn latency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds:
     for &d in delays {
         let proxy = LatencyProxy::start(daemon.port(), Duration::from_millis(d));
         let proxied = format!("git://127.0.0.1:{}/latency.git", proxy.port);
-        let mut samples = rt.block_on(run_samples(&proxied, tmp, rounds, false));
+        let mut samples = run_samples(rt, &proxied, tmp, rounds, false);
         let mut cli = git_cli_samples(&proxied, tmp, rounds);
         let cell = |v: &mut Vec<f64>| format!("{:.1}/{:.1}", percentile(v, 50), percentile(v, 90));
         let (cycle, cli50) = (percentile(&mut samples[4], 50), percentile(&mut cli, 50));
@@ -792,20 +773,136 @@ fn latency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds:
     println!("ms through App::handle (warm, one App) and the git CLI's fetch + commit + 3 pushes; ratio = cycle p50 / git CLI p50; RTTs = (p50 - p50 at 0 ms) / added RTT, i.e. round trips per cycle; target at 20 ms each way: <= 0.25");
 }
 
+// --- 2b. latency over HTTPS -------------------------------------------------------------------
+
+/// lighttpd with `mod_openssl` serving `git http-backend`, its certificate signed by a test CA
+/// (`ca`, what gitstate is told to trust through `SSL_CERT_FILE`, the git CLI through
+/// `http.sslCAInfo`).
+struct HttpsHost {
+    httpd: gitstate_testkit::httpd::GitHttpServer,
+    ca: std::path::PathBuf,
+    _certs: tempfile::TempDir,
+}
+
+/// An [`HttpsHost`], or `None` (said on stdout) when lighttpd or openssl is missing.
+fn https_host() -> Option<HttpsHost> {
+    use gitstate_testkit::tls::{server_cert, test_ca};
+    if std::panic::catch_unwind(gitstate_testkit::httpd::lighttpd_bin).is_err() {
+        println!("skipped: lighttpd not found (`bash scripts/test.sh` installs it)");
+        return None;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let made = std::panic::catch_unwind(|| {
+        let ca = test_ca(certs.path(), "ca");
+        (ca, server_cert(certs.path(), "ca", "host", "IP:127.0.0.1", false))
+    });
+    let Ok((ca, pem)) = made else {
+        println!("skipped: openssl not found (`bash scripts/test.sh` installs it)");
+        return None;
+    };
+    let httpd = gitstate_testkit::httpd::GitHttpServer::start_tls(&pem);
+    Some(HttpsHost { httpd, ca, _certs: certs })
+}
+
+impl HttpsHost {
+    /// `https://127.0.0.1:<port>/git/<name>`, the port being a proxy's in front of this host.
+    fn url_via(&self, port: u16, name: &str) -> String {
+        format!("https://127.0.0.1:{port}/git/{name}")
+    }
+
+    /// Requests to repositories lighttpd answered so far (its access log, flushed by SIGHUP;
+    /// without the `PRI * HTTP/2.0` line it logs for each HTTP/2 connection's preface).
+    fn requests(&self) -> Vec<gitstate_testkit::httpd::AccessEntry> {
+        self.httpd.access_log_by_signal().into_iter().filter(|r| r.target.starts_with("/git/")).collect()
+    }
+}
+
+/// The latency table over smart HTTPS through the delaying proxy, beside the git CLI through
+/// the same proxy; the requests of a warm cycle from lighttpd's access log and the new
+/// connections (TLS handshakes) the proxy accepted during the warm cycles.
+fn tls_latency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bool) {
+    use gitstate_testkit::httpd::{DEFAULT_PASSWORD, DEFAULT_USER};
+    let Some(host) = https_host() else { return };
+    host.httpd.create_repo("tls-latency.git");
+    // The in-process Apps read the trusted roots when they build their HTTP client; the git CLI
+    // (curl) takes them from GIT_SSL_CAINFO (`-c http.sslCAInfo` did not reach its clone).
+    std::env::set_var("SSL_CERT_FILE", &host.ca);
+    std::env::set_var("GIT_SSL_CAINFO", &host.ca);
+    let auth = basic_auth();
+    let delays: &[u64] = if tiny { &[0, 20] } else { &[0, 10, 20] };
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6} {:>9} {:>7}  {}",
+        "each way",
+        "GET p50",
+        "LOCK p50",
+        "POST p50",
+        "UNLK p50",
+        "cycle p50/p90",
+        "git CLI p50/p90",
+        "reqs",
+        "bound ms",
+        "new TLS",
+        "target"
+    );
+    for &d in delays {
+        let proxy = LatencyProxy::start(host.httpd.port(), Duration::from_millis(d));
+        let url = host.url_via(proxy.port, "tls-latency.git");
+        let (mut requests_before, mut connections_before) = (0, 0);
+        let mut samples = run_samples_as(rt, &url, tmp, rounds, false, Some(&auth), &mut || {
+            requests_before = host.requests().len();
+            connections_before = proxy.connections();
+        });
+        let new_connections = proxy.connections() - connections_before;
+        let requests = (host.requests().len() - requests_before) as f64 / rounds as f64;
+        let cli_url = format!("https://{DEFAULT_USER}:{DEFAULT_PASSWORD}@127.0.0.1:{}/git/tls-latency.git", proxy.port);
+        let mut cli = git_cli_samples(&cli_url, tmp, rounds);
+        let cell = |v: &mut Vec<f64>| format!("{:.1}/{:.1}", percentile(v, 50), percentile(v, 90));
+        let cycle = percentile(&mut samples[4], 50);
+        // A warm apply: every request one round trip, plus one round trip of slack.
+        let rtt = 2.0 * d as f64;
+        let bound = requests * rtt + rtt;
+        let target = if d == 20 {
+            format!("cycle <= bound {}, new TLS 0 {}", met(cycle <= bound), met(new_connections == 0))
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>15} {:>15} {requests:>6.1} {bound:>9.0} {new_connections:>7}  {target}",
+            format!("{d} ms"),
+            percentile(&mut samples[0], 50),
+            percentile(&mut samples[1], 50),
+            percentile(&mut samples[2], 50),
+            percentile(&mut samples[3], 50),
+            cell(&mut samples[4]),
+            cell(&mut cli),
+        );
+    }
+    std::env::remove_var("SSL_CERT_FILE");
+    std::env::remove_var("GIT_SSL_CAINFO");
+    println!(
+        "ms through App::handle (one warm App, passthrough basic auth) over HTTPS to lighttpd + mod_openssl, and the git CLI's fetch + commit + 3 pushes through the same proxy; reqs = requests per warm cycle (LOCK, GET, POST, UNLOCK) in lighttpd's access log; bound = reqs x RTT + RTT; new TLS = connections the proxy accepted during the {rounds} warm cycles (each a TLS handshake); target at 20 ms each way: cycle p50 <= bound, no new TLS handshake while warm"
+    );
+    tls_handshakes();
+}
+
 // --- 3. states per repository -----------------------------------------------------------------
 
 /// A bare repository `name` of `daemon` whose `main` holds `states` states in one commit
 /// (fast-import): `envs/<n % 100>/<n>.tfstate` with `dirs`, else `<n>.tfstate` at the top.
 fn repo_with_states(daemon: &GitDaemon, name: &str, states: usize, dirs: bool) -> String {
-    let dir = daemon.repo_dir(name);
-    git(daemon.base_dir(), &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
+    fill_with_states(&daemon.repo_dir(name), states, dirs);
+    daemon.url(name)
+}
+
+/// [`repo_with_states`] at the directory `dir` (of any git host).
+fn fill_with_states(dir: &Path, states: usize, dirs: bool) {
+    git(dir.parent().unwrap(), &["init", "-q", "--bare", "-b", "main", dir.to_str().unwrap()]);
     let mut script = String::from("commit refs/heads/main\ncommitter b <b@b> 1700000000 +0000\ndata 6\nstates\n");
     for n in 0..states {
         let content = gitstate_testkit::fixtures::state_with_lineage(&format!("s{n}"), 1, &format!("state {n}"));
         script.push_str(&format!("M 100644 inline {}\ndata {}\n{content}\n", state_path(n, dirs), content.len()));
     }
-    git_with_input(&dir, &["fast-import", "--quiet"], script.as_bytes());
-    daemon.url(name)
+    git_with_input(dir, &["fast-import", "--quiet"], script.as_bytes());
 }
 
 fn state_path(n: usize, dirs: bool) -> String {
@@ -864,77 +961,173 @@ fn states_per_repository(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: 
 
 // --- 4. concurrent writers --------------------------------------------------------------------
 
-fn concurrency(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, rounds: usize, tiny: bool) {
-    let writers: &[usize] = if tiny { &[1, 4] } else { &[1, 4, 16, 64] };
-    let per_writer = if tiny { 2 } else { rounds.max(5) };
+/// One row of the writers table: `n` writers at once, spread over up to 16 Apps.
+struct WritersRow {
+    apps: usize,
+    writes: usize,
+    failed: usize,
+    writes_per_s: f64,
+    attempts_p50: f64,
+    attempts_max: f64,
+    /// Landed writes per applied push (group commit: one push carries the writes of one App).
+    per_push: f64,
+    p99_ms: f64,
+    pushes: usize,
+    lost_races: usize,
+    /// Why writes failed: each answer's first words, numbers left out, with how many.
+    failures: std::collections::BTreeMap<String, usize>,
+}
+
+/// The first words of a failed write's answer, its numbers replaced by `N` (so that "ran out
+/// of time after 6 push attempts" and "... after 8 ..." count as one reason).
+fn failure_reason(status: u16, body: &str) -> String {
+    let words: Vec<String> = body
+        .split_whitespace()
+        .take(10)
+        .map(|w| if w.chars().any(|c| c.is_ascii_digit()) { "N".into() } else { w.to_string() })
+        .collect();
+    format!("{status} {}", words.join(" "))
+}
+
+/// Writers at 1, 4, 16, 64 and 256 (the last one a stretch), with 0 and 20 ms added each way.
+/// Their own `git daemon` without a connection limit: git-daemon's default (32) kills another
+/// connection from the same address when it is reached, and sleeps a second before it
+/// accepts again, which would measure the daemon, not gitstate.
+fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bool) {
+    let daemon = GitDaemon::start_with_args(&["--max-connections=0"]);
+    let writers: &[usize] = if tiny { &[1, 4] } else { &[1, 4, 16, 64, 256] };
+    // 256 writers write fewer times each: about 512 writes per row at most.
+    let per_writer = |n: usize| if tiny { 2 } else { rounds.max(5).min((512 / n).max(1)) };
     println!(
-        "{:<9} {:>5} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>16}",
-        "writers", "apps", "writes", "failed", "writes/s", "att. p50", "att. max", "pushes", "lost races", "target"
+        "{:<8} {:>5} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8}  {}",
+        "writers",
+        "apps",
+        "each way",
+        "writes",
+        "failed",
+        "writes/s",
+        "att. p50",
+        "att. max",
+        "w/push",
+        "p99 ms",
+        "pushes",
+        "lost",
+        "target"
     );
-    for &n in writers {
-        let name = format!("writers-{n}.git");
-        let url = daemon.create_repo(&name);
-        let app_count = n.min(16);
-        let apps: Vec<Arc<App>> = (0..app_count).map(|i| new_app(&url, tmp, 10_000 + i)).collect();
-        let pushes = || daemon.log().matches("Request receive-pack").count();
-        let (landed, failed, took, attempts, pushed, lost) = rt.block_on(async {
-            // Warm instances: each has looked at the repository once.
-            for app in &apps {
-                let s = call(app, "GET", "/state/warmup.tfstate", "").await;
-                assert!(s == 200 || s == 204);
+    for delay in [0u64, 20] {
+        let proxy = LatencyProxy::start(daemon.port(), Duration::from_millis(delay));
+        for &n in writers {
+            let name = format!("writers-{n}-{delay}.git");
+            daemon.create_repo(&name);
+            let url = format!("git://127.0.0.1:{}/{name}", proxy.port);
+            let r = writers_row(rt, &daemon, &url, tmp, n, per_writer(n));
+            let target = match n {
+                16 => format!("no failure, att. p50 <= 3 {}", met(r.failed == 0 && r.attempts_p50 <= 3.0)),
+                64 => format!("0 failed (required) {}", met(r.failed == 0)),
+                256 => format!("0 failed (stretch) {}", met(r.failed == 0)),
+                _ => "-".into(),
+            };
+            println!(
+                "{n:<8} {:>5} {:>10} {:>7} {:>7} {:>9.1} {:>9} {:>9} {:>7.1} {:>10.0} {:>8} {:>8}  {target}",
+                r.apps,
+                format!("{delay} ms"),
+                r.writes,
+                r.failed,
+                r.writes_per_s,
+                r.attempts_p50,
+                r.attempts_max,
+                r.per_push,
+                r.p99_ms,
+                r.pushes,
+                r.lost_races
+            );
+            for (reason, count) in &r.failures {
+                println!("{:>8} failed: {count} x {reason}", "");
             }
-            APPLIED.lock().unwrap().clear();
-            LOST_RACES.store(0, Ordering::SeqCst);
-            let pushes_before = pushes();
-            let barrier = Arc::new(tokio::sync::Barrier::new(n));
-            let start = Instant::now();
-            let tasks: Vec<_> = (0..n)
-                .map(|w| {
-                    let app = Arc::clone(&apps[w % app_count]);
-                    let barrier = Arc::clone(&barrier);
-                    tokio::spawn(async move {
-                        barrier.wait().await;
-                        let mut statuses = Vec::new();
-                        for k in 0..per_writer {
-                            let body = gitstate_testkit::fixtures::state_with_lineage(
-                                &format!("w{w}"),
-                                k as u64 + 1,
-                                &format!("writer {w} write {k}"),
-                            );
-                            statuses.push(call(&app, "POST", &format!("/state/conc/w{w}.tfstate"), &body).await);
-                        }
-                        statuses
-                    })
-                })
-                .collect();
-            let mut landed = 0;
-            let mut failed = 0;
-            for t in tasks {
-                for s in t.await.expect("writer task") {
-                    if s == 200 {
-                        landed += 1
-                    } else {
-                        failed += 1
-                    }
-                }
-            }
-            let took = start.elapsed();
-            let attempts: Vec<f64> = APPLIED.lock().unwrap().iter().map(|&p| p as f64).collect();
-            (landed, failed, took, attempts, pushes() - pushes_before, LOST_RACES.load(Ordering::SeqCst))
-        });
-        let mut attempts = attempts;
-        let p50 = percentile(&mut attempts, 50);
-        let max = attempts.iter().cloned().fold(0.0, f64::max);
-        let target = if n == 16 { met(failed == 0 && p50 <= 3.0).to_string() } else { "-".into() };
-        println!(
-            "{n:<9} {app_count:>5} {:>7} {failed:>9} {:>9.1} {p50:>9} {max:>9} {pushed:>9} {lost:>12} {target:>16}",
-            landed + failed,
-            landed as f64 / took.as_secs_f64(),
-        );
+        }
     }
     println!(
-        "every writer its own state (conc/w<i>.tfstate), {per_writer} writes each, no lock, all at once; writers spread over up to 16 Apps (own caches, as Lambda instances); attempts = pushes per landed write, from gitstate's own `compare-and-swap applied` event (pushes=N); pushes = `Request receive-pack` lines of git daemon's log; target at 16 writers: no failure, median attempts <= 3"
+        "every writer its own state (conc/w<i>.tfstate), {} writes each ({} at 256 writers), no lock, all at once, through the latency proxy in front of git daemon (--max-connections=0); writers spread over up to 16 Apps (own caches, as Lambda instances); failed = any answer but 200; p99 = 99th percentile of one POST's time; attempts = pushes until one applied, from gitstate's own `compare-and-swap applied` event (pushes=N), one per applied push; w/push = landed writes per applied push (group commit: one push may carry several writes of one App); pushes = `Request receive-pack` lines of git daemon's log; lost = gitstate's `lost the race` events",
+        per_writer(1),
+        per_writer(256)
     );
+}
+
+/// `n` writers on distinct states of the repository at `url`, `per_writer` POSTs each, all
+/// starting at once, spread over up to 16 warm Apps.
+fn writers_row(
+    rt: &tokio::runtime::Runtime,
+    daemon: &GitDaemon,
+    url: &str,
+    tmp: &Path,
+    n: usize,
+    per_writer: usize,
+) -> WritersRow {
+    let app_count = n.min(16);
+    let apps: Vec<Arc<App>> = (0..app_count).map(|i| new_app(url, tmp, 10_000 + i)).collect();
+    let pushes = || daemon.log().matches("Request receive-pack").count();
+    rt.block_on(async {
+        // Warm instances: each has looked at the repository once.
+        for app in &apps {
+            let s = call(app, "GET", "/state/warmup.tfstate", "").await;
+            assert!(s == 200 || s == 204);
+        }
+        APPLIED.lock().unwrap().clear();
+        LOST_RACES.store(0, Ordering::SeqCst);
+        let pushes_before = pushes();
+        let barrier = Arc::new(tokio::sync::Barrier::new(n));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|w| {
+                let app = Arc::clone(&apps[w % app_count]);
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut writes = Vec::new();
+                    for k in 0..per_writer {
+                        let body = gitstate_testkit::fixtures::state_with_lineage(
+                            &format!("w{w}"),
+                            k as u64 + 1,
+                            &format!("writer {w} write {k}"),
+                        );
+                        let t = Instant::now();
+                        let (status, answer) =
+                            races::call(&app, "POST", &format!("/state/conc/w{w}.tfstate"), &body).await;
+                        writes.push((status, answer, ms(t.elapsed())));
+                    }
+                    writes
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        let mut failed = 0;
+        let mut failures = std::collections::BTreeMap::new();
+        for t in tasks {
+            for (status, answer, took) in t.await.expect("writer task") {
+                if status != 200 {
+                    failed += 1;
+                    *failures.entry(failure_reason(status, &answer)).or_insert(0) += 1;
+                }
+                times.push(took);
+            }
+        }
+        let took = start.elapsed();
+        let mut attempts: Vec<f64> = APPLIED.lock().unwrap().iter().map(|&p| p as f64).collect();
+        let writes = times.len();
+        WritersRow {
+            apps: app_count,
+            writes,
+            failed,
+            writes_per_s: (writes - failed) as f64 / took.as_secs_f64(),
+            attempts_p50: percentile(&mut attempts, 50),
+            attempts_max: attempts.iter().cloned().fold(0.0, f64::max),
+            per_push: (writes - failed) as f64 / attempts.len().max(1) as f64,
+            p99_ms: percentile(&mut times, 99),
+            pushes: pushes() - pushes_before,
+            lost_races: LOST_RACES.load(Ordering::SeqCst),
+            failures,
+        }
+    })
 }
 
 // --- 5. cold start ----------------------------------------------------------------------------
@@ -978,6 +1171,238 @@ fn cold_start(rt: &tokio::runtime::Runtime, daemon: &GitDaemon, tmp: &Path, roun
         );
     }
     println!("cold: a new App with an empty cache directory; warm: an App that read the state before another App wrote it (both need a fetch); the repository holds {} states", if tiny { 100 } else { 1_000 });
+    cold_process(tmp, rounds, tiny);
+    cold_lambda(tiny);
+    binary_size();
+}
+
+/// A fresh `gitstate serve` process (empty cache) on an HTTPS host through the delaying proxy:
+/// how long `gitstate --version` takes (the process itself), from spawn to its start banner
+/// (listening: settings read, App loaded), and its first GET with the requests it cost.
+fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
+    let Some(host) = https_host() else { return };
+    let name = "cold-serve.git";
+    fill_with_states(&host.httpd.repo_dir(name), if tiny { 100 } else { 1_000 }, true);
+    let path = state_path(0, true);
+    let auth = basic_auth();
+    let version = median(&mut (0..rounds).map(|_| exec_version_ms()).collect::<Vec<_>>());
+    println!(
+        "{:<10} {:>10} {:>11} {:>10} {:>9} {:>9}  {:<38} {}",
+        "each way", "exec ms", "listening", "GET ms", "requests", "new TLS", "target", "requests of the first GET"
+    );
+    let mut dominant = String::new();
+    for d in if tiny { vec![0u64] } else { vec![0, 20] } {
+        let proxy = LatencyProxy::start(host.httpd.port(), Duration::from_millis(d));
+        let url = host.url_via(proxy.port, name);
+        let (mut listening, mut get, mut counts, mut conns) = (vec![], vec![], vec![], vec![]);
+        let mut last = Vec::new();
+        for i in 0..rounds {
+            let (requests_before, connections_before) = (host.requests().len(), proxy.connections());
+            let serve = FreshServe::spawn(&url, &host.ca, &tmp.join(format!("cold-serve-{d}-{i}")));
+            listening.push(serve.listening_ms);
+            let t = Instant::now();
+            let got = gitstate_testkit::serve::http(
+                "GET",
+                &format!("http://{}/state/{path}", serve.addr),
+                &[("Authorization", &auth)],
+                None,
+            );
+            assert_eq!(got.status, 200, "{}", got.text());
+            get.push(ms(t.elapsed()));
+            conns.push(proxy.connections() - connections_before);
+            last = host.requests()[requests_before..].to_vec();
+            counts.push(last.len() as f64);
+        }
+        let requests = median(&mut counts);
+        let (listening, get) = (median(&mut listening), median(&mut get));
+        dominant = format!(
+            "at {d} ms each way, of a fresh process's first answer ({:.0} ms from spawn) {:.0}% is the start up to listening ({:.0}% of that the bare process start, `--version`) and {:.0}% the first GET",
+            listening + get,
+            100.0 * listening / (listening + get),
+            100.0 * version / listening,
+            100.0 * get / (listening + get)
+        );
+        println!(
+            "{:<10} {version:>10.1} {:>11.1} {:>10.1} {requests:>9} {:>9}  {:<38} {}",
+            format!("{d} ms"),
+            listening,
+            get,
+            median(&mut conns.iter().map(|&c| c as f64).collect::<Vec<_>>()),
+            format!("<= handshakes + 1 request {}", met(requests <= 1.0)),
+            describe(&last)
+        );
+    }
+    println!(
+        "medians of {rounds} fresh `gitstate serve` processes, each with an empty cache, over HTTPS through the latency proxy (a repository of {} states); exec = `gitstate --version` (process start and exit); listening = spawn to the start banner on stdout (settings, App::load, bind); GET = the first GET of a state, the requests it cost at lighttpd and the new connections (TCP + TLS handshakes) at the proxy",
+        if tiny { 100 } else { 1_000 }
+    );
+    println!("{dominant}");
+}
+
+/// Milliseconds `gitstate --version` takes: starting and ending the process, nothing else.
+fn exec_version_ms() -> f64 {
+    let t = Instant::now();
+    let out = std::process::Command::new(gitstate_testkit::serve::server_bin()).arg("--version").output();
+    assert!(out.is_ok_and(|o| o.status.success()), "gitstate --version failed");
+    ms(t.elapsed())
+}
+
+/// A `gitstate serve` child with an empty cache directory, started here (not through the
+/// testkit's `Serve`, which polls its port every 50 ms) to time the start precisely: the
+/// banner on stdout is printed once the port is bound. Killed on drop.
+struct FreshServe {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    listening_ms: f64,
+}
+
+impl FreshServe {
+    fn spawn(url: &str, ca: &Path, dir: &Path) -> FreshServe {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", gitstate_testkit::gitd::free_port()).parse().unwrap();
+        let mut cmd = Command::new(gitstate_testkit::serve::server_bin());
+        cmd.args(["serve", "--listen", &addr.to_string(), "--repository", url, "--data-dir"]).arg(dir.join("data"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| k.starts_with("GITSTATE_") || k.starts_with("GIT_")) {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("PATH", gitstate_testkit::serve::path_without_git())
+            .env("GITSTATE_CACHE_DIR", dir.join("cache"))
+            .env("SSL_CERT_FILE", ca)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn gitstate serve");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if lines.next().is_some() {
+                let _ = tx.send(Instant::now());
+            }
+            for _ in lines {}
+        });
+        let banner = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            panic!("gitstate serve printed no banner:\n{}", std::fs::read_to_string(dir.join("stderr.log")).unwrap())
+        });
+        FreshServe { child, addr, listening_ms: ms(banner - started) }
+    }
+}
+
+impl Drop for FreshServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh Lambda instance under the emulator (`cargo lambda watch`, which builds the function
+/// with cargo first): time to its first answer (a request gitstate answers without the git
+/// host), then its first GET of a state (empty cache) and a second one, with their requests.
+fn cold_lambda(tiny: bool) {
+    if tiny {
+        // `cargo lambda watch` runs cargo first, which can take minutes on a busy machine.
+        println!("Lambda emulator row skipped at --tiny (run the benchmark without --tiny for it)");
+        return;
+    }
+    if std::panic::catch_unwind(gitstate_testkit::lambda::cargo_lambda_bin).is_err() {
+        println!("Lambda emulator skipped: cargo-lambda not found (`bash scripts/test.sh` installs it)");
+        return;
+    }
+    let Some(host) = https_host() else { return };
+    let name = "cold-lambda.git";
+    fill_with_states(&host.httpd.repo_dir(name), 100, true);
+    let path = state_path(0, true);
+    let auth = basic_auth();
+    let proxy = LatencyProxy::start(host.httpd.port(), Duration::ZERO);
+    let url = host.url_via(proxy.port, name);
+    let ca = host.ca.display().to_string();
+    println!(
+        "{:<16} {:>11} {:>11} {:>11} {:>12} {:>9} {:>9} {:>13} {:>9}",
+        "Lambda instance",
+        "cargo ms",
+        "up ms",
+        "answer ms",
+        "first GET ms",
+        "requests",
+        "new TLS",
+        "second GET ms",
+        "requests"
+    );
+    for i in 0..2 {
+        let started = std::time::SystemTime::now();
+        let emulator = gitstate_testkit::lambda::Emulator::start(&[
+            ("GITSTATE_REPOSITORY", url.as_str()),
+            ("SSL_CERT_FILE", ca.as_str()),
+        ]);
+        let get = || {
+            let (requests_before, connections_before) = (host.requests().len(), proxy.connections());
+            let t = Instant::now();
+            let got =
+                gitstate_testkit::serve::http("GET", &emulator.state_url(&path), &[("Authorization", &auth)], None);
+            assert_eq!(got.status, 200, "{}", got.text());
+            let took = ms(t.elapsed());
+            (took, host.requests().len() - requests_before, proxy.connections() - connections_before)
+        };
+        let (first, first_requests, first_conns) = get();
+        let (second, second_requests, _) = get();
+        let log = emulator.log();
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "{:<16} {:>11} {:>11} {:>11.0} {first:>12.1} {first_requests:>9} {first_conns:>9} {second:>13.1} {second_requests:>9}",
+            format!("{} start", if i == 0 { "first" } else { "another" }),
+            cell(cargo_check_ms(&log)),
+            cell(function_up_ms(&log, started)),
+            ms(emulator.first_answer),
+        );
+    }
+    println!(
+        "ms from starting `cargo lambda watch`: cargo = cargo's build check before it runs the function (its `Finished ... in` line; a debug binary{}); up = the function's first log line (lambda_runtime's, once gitstate's init is done: settings, App::load), by its timestamp; answer = the function's first answer (a request gitstate answers without the git host); first GET: the instance's first look at the git host over HTTPS (empty /tmp cache), its requests at lighttpd and new connections at a proxy; the emulator reports no Init Duration",
+        if cfg!(debug_assertions) { "" } else { ": cargo lambda watch builds its own" }
+    );
+}
+
+/// Cargo's build check in the emulator's log: `Finished ... target(s) in 1.00s`, in ms.
+fn cargo_check_ms(log: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains("Finished") && l.contains(" in "))?;
+    let took = line.rsplit(" in ").next()?.trim();
+    took.strip_suffix('s')?.parse::<f64>().ok().map(|s| s * 1000.0)
+}
+
+/// How long after `started` the function wrote its first JSON log line (by the line's
+/// `"timestamp":"2026-12-03T07:11:44.432637Z"`, UTC; compared as times of day).
+fn function_up_ms(log: &str, started: std::time::SystemTime) -> Option<f64> {
+    let line = log.lines().find(|l| l.starts_with('{') && l.contains("\"timestamp\""))?;
+    let stamp = line.split("\"timestamp\":\"").nth(1)?.split('"').next()?;
+    let clock = stamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s) =
+        (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    let logged = h * 3600.0 + m * 60.0 + s;
+    let since_epoch = started.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    Some((logged - since_epoch % 86_400.0).rem_euclid(86_400.0) * 1000.0)
+}
+
+/// The size of the `gitstate` binary this benchmark runs.
+fn binary_size() {
+    let bin = gitstate_testkit::serve::server_bin();
+    let bytes = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "binary: {} {:.1} MiB ({} build{})",
+        bin.display(),
+        bytes as f64 / (1 << 20) as f64,
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "; the release binary is smaller: run the release benchmark"
+        } else {
+            ", stripped, thin LTO"
+        }
+    );
 }
 
 // --- 6. memory of gitstate serve --------------------------------------------------------------

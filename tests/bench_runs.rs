@@ -6,13 +6,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Every table heading the benchmark prints (the same list as `HEADINGS` in examples/bench.rs).
-const HEADINGS: [&str; 10] = [
+const HEADINGS: [&str; 11] = [
     "== latency by history size (git daemon, medians) ==",
     "== history pages ==",
     "== encryption ==",
     "== 5 MB state in this process ==",
     "== requests to the git host per operation (lighttpd access log) ==",
     "== latency with an added round trip (latency proxy in front of git daemon) ==",
+    "== latency over HTTPS (latency proxy in front of lighttpd with mod_openssl) ==",
     "== states per repository ==",
     "== concurrent writers on one repository ==",
     "== cold start ==",

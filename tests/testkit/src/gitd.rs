@@ -25,6 +25,8 @@ pub struct GitDaemon {
     child: Option<Child>,
     port: u16,
     env: Vec<(String, String)>,
+    /// Extra `git-daemon` options (e.g. `--max-connections=0`).
+    args: Vec<String>,
     dir: TempDir,
 }
 
@@ -37,13 +39,25 @@ impl GitDaemon {
     /// Like [`GitDaemon::start`], with extra environment variables for the daemon and
     /// the git programs it runs (e.g. `GIT_TRACE_PACKET` to record the conversation).
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(env, &[])
+    }
+
+    /// Like [`GitDaemon::start`], with extra `git-daemon` options: e.g. `--max-connections=0`
+    /// for many concurrent clients (git-daemon's default is 32, and past it, it kills
+    /// another connection from the same address: every test client is 127.0.0.1).
+    pub fn start_with_args(args: &[&str]) -> Self {
+        Self::start_with(&[], args)
+    }
+
+    fn start_with(env: &[(&str, &str)], args: &[&str]) -> Self {
         require_git();
         let dir = tempfile::Builder::new()
             .prefix("gitstate-gitd-")
             .tempdir()
             .expect("create a temporary directory for git daemon");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut daemon = GitDaemon { child: None, port: 0, env, dir };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut daemon = GitDaemon { child: None, port: 0, env, args, dir };
         // Another process may grab the port between our probe and the daemon's bind: retry.
         for _ in 0..5 {
             daemon.port = free_port();
@@ -69,6 +83,7 @@ impl GitDaemon {
             .arg("--listen=127.0.0.1")
             .arg(format!("--port={}", self.port))
             .arg(format!("--base-path={}", self.dir.path().display()))
+            .args(&self.args)
             .arg(self.dir.path())
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")

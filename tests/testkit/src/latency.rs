@@ -3,6 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A TCP proxy on 127.0.0.1 in front of `127.0.0.1:target` that delivers every chunk `delay`
@@ -10,17 +12,23 @@ use std::time::{Duration, Instant};
 /// new connection back one round trip (the TCP handshake; no TLS), without limiting
 /// throughput; TCP_NODELAY on both sides. Its threads end with their connections;
 /// the accepting thread lives as long as the process (nothing to kill: no child process).
+/// It counts the connections it accepted ([`LatencyProxy::connections`]): over TLS, each one
+/// is a handshake.
 pub struct LatencyProxy {
     pub port: u16,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl LatencyProxy {
     pub fn start(target: u16, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the latency proxy");
         let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
                 // A TCP handshake costs one round trip before the first byte can go out: the
                 // client's first bytes wait in the socket buffer meanwhile.
                 std::thread::spawn(move || {
@@ -34,7 +42,12 @@ impl LatencyProxy {
                 });
             }
         });
-        LatencyProxy { port }
+        LatencyProxy { port, accepted }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
