@@ -831,7 +831,7 @@ fn tls_latency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
     let auth = basic_auth();
     let delays: &[u64] = if tiny { &[0, 20] } else { &[0, 10, 20] };
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6} {:>9} {:>7}  {}",
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6} {:>9} {:>7}  target",
         "each way",
         "GET p50",
         "LOCK p50",
@@ -841,8 +841,7 @@ fn tls_latency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
         "git CLI p50/p90",
         "reqs",
         "bound ms",
-        "new TLS",
-        "target"
+        "new TLS"
     );
     for &d in delays {
         let proxy = LatencyProxy::start(host.httpd.port(), Duration::from_millis(d));
@@ -999,7 +998,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
     // 256 writers write fewer times each: about 512 writes per row at most.
     let per_writer = |n: usize| if tiny { 2 } else { rounds.max(5).min((512 / n).max(1)) };
     println!(
-        "{:<8} {:>5} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8}  {}",
+        "{:<8} {:>5} {:>10} {:>7} {:>7} {:>9} {:>9} {:>9} {:>7} {:>10} {:>8} {:>8}  target",
         "writers",
         "apps",
         "each way",
@@ -1011,8 +1010,7 @@ fn concurrency(rt: &tokio::runtime::Runtime, tmp: &Path, rounds: usize, tiny: bo
         "w/push",
         "p99 ms",
         "pushes",
-        "lost",
-        "target"
+        "lost"
     );
     for delay in [0u64, 20] {
         let proxy = LatencyProxy::start(daemon.port(), Duration::from_millis(delay));
@@ -1187,8 +1185,8 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
     let auth = basic_auth();
     let version = median(&mut (0..rounds).map(|_| exec_version_ms()).collect::<Vec<_>>());
     println!(
-        "{:<10} {:>10} {:>11} {:>10} {:>9} {:>9}  {:<38} {}",
-        "each way", "exec ms", "listening", "GET ms", "requests", "new TLS", "target", "requests of the first GET"
+        "{:<10} {:>10} {:>11} {:>10} {:>9} {:>9}  {:<38} requests of the first GET",
+        "each way", "exec ms", "listening", "GET ms", "requests", "new TLS", "target"
     );
     let mut dominant = String::new();
     for d in if tiny { vec![0u64] } else { vec![0, 20] } {
