@@ -1185,11 +1185,16 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
     let auth = basic_auth();
     let version = median(&mut (0..rounds).map(|_| exec_version_ms()).collect::<Vec<_>>());
     println!(
-        "{:<10} {:>10} {:>11} {:>10} {:>9} {:>9}  {:<38} requests of the first GET",
-        "each way", "exec ms", "listening", "GET ms", "requests", "new TLS", "target"
+        "{:<10} {:<12} {:>8} {:>10} {:>9} {:>9} {:>8}  {:<38} requests of the first GET",
+        "each way", "want-ref", "exec ms", "listening", "GET ms", "requests", "new TLS", "target"
     );
     let mut dominant = String::new();
-    for d in if tiny { vec![0u64] } else { vec![0, 20] } {
+    let rows: &[(u64, bool)] =
+        if tiny { &[(0, true), (0, false)] } else { &[(0, true), (0, false), (20, true), (20, false)] };
+    for &(d, ref_in_want) in rows {
+        // Whether the host takes `want-ref` (git's `uploadpack.allowRefInWant`, off by default).
+        let allow = if ref_in_want { "true" } else { "false" };
+        git(&host.httpd.repo_dir(name), &["config", "uploadpack.allowRefInWant", allow]);
         let proxy = LatencyProxy::start(host.httpd.port(), Duration::from_millis(d));
         let url = host.url_via(proxy.port, name);
         let (mut listening, mut get, mut counts, mut conns) = (vec![], vec![], vec![], vec![]);
@@ -1221,8 +1226,9 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
             100.0 * get / (listening + get)
         );
         println!(
-            "{:<10} {version:>10.1} {:>11.1} {:>10.1} {requests:>9} {:>9}  {:<38} {}",
+            "{:<10} {:<12} {version:>8.1} {:>10.1} {:>9.1} {requests:>9} {:>8}  {:<38} {}",
             format!("{d} ms"),
+            if ref_in_want { "allowed" } else { "not allowed" },
             listening,
             get,
             median(&mut conns.iter().map(|&c| c as f64).collect::<Vec<_>>()),
@@ -1231,7 +1237,7 @@ fn cold_process(tmp: &Path, rounds: usize, tiny: bool) {
         );
     }
     println!(
-        "medians of {rounds} fresh `gitstate serve` processes, each with an empty cache, over HTTPS through the latency proxy (a repository of {} states); exec = `gitstate --version` (process start and exit); listening = spawn to the start banner on stdout (settings, App::load, bind); GET = the first GET of a state, the requests it cost at lighttpd and the new connections (TCP + TLS handshakes) at the proxy",
+        "medians of {rounds} fresh `gitstate serve` processes, each with an empty cache, over HTTPS through the latency proxy (a repository of {} states), with the host taking `want-ref` (uploadpack.allowRefInWant) or not (git's default); exec = `gitstate --version` (process start and exit); listening = spawn to the start banner on stdout (settings, App::load, bind); GET = the first GET of a state, the requests it cost at lighttpd and the new connections (TCP + TLS handshakes) at the proxy",
         if tiny { 100 } else { 1_000 }
     );
     println!("{dominant}");

@@ -7,7 +7,7 @@
 //! Also the trap of blind deletes: a lock commit pruned on the host must not let a stale
 //! UNLOCK delete a newer lock.
 
-use gitstate_testkit::fixtures::lock_info;
+use gitstate_testkit::fixtures::{lock_info, state};
 use gitstate_testkit::gitd::{git, git_out, git_try, rev_parse};
 use gitstate_testkit::httpd::{AccessEntry, GitHttpServer, DEFAULT_PASSWORD, DEFAULT_USER};
 use gitstate_testkit::serve::{http, Serve, ServeOpts};
@@ -136,8 +136,9 @@ fn warm_counts(atomic: bool) {
         assert_eq!(got.status, 200, "{}", got.text());
     });
     println!("GET after another writer moved main ({other}): {} requests\n{}", moved.len(), describe(&moved));
-    // One ls-refs, then gix's fetch (its own advertisement and ls-refs, then the pack).
-    assert!(moved.len() <= 4, "{}", describe(&moved));
+    // One ls-refs, then one fetch of the new tip on the same pooled client: no advertisement.
+    assert_eq!(moved.len(), 2, "{}", describe(&moved));
+    assert_eq!(advertisements(&moved), 0, "{}", describe(&moved));
 
     // A fresh process on an empty cache: at most a few more than warm for a whole apply.
     let fresh = Serve::start(ServeOpts::new().repository(&url));
@@ -186,4 +187,121 @@ fn a_stale_unlock_never_deletes_a_newer_lock() {
     // A force-unlock still works (it looks first).
     assert_eq!(http("UNLOCK", &a.state_url(STATE), &h, Some(b"")).status, 200);
     assert_eq!(rev_parse(&repo, &lock_ref), None);
+}
+
+fn get(serve: &Serve, path: &str) -> gitstate_testkit::serve::HttpResponse {
+    http("GET", &serve.state_url(path), &[("Authorization", &basic())], None)
+}
+
+fn post(serve: &Serve, path: &str, body: &str) {
+    let put = http("POST", &serve.state_url(path), &[("Authorization", &basic())], Some(body.as_bytes()));
+    assert_eq!(put.status, 200, "{}", put.text());
+}
+
+/// A fresh process's first read: one `fetch` naming the branch where the host takes
+/// `want-ref`; where it does not, the refusal, a look and a fetch (never gix's handshake).
+#[test]
+fn a_cold_read_is_one_request_where_the_host_takes_want_ref() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let server = httpd.repo_dir("states.git");
+    let writer = Serve::start(ServeOpts::new().repository(&url));
+    post(&writer, STATE, &state(1, "one"));
+
+    for allowed in [true, false] {
+        git(&server, &["config", "uploadpack.allowRefInWant", if allowed { "true" } else { "false" }]);
+        let fresh = Serve::start(ServeOpts::new().repository(&url));
+        let first = requests(&httpd, || {
+            let got = get(&fresh, STATE);
+            assert_eq!(got.status, 200, "{}", got.text());
+            assert!(got.text().contains("\"one\""), "{}", got.text());
+        });
+        println!("cold GET, allowRefInWant {allowed}: {} requests\n{}", first.len(), describe(&first));
+        assert_eq!(advertisements(&first), 0, "{}", describe(&first));
+        assert!(
+            first.iter().all(|r| r.method == "POST" && r.target.ends_with("git-upload-pack")),
+            "{}",
+            describe(&first)
+        );
+        // Without `want-ref`: the refused fetch by name (learnt for the process), a look, a fetch.
+        assert_eq!(first.len(), if allowed { 1 } else { 3 }, "{}", describe(&first));
+        // Warm from then on: an unchanged state is one look.
+        let again = requests(&httpd, || assert_eq!(get(&fresh, STATE).status, 200));
+        assert_eq!(again.len(), 1, "{}", describe(&again));
+    }
+}
+
+/// `want-ref` of a branch that does not exist yet is refused too: that refusal says nothing of
+/// the host, so the next cold read still asks by name (one request once the branch exists).
+#[test]
+fn a_missing_branch_does_not_teach_that_the_host_refuses_want_ref() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let server = httpd.repo_dir("states.git");
+    git(&server, &["config", "uploadpack.allowRefInWant", "true"]);
+    let reader = Serve::start(ServeOpts::new().repository(&url).git_ref("staging"));
+    // No state yet: 204, as for any state never written.
+    let empty = requests(&httpd, || assert_eq!(get(&reader, STATE).status, 204));
+    println!("cold GET of a missing branch: {} requests\n{}", empty.len(), describe(&empty));
+    assert_eq!(empty.len(), 2, "a refused fetch by name, then a look:\n{}", describe(&empty));
+
+    let writer = Serve::start(ServeOpts::new().repository(&url).git_ref("staging"));
+    post(&writer, STATE, &state(1, "one"));
+    let first = requests(&httpd, || {
+        let got = get(&reader, STATE);
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert!(got.text().contains("\"one\""), "{}", got.text());
+    });
+    assert_eq!(first.len(), 1, "still asked by name:\n{}", describe(&first));
+}
+
+/// A warm fetch names the commits the cache holds as `have`s; the host must still send every
+/// object of the new tip that those commits lack, even one only an older commit holds.
+#[test]
+fn a_warm_fetch_gets_every_object_the_cache_lacks() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let server = httpd.repo_dir("states.git");
+    let writer = Serve::start(ServeOpts::new().repository(&url));
+    let reader = Serve::start(ServeOpts::new().repository(&url));
+    let other = "envs/other/terraform.tfstate";
+    let v1 = state(1, "one");
+    post(&writer, STATE, &v1);
+    post(&writer, other, &state(1, "other"));
+    assert_eq!(get(&reader, STATE).status, 200);
+    post(&writer, STATE, &state(2, "two"));
+    assert!(get(&reader, STATE).text().contains("\"two\""));
+
+    // Back to the first version's blob, by a commit the reader never saw, and a file added
+    // in a new directory: the blob exists only in an ancestor of the reader's tip.
+    let blob = git_out(&server, &["rev-parse", &format!("main~1:{STATE}")]);
+    let base = git_out(&server, &["rev-parse", "main^{tree}"]);
+    let index = server.join("revert-index");
+    let run = |args: &[&str]| {
+        let out =
+            gitstate_testkit::gitd::git_command(&server).env("GIT_INDEX_FILE", &index).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    run(&["read-tree", &base]);
+    run(&["update-index", "--add", "--cacheinfo", &format!("100644,{blob},{STATE}")]);
+    let tree = run(&["write-tree"]);
+    let commit = git_out(&server, &["commit-tree", &tree, "-p", "main", "-m", "back to one"]);
+    git(&server, &["update-ref", "refs/heads/main", &commit]);
+
+    let moved = requests(&httpd, || {
+        let got = get(&reader, STATE);
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(got.text(), v1, "the reverted state reads back whole");
+    });
+    assert_eq!(moved.len(), 2, "{}", describe(&moved));
+    assert!(get(&reader, other).text().contains("\"other\""));
+    // The reader's cache reads as a sound shallow repository, history and all.
+    let history = http("GET", &format!("{}/history/{STATE}", reader.base_url()), &[("Authorization", &basic())], None);
+    assert_eq!(history.status, 200, "{}", history.text());
+    assert!(
+        history.text().contains("back to one") || history.json().to_string().contains(&commit),
+        "{}",
+        history.text()
+    );
 }

@@ -462,6 +462,7 @@ impl Backend {
         mut step: impl FnMut(&Tips) -> Result<Step, BackendError>,
     ) -> Result<(Outcome, u32), BackendError> {
         let attempts = self.settings.write_retries;
+        let budget = ctx.deadline.remaining().unwrap_or_default();
         let mut pushes = 0;
         loop {
             if ctx.out_of_time() {
@@ -502,7 +503,8 @@ impl Backend {
                         tracing::warn!(attempts, "gave up on a moving branch");
                         return Err(BackendError::Contended { attempts });
                     }
-                    if fresh && !ctx.pause(jitter(pushes, round_trip(ctx))) {
+                    let left = share_left(ctx.deadline.remaining().unwrap_or_default(), budget);
+                    if fresh && !ctx.pause(jitter(pushes, round_trip(ctx), left)) {
                         return Err(BackendError::DeadlineExceeded { pushes });
                     }
                 }
@@ -662,11 +664,22 @@ fn branch_ref(branch: &str) -> String {
 /// attempt from the git host's round trip (a racer that waits less than a round trip only
 /// meets the winner's push again), so racers spread out over what one push costs. The
 /// ceiling stops at 16 round trips: one instance is one racer (its writes go out together),
-/// and a longer pause only leaves the branch idle.
-fn jitter(attempt: u32, round_trip: Duration) -> Duration {
+/// and a longer pause only leaves the branch idle. The ceiling shrinks with the square of
+/// `left`, the share of its deadline a write still has: nothing orders racers of different
+/// instances, so the writes that have lost longest get the better odds of going next, and
+/// none loses every race until its deadline.
+fn jitter(attempt: u32, round_trip: Duration, left: f64) -> Duration {
     let unit = round_trip.clamp(Duration::from_millis(5), Duration::from_millis(500));
-    let ceiling = unit * (1u32 << attempt.min(4));
+    let ceiling = (unit * (1u32 << attempt.min(4))).mul_f64(left.clamp(0.0, 1.0).powi(2));
     Duration::from_micros(fastrand::u64(1..=ceiling.as_micros().max(1) as u64))
+}
+
+/// The share of `budget` that `remaining` still is (1 for an unbounded or spent budget).
+fn share_left(remaining: Duration, budget: Duration) -> f64 {
+    if budget.is_zero() {
+        return 1.0;
+    }
+    (remaining.as_secs_f64() / budget.as_secs_f64()).min(1.0)
 }
 
 /// The mean time of this request's conversations with the git host so far.
@@ -684,11 +697,17 @@ mod tests {
     #[test]
     fn jitter_grows_from_the_round_trip_and_stays_bounded() {
         for attempt in 0..20 {
-            let pause = jitter(attempt, Duration::from_millis(40));
+            let pause = jitter(attempt, Duration::from_millis(40), 1.0);
             assert!(pause <= Duration::from_millis(40) * (1 << attempt.min(4)), "{attempt}: {pause:?}");
         }
         // A slow host's round trip is capped: 500 ms × 16 at most.
-        assert!(jitter(30, Duration::from_secs(10)) <= Duration::from_millis(500) * 16);
+        assert!(jitter(30, Duration::from_secs(10), 1.0) <= Duration::from_millis(500) * 16);
+        // A write with a tenth of its deadline left pauses at most a hundredth of the ceiling.
+        for _ in 0..100 {
+            assert!(jitter(10, Duration::from_millis(100), 0.1) <= Duration::from_micros(16_000));
+        }
+        assert_eq!(share_left(Duration::from_secs(5), Duration::from_secs(20)), 0.25);
+        assert_eq!(share_left(Duration::from_secs(5), Duration::ZERO), 1.0);
         let ctx = RequestContext::unbounded();
         assert_eq!(round_trip(&ctx), Duration::from_millis(10));
         ctx.counters.record(Duration::from_millis(30));

@@ -3,6 +3,7 @@
 //! local bare repository moved by gix ref transactions. Both share `tree` (trees, commits, authors).
 
 mod embedded;
+mod fetch;
 pub mod pack;
 pub mod push;
 pub mod remote;

@@ -13,6 +13,7 @@ use gix::protocol::transport::Protocol;
 use gix::remote::fetch::{Shallow, Tags};
 use gix::remote::Direction;
 
+use super::fetch;
 use super::smart_http::{Blind, SmartHttp};
 use super::transport::{self, classify};
 use super::tree::{self, Author, MAX_CACHE_PACKS};
@@ -374,21 +375,136 @@ fn cache_error(e: StorageError) -> StorageError {
 }
 
 impl RemoteStore {
-    /// The tips of `refs`: one blind `ls-refs` where the host allows, else gix's fetch.
+    /// The tips of `refs`, their commits in the cache: over the pooled smart-HTTP client where
+    /// the host allows, else gix's fetch (its own connection and handshake).
     fn sync_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
         if Self::needs_rebuild(&self.generation().dir) {
             self.reset_cache()?;
         }
         let (_generation, repo) = self.local();
         if let Some(smart) = &self.smart {
-            if let Blind::Done(tips) = ctx.count_round_trip(|| smart.ls_refs(ctx, refs))? {
-                if !missing(&repo, &tips) {
-                    return Ok(tips);
-                }
+            if let Some(tips) = self.sync_pooled(smart, &repo, ctx, refs)? {
+                return Ok(tips);
             }
         }
         ctx.count_round_trip(|| fetch_tips_via(&repo, &self.url, refs, ctx, &self.fetch_turn, self.kept.as_ref()))
     }
+
+    /// A cold cache asks for the refs by name (one request, where the host takes `want-ref`);
+    /// otherwise one `ls-refs`, then one fetch of the tips the cache lacks. `None`: the host
+    /// did not answer these without a handshake.
+    fn sync_pooled(
+        &self,
+        smart: &SmartHttp,
+        repo: &gix::Repository,
+        ctx: &RequestContext,
+        refs: &[String],
+    ) -> Result<Option<Tips>, StorageError> {
+        // A read of one branch into a cache that holds no fetched pack yet: by name. (A write's
+        // refs include lock refs that mostly do not exist, which `want-ref` refuses.)
+        let by_name = refs.len() == 1 && !holds_a_pack(repo) && smart.may_want_refs();
+        if by_name {
+            let fetched = ctx.count_round_trip(|| self.fetch_pooled(smart, repo, ctx, &fetch::Want::Refs(refs)))?;
+            if let Blind::Done(tips) = fetched {
+                return Ok(Some(tips));
+            }
+        }
+        let Blind::Done(tips) = ctx.count_round_trip(|| smart.ls_refs(ctx, refs))? else {
+            return Ok(None);
+        };
+        let lacking: Vec<ObjectId> = tips.values().copied().filter(|id| !repo.has_object(id)).collect();
+        if lacking.is_empty() {
+            return Ok(Some(tips));
+        }
+        match ctx.count_round_trip(|| self.fetch_pooled(smart, repo, ctx, &fetch::Want::Ids(&lacking)))? {
+            Blind::Done(_) => Ok(Some(tips)),
+            Blind::Fallback => Ok(None),
+        }
+    }
+
+    /// One fetch over the pooled client into the cache (pack and shallow boundary), with the
+    /// newest commits the cache holds whole as `have`s; the ids of the refs wanted by name.
+    fn fetch_pooled(
+        &self,
+        smart: &SmartHttp,
+        repo: &gix::Repository,
+        ctx: &RequestContext,
+        want: &fetch::Want<'_>,
+    ) -> Result<Blind<Tips>, StorageError> {
+        let _turn = self.fetch_turn.lock().unwrap_or_else(|p| p.into_inner());
+        if let fetch::Want::Ids(ids) = want {
+            // Another request may have fetched them while we waited for our turn.
+            if ids.iter().all(|id| repo.has_object(id)) {
+                return Ok(Blind::Done(Tips::new()));
+            }
+        }
+        let haves = newest_boundary(repo, HAVES);
+        let answer = match smart.fetch(ctx, want, &haves, &repo.git_dir().join("objects").join("pack"))? {
+            Blind::Done(answer) => answer,
+            Blind::Fallback => return Ok(Blind::Fallback),
+        };
+        write_shallow(repo, &answer.shallow)?;
+        let got: Vec<ObjectId> = match want {
+            fetch::Want::Ids(ids) => ids.to_vec(),
+            fetch::Want::Refs(names) => names.iter().filter_map(|n| answer.wanted.get(n).copied()).collect(),
+        };
+        if got.iter().any(|id| !repo.has_object(id)) {
+            return Err(StorageError::CacheCorrupt(format!(
+                "{} did not send all requested tips, or the cache cannot read them",
+                self.url
+            )));
+        }
+        Ok(Blind::Done(answer.wanted))
+    }
+}
+
+/// Whether the cache holds a pack, i.e. anything fetched (pushes leave loose objects).
+fn holds_a_pack(repo: &gix::Repository) -> bool {
+    std::fs::read_dir(repo.git_dir().join("objects").join("pack"))
+        .map(|dir| dir.flatten().any(|e| e.path().extension().is_some_and(|x| x == "pack")))
+        .unwrap_or(true)
+}
+
+/// How many commits a pooled fetch names as `have`s.
+const HAVES: usize = 8;
+
+/// The newest commits on the cache's shallow boundary: each was fetched whole (its tree
+/// complete), so the host may leave out whatever they hold.
+fn newest_boundary(repo: &gix::Repository, n: usize) -> Vec<ObjectId> {
+    let Ok(Some(boundary)) = repo.shallow_commits() else {
+        return Vec::new();
+    };
+    let mut dated: Vec<(i64, ObjectId)> =
+        boundary.iter().filter_map(|id| Some((repo.find_commit(*id).ok()?.time().ok()?.seconds, *id))).collect();
+    dated.sort_unstable_by(|a, b| b.cmp(a));
+    dated.into_iter().take(n).map(|(_, id)| id).collect()
+}
+
+/// Apply the host's new shallow boundary to the cache's `shallow` file (under the fetch turn).
+fn write_shallow(repo: &gix::Repository, updates: &[gix_shallow::Update]) -> Result<(), StorageError> {
+    let corrupt =
+        |e: &dyn std::fmt::Display| StorageError::CacheCorrupt(format!("cannot update the shallow file: {e}"));
+    let file = repo.shallow_file().map_err(|e| corrupt(&e))?;
+    let known = gix_shallow::read(&file).map_err(|e| corrupt(&e))?;
+    let fresh: Vec<gix_shallow::Update> = updates
+        .iter()
+        .filter(|u| match (u, &known) {
+            (gix_shallow::Update::Shallow(id), Some(known)) => !known.contains(id),
+            _ => true,
+        })
+        .copied()
+        .collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let lock = gix::lock::File::acquire_to_update_resource(
+        &file,
+        gix::lock::acquire::Fail::AfterDurationWithBackoff(std::time::Duration::from_secs(5)),
+        None,
+        0,
+    )
+    .map_err(|e| corrupt(&e))?;
+    gix_shallow::write(lock, known, &fresh).map_err(|e| corrupt(&e))
 }
 
 impl RemoteStore {

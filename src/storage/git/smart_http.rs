@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+use super::fetch::{self, pkt};
 use super::push;
 use crate::storage::url::Scheme;
 use crate::storage::{ObjectId, RepoUrl, RequestContext, StorageError, Tips};
@@ -30,6 +31,9 @@ pub(crate) struct SmartHttp {
     disabled: AtomicBool,
     /// Until when blind looks rest after the host answered one with an error.
     paused_until: Mutex<Option<Instant>>,
+    /// Whether the host takes `want-ref` (`uploadpack.allowRefInWant`): unknown until a
+    /// fetch by name is answered or refused for refs that exist.
+    ref_in_want: Mutex<Option<bool>>,
 }
 
 /// What a blind request came to.
@@ -61,6 +65,7 @@ impl SmartHttp {
             client,
             disabled: AtomicBool::new(false),
             paused_until: Mutex::new(None),
+            ref_in_want: Mutex::new(None),
         })
     }
 
@@ -182,13 +187,17 @@ impl SmartHttp {
         // A host without protocol v2 over HTTP answers a blind v2 request with an error; so does
         // a missing repository, a refused credential or an outage. The full handshake tells
         // them apart, for this request; blind looks rest a while, then are tried again.
-        let why = format!("HTTP {status} {}", content_type.escape_debug());
+        self.pause(&format!("HTTP {status} {}", content_type.escape_debug()));
+        false
+    }
+
+    /// Rest blind requests a while: the host did not answer one as asked.
+    fn pause(&self, why: &str) {
         let mut paused = self.paused_until.lock().expect("paused_until poisoned");
         if paused.is_none() {
-            tracing::info!(remote = %self.base, answer = %why, "a blind look was not answered; the full handshake takes over for a while");
+            tracing::info!(remote = %self.base, answer = %why, "a blind request was not answered; the full handshake takes over for a while");
         }
         *paused = Some(Instant::now() + BLIND_PAUSE);
-        false
     }
 
     /// Whether blind looks may be tried now.
@@ -277,6 +286,64 @@ impl SmartHttp {
     }
 }
 
+impl SmartHttp {
+    /// One protocol-v2 `fetch` at depth 1 without an advertisement first, its pack written into
+    /// `pack_dir`; `Fallback` when the host does not answer it as a fetch (nothing written).
+    pub fn fetch(
+        &self,
+        ctx: &RequestContext,
+        want: &fetch::Want<'_>,
+        haves: &[ObjectId],
+        pack_dir: &std::path::Path,
+    ) -> Result<Blind<fetch::Answer>, StorageError> {
+        if !self.blind_allowed() {
+            return Ok(Blind::Fallback);
+        }
+        let body = fetch::request_body(want, haves);
+        let response = match self.post(ctx, "upload-pack", true, body.clone()) {
+            // As for a look: a fetch changes nothing on the host.
+            Err(why) if why.is_spurious() && !ctx.out_of_time() => self.post(ctx, "upload-pack", true, body)?,
+            other => other?,
+        };
+        if !self.check(&response, "upload-pack") {
+            return Ok(Blind::Fallback);
+        }
+        let by_name = matches!(want, fetch::Want::Refs(_));
+        Ok(match fetch::read_answer(response, pack_dir, &ctx.interrupt)? {
+            fetch::Reply::Answer(answer) => {
+                if by_name {
+                    self.learn_ref_in_want(true);
+                }
+                Blind::Done(answer)
+            }
+            // A ref that does not exist yet: says nothing of the host. The caller looks.
+            fetch::Reply::Refused if by_name => Blind::Fallback,
+            fetch::Reply::NotUnderstood if by_name => {
+                self.learn_ref_in_want(false);
+                Blind::Fallback
+            }
+            fetch::Reply::Refused | fetch::Reply::NotUnderstood => {
+                self.pause("a fetch by id was not answered");
+                Blind::Fallback
+            }
+        })
+    }
+
+    /// Whether a fetch by ref name may be tried (not known to be refused here).
+    pub fn may_want_refs(&self) -> bool {
+        *self.ref_in_want.lock().expect("ref_in_want poisoned") != Some(false)
+    }
+
+    /// Whether the host answered a fetch by name: remembered for this process.
+    fn learn_ref_in_want(&self, taken: bool) {
+        let mut known = self.ref_in_want.lock().expect("ref_in_want poisoned");
+        if known.is_none() && !taken {
+            tracing::info!(remote = %self.base, "the git host does not take want-ref: a cold read looks first, then fetches");
+        }
+        *known = Some(taken);
+    }
+}
+
 /// A push conversation on the pooled client: the commands and pack go in one POST.
 struct PooledPush<'a> {
     http: &'a SmartHttp,
@@ -332,11 +399,6 @@ fn parse_advertisement(body: &[u8]) -> Option<push::Advertisement> {
     let caps = push::ReceiveCaps::from_names(caps_text.split_whitespace());
     let refs = push::advertised_refs(lines.into_iter()).ok()?;
     Some(push::Advertisement { refs, caps })
-}
-
-fn pkt(out: &mut Vec<u8>, line: &str) {
-    out.extend_from_slice(format!("{:04x}", line.len() + 4).as_bytes());
-    out.extend_from_slice(line.as_bytes());
 }
 
 #[cfg(test)]
