@@ -1,10 +1,13 @@
-//! Protocol v2 `fetch` as one stateless request: the request's lines, and the answer's
-//! sections (`shallow-info`, `wanted-refs`, `packfile`) read as they stream in, the pack
+//! Protocol v2 `fetch` as one stateless request (gix's fetch always starts with its own
+//! handshake and connection): the request's lines, and the answer's sections read as they
+//! stream in. gix-protocol parses the section lines, gix-pack indexes the pack, which is
 //! demultiplexed from side-band straight into the cache's pack directory.
 
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
+
+use gix::protocol::fetch::response;
 
 use crate::storage::{ObjectId, StorageError, Tips};
 
@@ -87,13 +90,13 @@ pub(crate) fn read_answer(from: impl Read, pack_dir: &Path, interrupt: &AtomicBo
         match header.as_slice() {
             b"shallow-info\n" => {
                 for line in section(&mut lines)? {
-                    answer.shallow.push(shallow_update(&line)?);
+                    answer.shallow.push(response::shallow_update_from_line(&line).map_err(|_| garbage(&line))?);
                 }
             }
             b"wanted-refs\n" => {
                 for line in section(&mut lines)? {
-                    let (id, name) = line.split_once(' ').ok_or_else(|| garbage(&line))?;
-                    answer.wanted.insert(name.to_owned(), object_id(id, &line)?);
+                    let wanted = response::WantedRef::from_line(&line).map_err(|_| garbage(&line))?;
+                    answer.wanted.insert(wanted.path.to_string(), wanted.id);
                 }
             }
             b"acknowledgments\n" => {
@@ -120,18 +123,6 @@ fn section<R: Read>(lines: &mut PktReader<R>) -> Result<Vec<String>, StorageErro
             Pkt::End => return Err(garbage("response-end inside a section")),
         }
     }
-}
-
-fn shallow_update(line: &str) -> Result<gix_shallow::Update, StorageError> {
-    match line.split_once(' ') {
-        Some(("shallow", id)) => Ok(gix_shallow::Update::Shallow(object_id(id, line)?)),
-        Some(("unshallow", id)) => Ok(gix_shallow::Update::Unshallow(object_id(id, line)?)),
-        _ => Err(garbage(line)),
-    }
-}
-
-fn object_id(hex: &str, line: &str) -> Result<ObjectId, StorageError> {
-    ObjectId::from_hex(hex.as_bytes()).map_err(|_| garbage(line))
 }
 
 fn write_pack(pack: impl Read, pack_dir: &Path, interrupt: &AtomicBool) -> Result<(), StorageError> {
