@@ -664,13 +664,14 @@ fn branch_ref(branch: &str) -> String {
 /// attempt from the git host's round trip (a racer that waits less than a round trip only
 /// meets the winner's push again), so racers spread out over what one push costs. The
 /// ceiling stops at 16 round trips: one instance is one racer (its writes go out together),
-/// and a longer pause only leaves the branch idle. The ceiling shrinks with the square of
+/// and a longer pause only leaves the branch idle. The ceiling shrinks with the cube of
 /// `left`, the share of its deadline a write still has: nothing orders racers of different
-/// instances, so the writes that have lost longest get the better odds of going next, and
-/// none loses every race until its deadline.
+/// instances, so the writes that have lost longest get the better odds of going next (from
+/// half its deadline on, a write's ceiling is below a newcomer's), and none loses every race
+/// until its deadline.
 fn jitter(attempt: u32, round_trip: Duration, left: f64) -> Duration {
     let unit = round_trip.clamp(Duration::from_millis(5), Duration::from_millis(500));
-    let ceiling = (unit * (1u32 << attempt.min(4))).mul_f64(left.clamp(0.0, 1.0).powi(2));
+    let ceiling = (unit * (1u32 << attempt.min(4))).mul_f64(left.clamp(0.0, 1.0).powi(3));
     Duration::from_micros(fastrand::u64(1..=ceiling.as_micros().max(1) as u64))
 }
 
@@ -702,9 +703,9 @@ mod tests {
         }
         // A slow host's round trip is capped: 500 ms × 16 at most.
         assert!(jitter(30, Duration::from_secs(10), 1.0) <= Duration::from_millis(500) * 16);
-        // A write with a tenth of its deadline left pauses at most a hundredth of the ceiling.
+        // A write with a tenth of its deadline left pauses at most a thousandth of the ceiling.
         for _ in 0..100 {
-            assert!(jitter(10, Duration::from_millis(100), 0.1) <= Duration::from_micros(16_000));
+            assert!(jitter(10, Duration::from_millis(100), 0.1) <= Duration::from_micros(1_600));
         }
         assert_eq!(share_left(Duration::from_secs(5), Duration::from_secs(20)), 0.25);
         assert_eq!(share_left(Duration::from_secs(5), Duration::ZERO), 1.0);
