@@ -402,7 +402,7 @@ impl RemoteStore {
     ) -> Result<Option<Tips>, StorageError> {
         // A read of one branch into a cache that holds no fetched pack yet: by name. (A write's
         // refs include lock refs that mostly do not exist, which `want-ref` refuses.)
-        let by_name = refs.len() == 1 && !holds_a_pack(repo) && smart.may_want_refs();
+        let by_name = refs.len() == 1 && smart.may_want_refs() && !holds_a_pack(repo);
         if by_name {
             let fetched = ctx.count_round_trip(|| self.fetch_pooled(smart, repo, ctx, &fetch::Want::Refs(refs)))?;
             if let Blind::Done(tips) = fetched {
