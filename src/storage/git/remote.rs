@@ -159,15 +159,18 @@ impl RemoteStore {
     }
 
     fn needs_rebuild(dir: &Path) -> bool {
-        if !dir.join("objects").is_dir() || !dir.join("HEAD").is_file() {
-            return true;
+        !dir.join("objects").is_dir() || !dir.join("HEAD").is_file() || pack_count(dir) > MAX_CACHE_PACKS
+    }
+
+    /// Rebuild the cache when [`Self::needs_rebuild`] says so; the packs it then holds (none:
+    /// nothing was fetched into it yet).
+    fn rebuilt_if_needed(&self) -> Result<usize, StorageError> {
+        let dir = self.generation().dir.clone();
+        if Self::needs_rebuild(&dir) {
+            self.reset_cache()?;
+            return Ok(0);
         }
-        std::fs::read_dir(dir.join("objects/pack"))
-            .map(|entries| {
-                entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".idx")).count()
-            })
-            .unwrap_or(0)
-            > MAX_CACHE_PACKS
+        Ok(pack_count(&dir))
     }
 }
 
@@ -378,31 +381,30 @@ impl RemoteStore {
     /// The tips of `refs`, their commits in the cache: over the pooled smart-HTTP client where
     /// the host allows, else gix's fetch (its own connection and handshake).
     fn sync_tips(&self, ctx: &RequestContext, refs: &[String]) -> Result<Tips, StorageError> {
-        if Self::needs_rebuild(&self.generation().dir) {
-            self.reset_cache()?;
-        }
+        let cold = self.rebuilt_if_needed()? == 0;
         let (_generation, repo) = self.local();
         if let Some(smart) = &self.smart {
-            if let Some(tips) = self.sync_pooled(smart, &repo, ctx, refs)? {
+            if let Some(tips) = self.sync_pooled(smart, &repo, ctx, refs, cold)? {
                 return Ok(tips);
             }
         }
         ctx.count_round_trip(|| fetch_tips_via(&repo, &self.url, refs, ctx, &self.fetch_turn, self.kept.as_ref()))
     }
 
-    /// A cold cache asks for the refs by name (one request, where the host takes `want-ref`);
-    /// otherwise one `ls-refs`, then one fetch of the tips the cache lacks. `None`: the host
-    /// did not answer these without a handshake.
+    /// A `cold` cache (no fetched pack: pushes leave loose objects) asks for the refs by name
+    /// (one request, where the host takes `want-ref`); otherwise one `ls-refs`, then one fetch
+    /// of the tips the cache lacks. `None`: the host did not answer these without a handshake.
     fn sync_pooled(
         &self,
         smart: &SmartHttp,
         repo: &gix::Repository,
         ctx: &RequestContext,
         refs: &[String],
+        cold: bool,
     ) -> Result<Option<Tips>, StorageError> {
-        // A read of one branch into a cache that holds no fetched pack yet: by name. (A write's
-        // refs include lock refs that mostly do not exist, which `want-ref` refuses.)
-        let by_name = refs.len() == 1 && smart.may_want_refs() && !holds_a_pack(repo);
+        // Only a read of one branch: a write's refs include lock refs that mostly do not exist,
+        // which `want-ref` refuses.
+        let by_name = cold && refs.len() == 1 && smart.may_want_refs();
         if by_name {
             let fetched = ctx.count_round_trip(|| self.fetch_pooled(smart, repo, ctx, &fetch::Want::Refs(refs)))?;
             if let Blind::Done(tips) = fetched {
@@ -458,11 +460,13 @@ impl RemoteStore {
     }
 }
 
-/// Whether the cache holds a pack, i.e. anything fetched (pushes leave loose objects).
-fn holds_a_pack(repo: &gix::Repository) -> bool {
-    std::fs::read_dir(repo.git_dir().join("objects").join("pack"))
-        .map(|dir| dir.flatten().any(|e| e.path().extension().is_some_and(|x| x == "pack")))
-        .unwrap_or(true)
+/// The packs (their indexes) in the cache at `dir`.
+fn pack_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("objects/pack"))
+        .map(|entries| {
+            entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".idx")).count()
+        })
+        .unwrap_or(0)
 }
 
 /// How many commits a pooled fetch names as `have`s.
@@ -597,9 +601,7 @@ impl Storage for RemoteStore {
         prefix: &str,
         limit: usize,
     ) -> Result<crate::storage::RefListing, StorageError> {
-        if Self::needs_rebuild(&self.generation().dir) {
-            self.reset_cache()?;
-        }
+        self.rebuilt_if_needed()?;
         let (_generation, repo) = self.local();
         contained(&self.url, || {
             // One blind `ls-refs` where the host allows, as for the tips of a look.
