@@ -305,3 +305,46 @@ fn a_warm_fetch_gets_every_object_the_cache_lacks() {
         history.text()
     );
 }
+
+/// The `have`s of a warm fetch work: when one state of many changed, the fetch brings the new
+/// commit, the trees on the changed path and the changed blob, not the whole tree again.
+#[test]
+fn a_warm_fetch_brings_only_what_changed() {
+    let httpd = GitHttpServer::start();
+    let url = httpd.create_repo("states.git");
+    let writer = Serve::start(ServeOpts::new().repository(&url));
+    let reader = Serve::start(ServeOpts::new().repository(&url));
+    let path = |i: usize| format!("envs/{}/{i}.tfstate", i % 5);
+    for i in 0..30 {
+        post(&writer, &path(i), &state(1, &format!("state {i}")));
+    }
+    assert_eq!(get(&reader, &path(7)).status, 200);
+    post(&writer, &path(7), &state(2, "changed"));
+    let packs_before = packs(&reader.cache_dir());
+    let moved = requests(&httpd, || assert!(get(&reader, &path(7)).text().contains("\"changed\"")));
+    assert_eq!(moved.len(), 2, "{}", describe(&moved));
+    let new: Vec<_> = packs(&reader.cache_dir()).into_iter().filter(|p| !packs_before.contains(p)).collect();
+    assert_eq!(new.len(), 1, "one new pack: {new:?}");
+    let index = std::fs::read(&new[0]).unwrap();
+    let listed = gitstate_testkit::gitd::git_with_input(new[0].parent().unwrap(), &["show-index"], &index);
+    let objects = listed.lines().count();
+    println!("objects in the warm fetch's pack: {objects}\n{listed}");
+    // The commit, the root tree, `envs`, `envs/2` and the blob; the whole tree would be 38.
+    assert_eq!(objects, 5, "{listed}");
+    assert!(get(&reader, &path(12)).text().contains("\"state 12\""), "another state still reads");
+}
+
+/// Every pack index under `dir`, recursively.
+fn packs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return found };
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            found.extend(packs(&p));
+        } else if p.extension().is_some_and(|x| x == "idx") {
+            found.push(p);
+        }
+    }
+    found
+}

@@ -19,15 +19,23 @@ pub(crate) enum Want<'a> {
     Refs(&'a [String]),
 }
 
-/// The body of a `command=fetch` at depth 1. Every `have` is also declared `shallow`: the host
-/// then leaves out exactly the objects of that commit, never an ancestor's that our
-/// depth-1 cache may not hold.
+/// The depth of a fetch with `have`s. git's upload-pack honours a `have` only within the
+/// depth asked for (at depth 1 it sends the whole tree again), and deepens a `have` declared
+/// shallow that lies inside it (sending its parents). At depth 2 a tip one commit past a
+/// `have` (the tip moved once since our last look) brings only what changed; a tip further
+/// ahead, or of another history, comes whole with one parent, as at depth 1.
+const HAVE_DEPTH: u32 = 2;
+
+/// The body of a `command=fetch`: at depth 1 without `have`s, else at [`HAVE_DEPTH`]. Every
+/// `have` is also declared `shallow`: the host then leaves out exactly that commit's objects,
+/// never an ancestor's that our shallow cache may not hold.
 pub(crate) fn request_body(want: &Want<'_>, haves: &[ObjectId]) -> Vec<u8> {
     let mut body = Vec::new();
     pkt(&mut body, "command=fetch\n");
     pkt(&mut body, concat!("agent=gitstate/", env!("CARGO_PKG_VERSION"), "\n"));
     body.extend_from_slice(b"0001");
-    for arg in ["no-progress", "ofs-delta", "deepen 1"] {
+    let depth = if haves.is_empty() { 1 } else { HAVE_DEPTH };
+    for arg in ["no-progress".to_owned(), "ofs-delta".to_owned(), format!("deepen {depth}")] {
         pkt(&mut body, &format!("{arg}\n"));
     }
     for id in haves {
@@ -245,13 +253,15 @@ mod tests {
     }
 
     #[test]
-    fn haves_are_declared_shallow_and_wants_take_either_form() {
+    fn haves_are_declared_shallow_and_set_the_depth_and_wants_take_either_form() {
         let id = ObjectId::from_hex(b"1111111111111111111111111111111111111111").unwrap();
         let body = String::from_utf8(request_body(&Want::Ids(&[id]), &[id])).unwrap();
         assert!(body.contains(&format!("shallow {id}\n")) && body.contains(&format!("have {id}\n")), "{body}");
         assert!(body.contains(&format!("want {id}\n")) && body.ends_with("0009done\n0000"), "{body}");
+        assert!(body.contains(&format!("deepen {HAVE_DEPTH}\n")), "{body}");
         let body = String::from_utf8(request_body(&Want::Refs(&["refs/heads/main".into()]), &[])).unwrap();
         assert!(body.contains("want-ref refs/heads/main\n") && !body.contains("have "), "{body}");
+        assert!(body.contains("deepen 1\n"), "nothing to stop at: the tip alone, {body}");
     }
 
     #[test]
