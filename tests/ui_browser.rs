@@ -68,6 +68,7 @@ fn the_web_view_in_chromium_after_terraform_applies() {
 
     // The state: its lock panel, outputs (the script as text, the sensitive one by name), history.
     browser.link(PATH).click();
+    browser.wait_until("the state's page", |b| b.current_url().ends_with("/ui/state/envs/prod.tfstate"));
     assert!(browser.current_url().ends_with("/ui/state/envs/prod.tfstate"), "{}", browser.current_url());
     no_script_ran(&browser);
     let lock_panel = browser.find("div.panel.locked").text();
@@ -85,6 +86,7 @@ fn the_web_view_in_chromium_after_terraform_applies() {
 
     // The diff of the newest version names the changed output.
     browser.link("diff").click();
+    browser.wait_until("the diff page", |b| b.current_url().contains("/ui/diff/"));
     no_script_ran(&browser);
     let changed = browser.find("table.outputs").text();
     assert!(
@@ -98,6 +100,7 @@ fn the_web_view_in_chromium_after_terraform_applies() {
     browser.goto(&format!("{}/ui/state/{PATH}", serve.base_url()));
     browser.find("#lock_id").type_text("6f1c2a4e-0000-4000-8000-00000000beef");
     browser.find("form.unlock button").click();
+    browser.wait_until("the page after the unlock", |b| b.source().contains("Nobody holds this state"));
     assert!(
         browser.current_url().ends_with("/ui/state/envs/prod.tfstate"),
         "{}: {}",

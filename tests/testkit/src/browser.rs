@@ -129,6 +129,16 @@ impl Browser {
         self.call("GET", &self.session_path("/title"), None).as_str().unwrap_or_default().to_string()
     }
 
+    /// Wait up to 10 s for `done` to hold: a click on a form's button returns before the
+    /// browser has loaded the page the form's POST redirects to.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&Browser) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "waited 10 s for {what}; the page is:\n{}", self.source());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn current_url(&self) -> String {
         self.call("GET", &self.session_path("/url"), None).as_str().unwrap_or_default().to_string()
     }
